@@ -1,0 +1,110 @@
+"""attach / strip: add first-gguf data (routers, static rankings) to any GGUF, or remove it.
+
+Every other key and tensor is copied bit-identically, whatever the quant type.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import gguf
+import numpy as np
+
+from ..constants import (FORMAT_VERSION, ROUTER_DEFINITION, SUPPORTED_ARCHITECTURES, Keys, Tensors)
+from .gguf_edit import KV, GGUFEditError, rewrite_gguf
+
+
+def _info(path):
+    from ..gguf_info import read_info
+
+    try:
+        return read_info(path)
+    except ValueError as e:
+        raise GGUFEditError(str(e)) from None
+
+
+def _ranking_kv(n_layer: int, rankings: Mapping[str, Mapping]) -> dict[str, KV]:
+    kv: dict[str, KV] = {}
+    names = list(rankings)
+    for name in names:
+        if not name or not all(c.isalnum() or c in "_-" for c in name) or name in ("router", "static"):
+            raise GGUFEditError(f"invalid static ranking name {name!r}; expected letters, digits, '_' or '-', "
+                                f"not 'router' or 'static'")
+        r = rankings[name]
+        order = [int(b) for b in r["ranking"]]
+        if len(set(order)) != len(order) or any(not 0 <= b < n_layer for b in order):
+            raise GGUFEditError(f"static ranking {name!r} must hold distinct block indices in [0, {n_layer}); "
+                                f"got {order}")
+        kv[Keys.STATIC_RANKING.format(name=name)] = KV(order, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+        source = {k: v for k, v in r.items() if k != "ranking"}
+        kv[Keys.STATIC_RANKING_SOURCE.format(name=name)] = KV(json.dumps(source, sort_keys=True), gguf.GGUFValueType.STRING)
+    kv[Keys.STATIC_RANKINGS] = KV(names, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+    return kv
+
+
+def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
+           routers: Mapping[int, tuple[np.ndarray, float | None]] | None = None,
+           rankings: Mapping[str, Mapping] | None = None,
+           router_source: Mapping | None = None,
+           force: bool = False, progress: bool = False) -> Path:
+    """Write ``dst`` = ``src`` + routers and/or static rankings.
+
+    routers: block index -> (weight [n_embd], bias or None). Existing first-gguf
+    data of the same kind in ``src`` is replaced. ``force`` overwrites ``dst``.
+    """
+    info = _info(src)
+    if not routers and not rankings:
+        raise GGUFEditError("nothing to attach: give routers and/or static rankings")
+    if info.architecture not in SUPPORTED_ARCHITECTURES:
+        raise GGUFEditError(f"{src}: architecture '{info.architecture}' is not covered by the layer-skip patch "
+                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    set_kv: dict[str, KV] = {Keys.VERSION: KV(FORMAT_VERSION, gguf.GGUFValueType.UINT32)}
+    tensors: list[tuple[str, np.ndarray]] = []
+    if routers:
+        errors = []
+        for bid in sorted(routers):
+            w, b = routers[bid]
+            if not isinstance(bid, (int, np.integer)) or not 0 <= bid < info.n_layer:
+                errors.append(f"router for block {bid}: the model has blocks 0..{info.n_layer - 1}")
+                continue
+            w = np.asarray(w, dtype=np.float32)
+            if w.shape != (info.n_embd,):
+                errors.append(f"router weight of block {bid} has shape {w.shape}; expected ({info.n_embd},)")
+                continue
+            if not np.all(np.isfinite(w)) or (b is not None and not np.isfinite(b)):
+                errors.append(f"router of block {bid} holds NaN or Inf")
+                continue
+            tensors.append((Tensors.ROUTER_WEIGHT.format(bid=bid), w.reshape(1, info.n_embd)))
+            if b is not None:
+                tensors.append((Tensors.ROUTER_BIAS.format(bid=bid), np.asarray([b], dtype=np.float32)))
+        if errors:
+            raise GGUFEditError(f"cannot attach routers to {src}:\n  " + "\n  ".join(errors))
+        set_kv[Keys.ROUTER_DEFINITION] = KV(ROUTER_DEFINITION, gguf.GGUFValueType.STRING)
+        set_kv[Keys.ROUTER_N_OUT] = KV(1, gguf.GGUFValueType.UINT32)
+        if router_source is not None:
+            set_kv[Keys.ROUTER_SOURCE] = KV(json.dumps(dict(router_source), sort_keys=True), gguf.GGUFValueType.STRING)
+    if rankings:
+        set_kv.update(_ranking_kv(info.n_layer, rankings))
+
+    def drop_kv(key: str) -> bool:
+        if routers and key.startswith("first.router."):
+            return True
+        if rankings and key.startswith(("first.static_ranking", Keys.STATIC_RANKINGS)):
+            return True
+        return False
+
+    return rewrite_gguf(src, dst, set_kv=set_kv, drop_kv=drop_kv, add_tensors=tensors,
+                        drop_tensor=(Tensors.is_first_tensor if routers else (lambda n: False)),
+                        force=force, progress=progress)
+
+
+def attach_rankings(src, dst, rankings: Mapping[str, Mapping], *, force: bool = False) -> Path:
+    return attach(src, dst, rankings=rankings, force=force)
+
+
+def strip(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = False) -> Path:
+    """Write ``dst`` = ``src`` without any first-gguf tensor or key (loads in stock llama.cpp)."""
+    return rewrite_gguf(src, dst, drop_kv=lambda k: k.startswith(Keys.PREFIX), drop_tensor=Tensors.is_first_tensor,
+                        force=force, progress=progress)

@@ -1,0 +1,282 @@
+// first-gguf: per-context skip state, graph plans, router score collection and
+// the C API of first.h. Compiled into libllama (see CMakeLists.txt).
+#include "first.h"
+#include "llama-first.h"
+
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include "ggml-backend.h"
+
+#include <cmath>
+#include <stdexcept>
+
+struct first_seq {
+    std::vector<uint8_t>   mask;    // per block, 1 = skip; empty = no mask
+    bool                   routing = false;
+    std::vector<llama_pos> pos;     // positions of scored tokens
+    std::vector<float>     scores;  // [n_tokens][n_layer]
+};
+
+struct first_state {
+    int32_t n_layer   = 0;
+    int32_t n_routers = 0;
+    bool    supported = false;
+
+    std::vector<first_seq> seqs = std::vector<first_seq>(LLAMA_MAX_SEQ);
+
+    // token i of the ubatch skips block il when every sequence it belongs to masks il
+    bool token_skips(const llama_ubatch & ubatch, uint32_t i, int il) const {
+        for (int32_t j = 0; j < ubatch.n_seq_id[i]; ++j) {
+            const auto & mask = seqs[ubatch.seq_id[i][j]].mask;
+            if (mask.empty() || !mask[il]) {
+                return false;
+            }
+        }
+        return ubatch.n_seq_id[i] > 0;
+    }
+};
+
+static bool first_arch_supported(llm_arch arch) {
+    // architectures whose graph builder calls the build_first_* hooks
+    return arch == LLM_ARCH_LLAMA || arch == LLM_ARCH_LLAMA_EMBED;
+}
+
+static int32_t first_count_routers(const llama_model & model) {
+    int32_t n = 0;
+    for (const auto & layer : model.layers) {
+        n += layer.router != nullptr;
+    }
+    return n;
+}
+
+std::shared_ptr<first_state> first_state_make(const llama_model & model) {
+    auto state = std::make_shared<first_state>();
+    state->n_layer   = (int32_t) model.hparams.n_layer();
+    state->n_routers = first_count_routers(model);
+    state->supported = first_arch_supported(model.arch);
+    return state;
+}
+
+first_plan first_make_plan(const first_state & state, const llama_ubatch & ubatch) {
+    first_plan plan;
+    plan.state = &state;
+    if (!state.supported || ubatch.n_tokens == 0 || !ubatch.seq_id) {
+        return plan;
+    }
+
+    bool any_mask = false;
+    bool routing  = false;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        for (int32_t j = 0; j < ubatch.n_seq_id[i]; ++j) {
+            const auto & seq = state.seqs[ubatch.seq_id[i][j]];
+            any_mask |= !seq.mask.empty();
+            routing  |= seq.routing;
+        }
+    }
+    plan.score = routing && state.n_routers > 0;
+    if (!any_mask) {
+        return plan;
+    }
+
+    plan.mode.assign(state.n_layer, FIRST_LAYER_KEEP);
+    bool any_skip = false;
+    for (int il = 0; il < state.n_layer; ++il) {
+        uint32_t n_skip = 0;
+        for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+            n_skip += state.token_skips(ubatch, i, il);
+        }
+        if (n_skip == ubatch.n_tokens) {
+            plan.mode[il] = FIRST_LAYER_SKIP;
+        } else if (n_skip > 0) {
+            plan.mode[il] = FIRST_LAYER_MIXED;
+        }
+        any_skip |= n_skip > 0;
+    }
+    if (!any_skip) {
+        plan.mode.clear(); // identical to the stock graph
+    }
+    return plan;
+}
+
+first_plan first_make_reserve_plan(const first_state & state) {
+    first_plan plan;
+    plan.state = &state;
+    plan.score = state.supported && state.n_routers > 0;
+    return plan;
+}
+
+void first_fill_keep(const first_state & state, const llama_ubatch & ubatch, int il, float * keep) {
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        keep[i] = state.token_skips(ubatch, i, il) ? 0.0f : 1.0f;
+    }
+}
+
+void first_collect_scores(first_state & state, ggml_backend_sched * sched, const llm_graph_result & res, const llama_ubatch & ubatch) {
+    if (res.t_first_score.empty()) {
+        return;
+    }
+    const uint32_t n_tokens = ubatch.n_tokens;
+    const int32_t  n_layer  = state.n_layer;
+
+    // [n_layer][n_tokens], NaN where no score was computed
+    std::vector<float> buf((size_t) n_layer * n_tokens, NAN);
+    ggml_backend_sched_synchronize(sched);
+    for (int il = 0; il < n_layer && il < (int) res.t_first_score.size(); ++il) {
+        const ggml_tensor * t = res.t_first_score[il];
+        if (t) {
+            GGML_ASSERT(ggml_nelements(t) == (int64_t) n_tokens);
+            ggml_backend_tensor_get(t, buf.data() + (size_t) il * n_tokens, 0, n_tokens * sizeof(float));
+        }
+    }
+
+    for (uint32_t i = 0; i < n_tokens; ++i) {
+        for (int32_t j = 0; j < ubatch.n_seq_id[i]; ++j) {
+            auto & seq = state.seqs[ubatch.seq_id[i][j]];
+            if (!seq.routing) {
+                continue;
+            }
+            seq.pos.push_back(ubatch.pos[i]);
+            for (int il = 0; il < n_layer; ++il) {
+                seq.scores.push_back(buf[(size_t) il * n_tokens + i]);
+            }
+        }
+    }
+}
+
+void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b, int il) {
+    if (router_b && !router) {
+        throw std::runtime_error(format("first-gguf: tensor 'blk.%d.router.bias' has no matching 'blk.%d.router.weight'", il, il));
+    }
+    if (router && router->type != GGML_TYPE_F32) {
+        throw std::runtime_error(format("first-gguf: tensor 'blk.%d.router.weight' has wrong type; expected f32, got %s",
+                il, ggml_type_name(router->type)));
+    }
+    if (router_b && router_b->type != GGML_TYPE_F32) {
+        throw std::runtime_error(format("first-gguf: tensor 'blk.%d.router.bias' has wrong type; expected f32, got %s",
+                il, ggml_type_name(router_b->type)));
+    }
+}
+
+//
+// C API
+//
+
+static first_seq * first_get_seq(const llama_context * ctx, llama_seq_id seq_id) {
+    if (seq_id < 0 || (uint32_t) seq_id >= ctx->n_seq_max()) {
+        return nullptr;
+    }
+    return &ctx->first->seqs[seq_id];
+}
+
+int32_t first_model_supports_skip(const llama_model * model) {
+    return first_arch_supported(model->arch) ? 1 : 0;
+}
+
+int32_t first_model_n_routers(const llama_model * model) {
+    return first_count_routers(*model);
+}
+
+int32_t first_set_skip_mask(llama_context * ctx, llama_seq_id seq_id, const uint8_t * mask, int32_t n) {
+    first_seq * seq = first_get_seq(ctx, seq_id);
+    if (!seq) {
+        return FIRST_ERR_SEQ_ID;
+    }
+    if (!mask || n == 0) {
+        seq->mask.clear();
+        return FIRST_OK;
+    }
+    const auto & state = *ctx->first;
+    if (!state.supported) {
+        return FIRST_ERR_UNSUPPORTED;
+    }
+    if (n != state.n_layer) {
+        return FIRST_ERR_MASK_SIZE;
+    }
+    int32_t n_skip = 0;
+    for (int32_t il = 0; il < n; ++il) {
+        n_skip += mask[il] != 0;
+    }
+    if (n_skip == n) {
+        return FIRST_ERR_MASK_ALL;
+    }
+    if (n_skip == 0) {
+        seq->mask.clear();
+        return FIRST_OK;
+    }
+    seq->mask.assign(n, 0);
+    for (int32_t il = 0; il < n; ++il) {
+        seq->mask[il] = mask[il] != 0;
+    }
+    return FIRST_OK;
+}
+
+int32_t first_get_skip_mask(const llama_context * ctx, llama_seq_id seq_id, uint8_t * mask, int32_t n) {
+    const first_seq * seq = first_get_seq(ctx, seq_id);
+    if (!seq) {
+        return FIRST_ERR_SEQ_ID;
+    }
+    if (n < ctx->first->n_layer) {
+        return FIRST_ERR_BUFFER;
+    }
+    for (int32_t il = 0; il < ctx->first->n_layer; ++il) {
+        mask[il] = seq->mask.empty() ? 0 : seq->mask[il];
+    }
+    return FIRST_OK;
+}
+
+int32_t first_set_routing(llama_context * ctx, llama_seq_id seq_id, bool enable) {
+    first_seq * seq = first_get_seq(ctx, seq_id);
+    if (!seq) {
+        return FIRST_ERR_SEQ_ID;
+    }
+    if (enable && !ctx->first->supported) {
+        return FIRST_ERR_UNSUPPORTED;
+    }
+    if (enable && ctx->first->n_routers == 0) {
+        return FIRST_ERR_NO_ROUTERS;
+    }
+    seq->routing = enable;
+    return FIRST_OK;
+}
+
+int32_t first_get_router_n_tokens(const llama_context * ctx, llama_seq_id seq_id) {
+    const first_seq * seq = first_get_seq(ctx, seq_id);
+    return seq ? (int32_t) seq->pos.size() : FIRST_ERR_SEQ_ID;
+}
+
+int32_t first_get_router_scores(const llama_context * ctx, llama_seq_id seq_id, float * scores, llama_pos * pos, int32_t n_tokens) {
+    const first_seq * seq = first_get_seq(ctx, seq_id);
+    if (!seq) {
+        return FIRST_ERR_SEQ_ID;
+    }
+    const int32_t n = (int32_t) seq->pos.size();
+    if (n_tokens < n) {
+        return FIRST_ERR_BUFFER;
+    }
+    std::copy(seq->scores.begin(), seq->scores.end(), scores);
+    if (pos) {
+        std::copy(seq->pos.begin(), seq->pos.end(), pos);
+    }
+    return n;
+}
+
+void first_clear_router_scores(llama_context * ctx, llama_seq_id seq_id) {
+    for (llama_seq_id s = 0; s < (llama_seq_id) ctx->n_seq_max(); ++s) {
+        if (seq_id < 0 || s == seq_id) {
+            ctx->first->seqs[s].pos.clear();
+            ctx->first->seqs[s].scores.clear();
+        }
+    }
+}
+
+void first_set_layer_inp_output(llama_context * ctx, int32_t il, bool enable) {
+    llama_set_embeddings_layer_inp(ctx, (uint32_t) il, enable);
+}
+
+float * first_get_layer_inp(llama_context * ctx, int32_t il) {
+    return llama_get_embeddings_layer_inp(ctx, (uint32_t) il);
+}

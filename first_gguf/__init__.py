@@ -1,0 +1,39 @@
+"""first-gguf: prompt-decided layer skipping (FiRST) for GGUF models on llama.cpp.
+
+    import first_gguf
+    model = first_gguf.load()                       # embedded default model
+    out = model.chat([{"role": "user", "content": "Hi"}], skip_budget=0.3)
+    out.text, out.skipped_layers, out.decode_tokens_per_s
+"""
+from __future__ import annotations
+
+import os
+
+from .model import Generation, GenerationChunk, Model, ScoreResult
+
+__version__ = "0.1.0"
+
+
+def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
+         seed: int = 0, verbose: bool = False) -> Model:
+    """Load a GGUF model on the patched runtime.
+
+    Args:
+        model: path to a GGUF file; None loads the embedded default model
+            (SmolLM2-135M-Instruct Q4_1 with first-gguf's static ranking),
+            downloading and verifying it on first use.
+        n_ctx: context length in tokens.
+        n_threads: CPU threads (default: half the cores).
+        seed: sampler seed.
+        verbose: show llama.cpp's log.
+    """
+    if model is None:
+        from .default_model import default_model_path
+
+        model = default_model_path()
+    elif not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path to a GGUF file or None; got {type(model).__name__}")
+    return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose)
+
+
+__all__ = ["load", "Model", "Generation", "GenerationChunk", "ScoreResult", "__version__"]

@@ -1,0 +1,191 @@
+"""Decode/prefill speed per skip budget, measured in one run.
+
+Method: configurations are interleaved (each round visits every budget, in a
+rotated order), every measurement decodes a fixed number of tokens after a
+full-depth prefill of a fixed prompt, and the report gives medians, spread
+and ratios to skip_budget 0 from the same run. The ideal ratio comes from
+the per-block cost measured in the same run: c = (t(0) - t(n-1)) / (n-1),
+with t(k) the median decode time per token when k blocks are skipped, so
+ideal(k) = t(0) / (t(0) - k c). Efficiency = measured ratio / ideal ratio.
+Router overhead is the prefill time with routers scored vs not scored.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+from .model import Model
+
+BENCH_TEXT = (
+    "The history of computing is a story of layers: hardware that runs instructions, operating systems that "
+    "share the hardware among programs, languages that let people write those programs, and libraries that "
+    "save them from writing the same code twice. Each layer hides the details of the one below it. "
+)
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy over ``seconds`` (this process is idle meanwhile). -1 if unknown."""
+    def read():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except OSError:
+        return -1.0
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def _prompt_tokens(model: Model, n: int) -> list[int]:
+    toks = model.tokenize(BENCH_TEXT * (n // 40 + 2))
+    return toks[:n]
+
+
+def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int) -> tuple[float, float]:
+    """(seconds per decoded token, prefill tok/s) for one measurement; greedy, EOS ignored."""
+    model.reset()
+    logits, n_eval, t_prefill = model._prefill(prompt)
+    model._set_mask(skip)
+    try:
+        tok = int(logits.argmax())
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            tok = int(model._eval([tok], masked=bool(skip), logits="last")[-1].argmax())
+        dt = time.perf_counter() - t0
+    finally:
+        model._set_mask(())
+        model._drop_dirty()
+    return dt / n_tokens, n_eval / t_prefill
+
+
+def _prefill_time(model: Model, prompt: list[int], routing: bool) -> float:
+    model.reset()
+    model.routing_enabled = routing
+    try:
+        t0 = time.perf_counter()
+        model._eval(prompt, masked=False, logits="last")
+        return time.perf_counter() - t0
+    finally:
+        model.routing_enabled = True
+
+
+def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "static", repeats: int = 5,
+              gen_tokens: int = 64, prompt_tokens: int = 128,
+              progress: Callable[[str], None] = lambda s: None) -> dict:
+    if not budgets:
+        raise ValueError("no budgets given")
+    if repeats < 1 or gen_tokens < 1 or prompt_tokens < 2:
+        raise ValueError("repeats and gen_tokens must be >= 1, prompt_tokens >= 2")
+    budgets = sorted(set(float(b) for b in budgets) | {0.0})
+    prompt = _prompt_tokens(model, prompt_tokens)
+    if len(prompt) + gen_tokens + 1 > model.n_ctx:
+        raise ValueError(f"prompt_tokens + gen_tokens exceed n_ctx={model.n_ctx}")
+
+    # skip sets: same for every round; chosen by the strategy from the bench prompt
+    sets: dict[float, list[int]] = {}
+    model.reset()
+    model._prefill(prompt)
+    scores = model.prompt_router_scores(len(prompt))
+    for b in budgets:
+        _, strategy, _ = model._check_skip_args(b, skip_strategy, None)
+        sets[b] = model._choose_skip(b, strategy, None, scores)
+    n = model.n_layer
+    # floor for the per-block cost: every block but block 0 skipped (blocks cost the same)
+    floor_set = list(range(1, n))
+    configs = [(f"{b:g}", sets[b]) for b in budgets] + [("floor", floor_set)]
+
+    busy = cpu_busy_fraction(1.0)
+    warn = []
+    if busy > 0.1:
+        warn.append(f"machine busy before the run: {busy:.0%} of the CPUs in use by other processes")
+    progress(f"bench: {len(configs)} configurations x {repeats} rounds, {gen_tokens} decode tokens, "
+             f"{len(prompt)}-token prompt, {model.n_threads} thread(s)")
+
+    # warm-up (page in weights, build graphs)
+    for _, skip in configs:
+        _decode_time(model, prompt, skip, min(8, gen_tokens))
+
+    per_tok: dict[str, list[float]] = {name: [] for name, _ in configs}
+    prefill: dict[str, list[float]] = {name: [] for name, _ in configs}
+    router_on, router_off = [], []
+    for r in range(repeats):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
+        for name, skip in order:
+            t, pf = _decode_time(model, prompt, skip, gen_tokens)
+            per_tok[name].append(t)
+            prefill[name].append(pf)
+        if model.n_routers:
+            router_off.append(_prefill_time(model, prompt, False))
+            router_on.append(_prefill_time(model, prompt, True))
+        progress(f"  round {r + 1}/{repeats} done")
+    busy_after = cpu_busy_fraction(0.5)
+    if busy_after > 0.1:
+        warn.append(f"machine busy after the run: {busy_after:.0%} of the CPUs in use by other processes")
+
+    med = {k: statistics.median(v) for k, v in per_tok.items()}
+    t0 = med["0"]
+    c_block = (t0 - med["floor"]) / (n - 1)
+    rows = []
+    for b in budgets:
+        name = f"{b:g}"
+        k = len(sets[b])
+        ratio = t0 / med[name]
+        ideal = t0 / (t0 - k * c_block) if t0 - k * c_block > 0 else float("inf")
+        rows.append({
+            "skip_budget": b,
+            "n_skipped": k,
+            "skipped_layers": sets[b],
+            "decode_tok_s": 1.0 / med[name],
+            "decode_tok_s_min": 1.0 / max(per_tok[name]),
+            "decode_tok_s_max": 1.0 / min(per_tok[name]),
+            "decode_ratio": ratio,
+            "ideal_ratio": ideal,
+            "efficiency": ratio / ideal,
+            "prefill_tok_s": statistics.median(prefill[name]),
+        })
+    result = {
+        "model": str(model.path),
+        "threads": model.n_threads,
+        "repeats": repeats,
+        "gen_tokens": gen_tokens,
+        "prompt_tokens": len(prompt),
+        "skip_strategy": skip_strategy,
+        "per_block_ms": c_block * 1e3,
+        "floor_ms": (med["floor"] - c_block) * 1e3,
+        "rows": rows,
+        "warnings": warn,
+        "cpu_count": os.cpu_count(),
+    }
+    if router_on:
+        on, off = statistics.median(router_on), statistics.median(router_off)
+        result["router_prefill_overhead"] = on / off - 1.0
+    return result
+
+
+def format_table(res: dict) -> str:
+    lines = [
+        f"model {res['model']}",
+        f"{res['threads']} thread(s), {res['prompt_tokens']}-token prompt, {res['gen_tokens']} decode tokens, "
+        f"median of {res['repeats']} interleaved rounds; per-block cost {res['per_block_ms']:.3f} ms, "
+        f"floor {res['floor_ms']:.3f} ms",
+        "",
+        "| skip_budget | blocks skipped | decode tok/s (min-max) | speedup | ideal | efficiency | prefill tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['skip_budget']:g} | {r['n_skipped']} | {r['decode_tok_s']:.1f} "
+            f"({r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}) | {r['decode_ratio']:.3f}x | "
+            f"{r['ideal_ratio']:.3f}x | {r['efficiency']:.1%} | {r['prefill_tok_s']:.1f} |")
+    if "router_prefill_overhead" in res:
+        lines.append("")
+        lines.append(f"router scoring overhead on prefill: {res['router_prefill_overhead']:+.2%}")
+    for w in res["warnings"]:
+        lines.append(f"WARNING: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""first-gguf command line. Each command mirrors a library function's keyword arguments."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import click
+
+
+class _UserError(click.ClickException):
+    """One clear line, non-zero exit, no traceback."""
+
+
+def _load(model, n_ctx, threads, seed=0):
+    import first_gguf
+
+    try:
+        return first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise _UserError(str(e)) from None
+
+
+def _fmt_summary(gen) -> str:
+    layers = ",".join(map(str, gen.skipped_layers)) or "none"
+    return (f"[first-gguf] skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}): {layers} | "
+            f"prompt {gen.n_prompt_tokens} tok, prefill {gen.prefill_tokens_per_s:.1f} tok/s | "
+            f"{len(gen.tokens)} tok generated, decode {gen.decode_tokens_per_s:.1f} tok/s | {gen.finish_reason}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="first-gguf")
+def main():
+    """Prompt-decided layer skipping (FiRST) for GGUF models on llama.cpp."""
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model", type=click.Path(dir_okay=False), default=None,
+              help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1).")
+@click.option("--skip-budget", type=float, default=0.0, show_default=True,
+              help="Fraction of blocks that may be skipped while decoding, in [0, 1).")
+@click.option("--skip-strategy", default="router", show_default=True,
+              help="router, static, or the name of a static ranking stored in the GGUF.")
+@click.option("--skip-layers", default=None, help="Explicit comma-separated block indices to skip.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--chat/--raw", "chat", default=True, show_default=True,
+              help="Wrap PROMPT as a user message with the GGUF's chat template, or complete it raw.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: half the cores).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON instead of streaming.")
+def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens, temperature, top_p, chat,
+             system, n_ctx, threads, seed, as_json):
+    """Generate text for PROMPT, skipping blocks chosen from the prompt.
+
+    The text streams to stdout; a one-line summary (skipped blocks,
+    prefill/decode tok/s) goes to stderr.
+    """
+    layers = None
+    if skip_layers is not None:
+        try:
+            layers = [int(x) for x in skip_layers.split(",") if x.strip()]
+        except ValueError:
+            raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
+    m = _load(model, n_ctx, threads, seed)
+    kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, skip_strategy=skip_strategy,
+              skip_layers=layers)
+    try:
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            stream = m.stream_chat(messages, skip_budget, **kw)
+        else:
+            stream = m.stream_generate(prompt, skip_budget, **kw)
+        gen = None
+        for chunk in stream:
+            if not as_json and chunk.text:
+                click.echo(chunk.text, nl=False)
+            gen = chunk.generation or gen
+    except (ValueError, TypeError) as e:
+        raise _UserError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(gen.to_dict(), indent=2))
+    else:
+        click.echo()
+        click.echo(_fmt_summary(gen), err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.option("--json", "as_json", is_flag=True)
+def info(model, as_json):
+    """Print architecture, block count and first-gguf data of MODEL (default: the embedded model)."""
+    from .gguf_info import read_info
+
+    if model is None:
+        from .default_model import default_model_path
+
+        model = default_model_path()
+    try:
+        inf = read_info(model)
+    except ValueError as e:
+        raise _UserError(str(e)) from None
+    d = {
+        "path": str(inf.path),
+        "architecture": inf.architecture,
+        "name": inf.name,
+        "file_type": inf.file_type,
+        "n_layer": inf.n_layer,
+        "n_embd": inf.n_embd,
+        "layer_skip_supported": inf.supports_skip,
+        "router_blocks": inf.router_blocks,
+        "router_bias": inf.router_has_bias,
+        "router_source": inf.router_source,
+        "static_rankings": inf.static_rankings,
+        "static_ranking_sources": inf.static_sources,
+    }
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"file           {d['path']}")
+    click.echo(f"architecture   {inf.architecture}  ({inf.name or 'unnamed'}, {inf.file_type or '?'})")
+    click.echo(f"blocks         {inf.n_layer}   n_embd {inf.n_embd}")
+    click.echo(f"layer skipping {'supported' if inf.supports_skip else 'not supported by the patch'}")
+    if inf.router_blocks:
+        click.echo(f"routers        {len(inf.router_blocks)} blocks: {','.join(map(str, inf.router_blocks))}"
+                   f"{' (with bias)' if inf.router_has_bias else ''}")
+    else:
+        click.echo("routers        none")
+    if inf.static_rankings:
+        for i, (name, order) in enumerate(inf.static_rankings.items()):
+            src = inf.static_sources.get(name, {})
+            method = src.get("method", "")
+            click.echo(f"static ranking {name}{' (default)' if i == 0 else ''}: {','.join(map(str, order))}"
+                       f"{'  [' + method + ']' if method else ''}")
+    else:
+        click.echo("static ranking none")
+
+
+@main.command()
+@click.option("--model", type=click.Path(dir_okay=False), default=None)
+@click.option("--budgets", default="0,0.1,0.2,0.33,0.5", show_default=True)
+@click.option("--skip-strategy", default="static", show_default=True,
+              help="How blocks are chosen (speed depends only on how many).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds per budget.")
+@click.option("--gen-tokens", type=int, default=64, show_default=True, help="Decode steps per measurement.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length for prefill.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, threads, as_json):
+    """Decode/prefill tok/s per skip budget, interleaved, medians and ratios from one run."""
+    from .bench import format_table, run_bench
+
+    try:
+        values = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
+    m = _load(model, 4096, threads)
+    try:
+        result = run_bench(m, values, skip_strategy=skip_strategy, repeats=repeats, gen_tokens=gen_tokens,
+                           prompt_tokens=prompt_tokens, progress=lambda s: click.echo(s, err=True))
+    except (ValueError, TypeError) as e:
+        raise _UserError(str(e)) from None
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@main.command()
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="GGUF file (default: the embedded model's upstream GGUF).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Ranking JSON to write.")
+@click.option("--n-examples", type=int, default=24, show_default=True)
+@click.option("--max-set", type=int, default=15, show_default=True,
+              help="Length of the greedy ranking (blocks after it are ranked by single-block cost).")
+@click.option("--threads", type=int, default=None)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def rank(model, output, n_examples, max_set, threads, force):
+    """Compute a static skip ranking by greedy loss calibration on local text."""
+    from pathlib import Path
+
+    from .ranking import compute_static_ranking
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise _UserError(f"output file exists: {out}; pass --force to overwrite")
+    if model is None:
+        from .default_model import base_gguf_path
+
+        model = base_gguf_path()
+    m = _load(model, 4096, threads)
+    try:
+        result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set,
+                                        progress=lambda s: click.echo(s, err=True))
+    except (ValueError, TypeError) as e:
+        raise _UserError(str(e)) from None
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    click.echo(f"wrote {out}: {result['ranking']}", err=True)
+
+
+def _nan_to_none(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Every first-gguf name stored in a GGUF file, in one place.
+
+The C++ side declares the same tensor names in patches/0001 (LLM_TENSOR_LAYER_ROUTER).
+"""
+from __future__ import annotations
+
+# router definition shared by the runtime (cpp/first.h) and training
+ROUTER_DEFINITION = (
+    "input=attn_norm(h_in): the block input, RMS-normalised and scaled by the block's attn_norm.weight; "
+    "score=sigmoid(router.weight . input + router.bias) per prompt token; "
+    "aggregate=mean over prompt tokens; skip=lowest aggregated scores first"
+)
+ROUTER_DEFINITION_VERSION = 1
+
+
+class Keys:
+    """GGUF metadata keys written by first-gguf."""
+
+    VERSION = "first.version"                        # uint32, format version of the first.* keys
+    ROUTER_DEFINITION = "first.router.definition"    # string, ROUTER_DEFINITION
+    ROUTER_N_OUT = "first.router.n_out"              # uint32, router outputs (1)
+    ROUTER_SOURCE = "first.router.source"            # string, JSON provenance of the routers
+    STATIC_RANKINGS = "first.static_rankings"        # string array, names of stored rankings, default first
+    STATIC_RANKING = "first.static_ranking.{name}"   # int32 array, block indices, most skippable first
+    STATIC_RANKING_SOURCE = "first.static_ranking.{name}.source"  # string, JSON provenance
+
+    PREFIX = "first."
+
+
+class Tensors:
+    """Per-block tensor names (GGUF names, llama.cpp's ``blk.N.*`` scheme)."""
+
+    ROUTER_WEIGHT = "blk.{bid}.router.weight"  # F32, GGUF shape [n_embd, 1]
+    ROUTER_BIAS = "blk.{bid}.router.bias"      # F32, GGUF shape [1]
+
+    @staticmethod
+    def is_first_tensor(name: str) -> bool:
+        return name.startswith("blk.") and ".router." in name
+
+
+FORMAT_VERSION = 1
+
+# GGUF architectures whose graph builder honours skip masks (cpp/llama-first.cpp)
+SUPPORTED_ARCHITECTURES = ("llama", "llama-embed")

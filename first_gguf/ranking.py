@@ -1,0 +1,133 @@
+"""Static (input-agnostic) skip ranking by greedy loss calibration.
+
+The baseline that FiRST's routers must beat, and what the default model uses
+until trained routers ship. Computed on the runtime itself (Model.score), with
+exactly the decode semantics: prompt at full depth, continuation with the
+blocks skipped.
+
+Calibration text is local and present wherever Python is: docstrings of the
+standard library. Half of the examples are plain continuations (first part of
+a docstring as prompt, the rest as continuation); half are chat turns (a
+question about a docstring, formatted with the model's chat template, and the
+full-depth model's own greedy reply as continuation), so the ranking measures
+how far skipping moves the model from its own full-depth behaviour in chat.
+
+Cost of a skip set S = mean over examples of the extra negative log-likelihood
+per continuation token over the full model. Greedy forward selection: start
+from the empty set; at each step add the block whose addition costs least,
+trying the ``n_candidates`` cheapest blocks by single-block cost (costs of
+sets are not additive, RESEARCH.md section 6). The ranking is the greedy order
+followed by the remaining blocks by single-block cost.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import platform
+import random
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from .model import Model
+
+DOC_MODULES = ["json", "os", "pathlib", "collections", "itertools", "functools", "re", "string", "textwrap",
+               "datetime", "statistics", "random", "math", "shutil", "subprocess", "argparse", "logging",
+               "csv", "heapq", "bisect", "tempfile", "zipfile", "tarfile", "inspect", "typing", "dataclasses"]
+
+
+def _docstrings(min_chars: int = 500) -> list[tuple[str, str]]:
+    out = []
+    for modname in DOC_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for name in sorted(dir(mod)):
+            if name.startswith("_"):
+                continue
+            obj = getattr(mod, name, None)
+            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if len(doc) >= min_chars and doc.isascii():
+                out.append((f"{modname}.{name}", " ".join(doc.split())))
+    return out
+
+
+def calibration_examples(model: Model, n_examples: int, *, seed: int = 0, reply_tokens: int = 48
+                         ) -> list[tuple[str, str, str]]:
+    """(kind, prompt, continuation) triples; chat replies are the full-depth model's own."""
+    docs = _docstrings()
+    if len(docs) < n_examples:
+        raise ValueError(f"only {len(docs)} calibration docstrings found; asked for {n_examples}")
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    examples = []
+    for i, (name, doc) in enumerate(docs[:n_examples]):
+        if i % 2 == 0:
+            cut = doc.rfind(" ", 0, 300)
+            examples.append(("text", doc[:cut], doc[cut:cut + 400]))
+        else:
+            messages = [{"role": "user", "content": f"Explain briefly what this Python documentation "
+                                                    f"({name}) says:\n\n{doc[:500]}"}]
+            tokens, _ = model.chat_prompt_tokens(messages)
+            prompt = model.detokenize(tokens)  # re-tokenized identically by Model.score
+            reply = model.generate(prompt, max_tokens=reply_tokens).text
+            if reply.strip():
+                examples.append(("chat", prompt, reply))
+    return examples
+
+
+def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int = 15, n_candidates: int = 10,
+                           seed: int = 0, progress: Callable[[str], None] = lambda s: None) -> dict:
+    if n_examples < 2:
+        raise ValueError(f"n_examples must be >= 2; got {n_examples}")
+    n = model.n_layer
+    max_set = min(max_set, n - 1)
+    t_start = time.time()
+    examples = calibration_examples(model, n_examples, seed=seed)
+    progress(f"rank: {len(examples)} calibration examples")
+    full = [np.array(model.score(p, c)) for _, p, c in examples]
+
+    def cost(skip: list[int]) -> float:
+        extra = []
+        for (_, p, c), base in zip(examples, full):
+            lp = np.array(model.score(p, c, skip_layers=skip))
+            extra.append(float(np.mean(base - lp)))
+        return float(np.mean(extra))
+
+    single = {}
+    for il in range(n):
+        single[il] = cost([il])
+        progress(f"rank: single block {il:2d}: +{single[il]:.3f} nats/token")
+    chosen: list[int] = []
+    steps = []
+    for step in range(max_set):
+        rest = sorted((il for il in range(n) if il not in chosen), key=lambda il: single[il])
+        trials = {il: cost(sorted(chosen + [il])) for il in rest[:n_candidates]}
+        best = min(trials, key=lambda il: (trials[il], il))
+        chosen.append(best)
+        steps.append({"block": best, "set_cost": trials[best]})
+        progress(f"rank: step {step + 1:2d}: +block {best:2d} -> set of {len(chosen)} costs +{trials[best]:.3f}")
+    tail = sorted((il for il in range(n) if il not in chosen), key=lambda il: (single[il], il))
+    path = str(model.path)
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return {
+        "name": "greedy_nll",
+        "method": "greedy forward selection on extra NLL/token (teacher-forced, prompt at full depth)",
+        "ranking": chosen + tail,
+        "greedy_steps": steps,
+        "single_block_cost": {str(k): v for k, v in single.items()},
+        "data": f"{len(examples)} examples from Python {platform.python_version()} stdlib docstrings "
+                f"(text continuation + chat replies of the full model), seed {seed}",
+        "model_file": path.rsplit("/", 1)[-1],
+        "model_sha256_first_mib": head,
+        "n_candidates": n_candidates,
+        "command": "first-gguf rank " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "compute_static_ranking()",
+        "seconds": round(time.time() - t_start, 1),
+    }
