@@ -175,9 +175,12 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
 @click.option("--n-examples", type=int, default=24, show_default=True)
 @click.option("--max-set", type=int, default=15, show_default=True,
               help="Length of the greedy ranking (blocks after it are ranked by single-block cost).")
+@click.option("--n-candidates", type=int, default=10, show_default=True,
+              help="Blocks tried per greedy step (the cheapest by single-block cost).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
 @click.option("--threads", type=int, default=None)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def rank(model, output, n_examples, max_set, threads, force):
+def rank(model, output, n_examples, max_set, n_candidates, seed, threads, force):
     """Compute a static skip ranking by greedy loss calibration on local text."""
     from pathlib import Path
 
@@ -192,7 +195,7 @@ def rank(model, output, n_examples, max_set, threads, force):
         model = base_gguf_path()
     m = _load(model, 4096, threads)
     try:
-        result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set,
+        result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set, n_candidates=n_candidates, seed=seed,
                                         progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
         raise _UserError(str(e)) from None

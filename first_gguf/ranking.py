@@ -93,22 +93,21 @@ def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int =
     progress(f"rank: {len(examples)} calibration examples")
     full = [np.array(model.score(p, c)) for _, p, c in examples]
 
-    def cost(skip: list[int]) -> float:
-        extra = []
-        for (_, p, c), base in zip(examples, full):
-            lp = np.array(model.score(p, c, skip_layers=skip))
-            extra.append(float(np.mean(base - lp)))
-        return float(np.mean(extra))
+    def costs(configs: list[list[int]]) -> list[float]:
+        # example-outer: the prompt stays in the KV cache across the configurations
+        extra = np.zeros((len(examples), len(configs)))
+        for i, ((_, p, c), base) in enumerate(zip(examples, full)):
+            for j, skip in enumerate(configs):
+                extra[i, j] = float(np.mean(base - np.array(model.score(p, c, skip_layers=skip))))
+        return [float(x) for x in extra.mean(axis=0)]
 
-    single = {}
-    for il in range(n):
-        single[il] = cost([il])
-        progress(f"rank: single block {il:2d}: +{single[il]:.3f} nats/token")
+    single = dict(enumerate(costs([[il] for il in range(n)])))
+    progress("rank: single-block costs " + " ".join(f"{il}:+{v:.2f}" for il, v in single.items()))
     chosen: list[int] = []
     steps = []
     for step in range(max_set):
-        rest = sorted((il for il in range(n) if il not in chosen), key=lambda il: single[il])
-        trials = {il: cost(sorted(chosen + [il])) for il in rest[:n_candidates]}
+        rest = sorted((il for il in range(n) if il not in chosen), key=lambda il: single[il])[:n_candidates]
+        trials = dict(zip(rest, costs([sorted(chosen + [il]) for il in rest])))
         best = min(trials, key=lambda il: (trials[il], il))
         chosen.append(best)
         steps.append({"block": best, "set_cost": trials[best]})
