@@ -67,6 +67,7 @@ def rewrite_gguf(
     drop_tensor: Callable[[str], bool] = lambda n: False,
     force: bool = False,
     progress: bool = False,
+    arch: str | None = None,
 ) -> Path:
     """Write ``dst``: ``src`` with keys/tensors dropped, then keys set and tensors added.
 
@@ -82,7 +83,7 @@ def rewrite_gguf(
         raise GGUFEditError(f"output folder does not exist: {dst_p.parent}")
 
     reader = read_gguf(src_p)
-    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    arch = arch or field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if arch is None:
         raise GGUFEditError(f"{src_p}: missing key {gguf.Keys.General.ARCHITECTURE}")
     set_kv = dict(set_kv or {})

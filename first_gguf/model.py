@@ -83,13 +83,18 @@ class _LogCapture:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.verbose = False
+        self._in_error = False
 
         @llama_cpp.llama_log_callback
         def _cb(level, text, user_data):  # pragma: no cover - called from C
             msg = text.decode("utf-8", errors="replace")
-            if level in (2, 3):  # warn, error
-                self.lines.append(msg.strip())
-                del self.lines[:-20]
+            if level == 4 or (level == 5 and self._in_error):  # GGML_LOG_LEVEL_ERROR, or its continuation
+                self._in_error = True
+                if msg.strip():
+                    self.lines.append(msg.strip())
+                    del self.lines[:-20]
+            elif level != 5:
+                self._in_error = False
             if self.verbose:
                 import sys
 

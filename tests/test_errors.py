@@ -1,0 +1,181 @@
+"""Bad input gives a clear error naming the value or file; never a crash or a silent fallback."""
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import first_gguf
+from first_gguf.cli import main
+from first_gguf.convert.gguf_edit import KV, _copy_kv, read_gguf, rewrite_gguf
+
+
+def _with_router_tensors(base, out, tensors):
+    return rewrite_gguf(base, out, add_tensors=tensors, force=True)
+
+
+@pytest.fixture(scope="module")
+def qwen2_gguf(base_gguf, tmp_path_factory):
+    """The default model relabelled as a 'qwen2' GGUF: loads, but the skip patch does not cover it."""
+    r = read_gguf(base_gguf)
+    kv = {"qwen2" + f.name[len("llama"):]: _copy_kv(f) for f in r.fields.values() if f.name.startswith("llama.")}
+    out = tmp_path_factory.mktemp("arch") / "qwen2.gguf"
+    return rewrite_gguf(base_gguf, out, set_kv=kv, drop_kv=lambda k: k.startswith("llama."), arch="qwen2")
+
+
+# ---------------------------------------------------------------- arguments
+@pytest.mark.parametrize("budget,exc,words", [
+    (-0.1, ValueError, "[0, 1)"), (1.0, ValueError, "[0, 1)"), (1.5, ValueError, "[0, 1)"),
+    (math.nan, ValueError, "[0, 1)"), (math.inf, ValueError, "[0, 1)"),
+    ("0.3", TypeError, "number"), (None, TypeError, "number"), (True, TypeError, "number"),
+])
+def test_bad_skip_budget(router_model, budget, exc, words):
+    with pytest.raises(exc, match=r"skip_budget") as ei:
+        router_model.generate("Hi", budget, max_tokens=2)
+    assert words in str(ei.value)
+    with pytest.raises(exc, match=r"skip_budget"):
+        router_model.score("Hi", " there", budget)
+
+
+@pytest.mark.parametrize("layers,exc,pattern", [
+    ([30], ValueError, "index 30 out of range"),
+    ([-1], ValueError, "index -1 out of range"),
+    (list(range(30)), ValueError, "all 30 blocks"),
+    ([1.0], TypeError, "integers"),
+    ("1,2", TypeError, "list of block indices"),
+    (5, TypeError, "list of block indices"),
+])
+def test_bad_skip_layers(router_model, layers, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        router_model.generate("Hi", skip_layers=layers, max_tokens=2)
+
+
+def test_bad_strategy_and_generation_args(router_model):
+    with pytest.raises(ValueError, match=r"unknown skip_strategy 'bogus'.*router.*static.*test_rank"):
+        router_model.generate("Hi", 0.2, skip_strategy="bogus")
+    with pytest.raises(ValueError, match="max_tokens"):
+        router_model.generate("Hi", max_tokens=0)
+    with pytest.raises(TypeError, match="max_tokens"):
+        router_model.generate("Hi", max_tokens=2.5)
+    with pytest.raises(ValueError, match="temperature"):
+        router_model.generate("Hi", temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        router_model.generate("Hi", top_p=0)
+    with pytest.raises(TypeError, match="stop"):
+        router_model.generate("Hi", stop=[1])
+    with pytest.raises(TypeError, match="messages"):
+        router_model.chat("Hi")
+    with pytest.raises(TypeError, match=r"messages\[0\]"):
+        router_model.chat([{"role": "user"}])
+    with pytest.raises(ValueError, match="context overflow|n_ctx"):
+        router_model.generate("word " * 2100, max_tokens=2)
+    # the model still works after every error
+    assert router_model.generate("Hi", 0.2, max_tokens=2).tokens
+
+
+def test_budget_needs_routers_or_ranking(base_model):
+    with pytest.raises(ValueError, match=r"no router tensors.*skip_budget=0.3"):
+        base_model.generate("Hi", 0.3)
+    with pytest.raises(ValueError, match=r"no static ranking"):
+        base_model.generate("Hi", 0.3, skip_strategy="static")
+    # explicit layers and budget 0 need neither
+    assert base_model.generate("Hi", 0.0, max_tokens=2).router_scores is None
+    assert base_model.generate("Hi", skip_layers=[4], max_tokens=2).skipped_layers == [4]
+
+
+def test_unsupported_architecture_refuses_skipping(qwen2_gguf):
+    m = first_gguf.load(qwen2_gguf, n_ctx=256)
+    try:
+        assert not m.supports_skip
+        assert m.generate("Hello", 0.0, max_tokens=3).tokens
+        with pytest.raises(ValueError, match=r"architecture 'qwen2' is not covered"):
+            m.generate("Hello", 0.2)
+        with pytest.raises(ValueError, match=r"architecture 'qwen2' is not covered"):
+            m.generate("Hello", skip_layers=[3])
+    finally:
+        m.close()
+
+
+def test_routers_on_unsupported_architecture_are_refused(qwen2_gguf, tmp_path):
+    out = _with_router_tensors(qwen2_gguf, tmp_path / "q.gguf",
+                               [("blk.0.router.weight", np.zeros((1, 576), np.float32))])
+    with pytest.raises(ValueError, match=r"router tensors on architecture 'qwen2'"):
+        first_gguf.load(out)
+
+
+# ------------------------------------------------------------------- files
+def test_missing_and_corrupt_files(tmp_path, base_gguf):
+    with pytest.raises(ValueError, match=r"not found: .*nope.gguf"):
+        first_gguf.load(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + b"\0" * 100)
+    with pytest.raises(ValueError, match=r"not a GGUF file: .*bad.gguf.*b'GGML'"):
+        first_gguf.load(bad)
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(base_gguf.read_bytes()[:4096])
+    with pytest.raises(ValueError, match=r"trunc.gguf"):
+        first_gguf.load(trunc)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(base_gguf.read_bytes()[:-1000])  # header fine, tensor data cut
+    with pytest.raises(ValueError, match=r"short.gguf"):
+        first_gguf.load(short)
+    with pytest.raises(ValueError, match="not a file"):
+        first_gguf.load(tmp_path)
+    with pytest.raises(TypeError, match="model must be a path"):
+        first_gguf.load(123)
+
+
+@pytest.mark.parametrize("tensors,pattern", [
+    ([("blk.3.router.weight", np.zeros((1, 577), np.float32))],
+     r"'blk.3.router.weight' has wrong shape; expected \[576, 1\], got \[577, 1\]"),
+    ([("blk.3.router.weight", np.zeros((1, 576), np.float16))],
+     r"'blk.3.router.weight' has wrong type; expected F32, got F16"),
+    ([("blk.3.router.weight", np.full((1, 576), np.nan, np.float32))], r"'blk.3.router.weight' holds NaN"),
+    ([("blk.3.router.bias", np.zeros((1,), np.float32))], r"'blk.3.router.bias' has no matching"),
+    ([("blk.30.router.weight", np.zeros((1, 576), np.float32))], r"names block 30; the model has 30 blocks"),
+    ([("blk.2.router.gate", np.zeros((1, 576), np.float32))], r"unknown router tensor 'blk.2.router.gate'"),
+])
+def test_malformed_router_tensors(base_gguf, tmp_path, tensors, pattern):
+    out = _with_router_tensors(base_gguf, tmp_path / "m.gguf", tensors)
+    with pytest.raises(ValueError, match=pattern) as ei:
+        first_gguf.load(out)
+    assert "m.gguf" in str(ei.value)
+
+
+def test_llama_cpp_itself_rejects_a_wrong_router_type(base_gguf, tmp_path):
+    """The C++ loader checks too (for users of the C API who skip first_gguf's validation)."""
+    from llama_cpp import Llama
+
+    from first_gguf.model import _LOG
+
+    out = _with_router_tensors(base_gguf, tmp_path / "f16.gguf",
+                               [("blk.3.router.weight", np.zeros((1, 576), np.float16))])
+    _LOG.lines.clear()
+    with pytest.raises(ValueError):
+        Llama(model_path=str(out), verbose=False)
+    assert any("blk.3.router.weight' has wrong type; expected f32, got f16" in line for line in _LOG.lines)
+    out = _with_router_tensors(base_gguf, tmp_path / "shape.gguf",
+                               [("blk.3.router.weight", np.zeros((1, 577), np.float32))])
+    _LOG.lines.clear()
+    with pytest.raises(ValueError):
+        Llama(model_path=str(out), verbose=False)
+    assert any("blk.3.router.weight" in line and "wrong shape" in line for line in _LOG.lines)
+
+
+# --------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("args,pattern", [
+    (["generate", "Hi", "--skip-budget", "2"], "skip_budget must be in [0, 1)"),
+    (["generate", "Hi", "--model", "/nonexistent/x.gguf"], "not found: /nonexistent/x.gguf"),
+    (["generate", "Hi", "--skip-layers", "a,b"], "--skip-layers must be comma-separated integers"),
+    (["info", "/nonexistent/x.gguf"], "not found"),
+])
+def test_cli_user_errors_are_one_line(router_gguf, args, pattern):
+    if "--model" not in args and args[0] == "generate":
+        args = args + ["--model", str(router_gguf)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    assert pattern in res.output
+    assert "Traceback" not in res.output
