@@ -40,8 +40,9 @@ def main():
               help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1).")
 @click.option("--skip-budget", type=float, default=0.0, show_default=True,
               help="Fraction of blocks that may be skipped while decoding, in [0, 1).")
-@click.option("--skip-strategy", default="router", show_default=True,
-              help="router, static, or the name of a static ranking stored in the GGUF.")
+@click.option("--skip-strategy", default="auto", show_default=True,
+              help="router, static, the name of a static ranking stored in the GGUF, or auto "
+                   "(router if the GGUF has routers, else static).")
 @click.option("--skip-layers", default=None, help="Explicit comma-separated block indices to skip.")
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
@@ -144,7 +145,7 @@ def info(model, as_json):
 @main.command()
 @click.option("--model", type=click.Path(dir_okay=False), default=None)
 @click.option("--budgets", default="0,0.1,0.2,0.33,0.5", show_default=True)
-@click.option("--skip-strategy", default="static", show_default=True,
+@click.option("--skip-strategy", default="auto", show_default=True,
               help="How blocks are chosen (speed depends only on how many).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds per budget.")
 @click.option("--gen-tokens", type=int, default=64, show_default=True, help="Decode steps per measurement.")

@@ -337,9 +337,11 @@ class Model:
         budget = _check_number("skip_budget", skip_budget, 0.0, 1.0, hi_open=True)
         if not isinstance(skip_strategy, str):
             raise TypeError(f"skip_strategy must be a str; got {type(skip_strategy).__name__}")
-        strategies = ["router", "static", *self.info.static_rankings]
+        strategies = ["router", "static", "auto", *self.info.static_rankings]
         if skip_strategy not in strategies:
             raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of {strategies}")
+        if skip_strategy == "auto":  # stated in Generation.skip_strategy, never silent
+            skip_strategy = "router" if self.n_routers or not self.info.static_rankings else "static"
         layers = None
         if skip_layers is not None:
             if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, Sequence):
@@ -505,7 +507,9 @@ class Model:
             top_p: nucleus sampling threshold in (0, 1].
             stop: string(s) that end the generation (not included in the text).
             skip_strategy: "router" (lowest aggregated router keep-score first), "static" (the
-                GGUF's default static ranking) or the name of a stored static ranking.
+                GGUF's default static ranking), the name of a stored static ranking, or "auto"
+                (router when the GGUF has routers, else static; the choice is reported in
+                Generation.skip_strategy).
             skip_layers: explicit block indices to skip; overrides skip_budget and skip_strategy.
         """
         last = None
