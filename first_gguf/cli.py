@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import click
@@ -206,8 +205,79 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, threads, force)
     click.echo(f"wrote {out}: {result['ranking']}", err=True)
 
 
-def _nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x
+def _convert_errors(fn):
+    """Run fn, turning converter errors into one-line CLI errors."""
+    from .convert.gguf_edit import GGUFEditError
+    from .convert.router_file import RouterFileError
+
+    try:
+        return fn()
+    except (GGUFEditError, RouterFileError, ValueError) as e:
+        raise _UserError(str(e)) from None
+
+
+@main.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("routers", type=click.Path(dir_okay=False), required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--ranking", "rankings", multiple=True, type=click.Path(dir_okay=False),
+              help="Static ranking JSON (from first-gguf rank) to store; repeatable, the first is the default.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
+def attach(base, routers, output, rankings, force):
+    """Add routers (a router .safetensors file) and/or static rankings to an existing GGUF.
+
+    Every other tensor and key is copied bit-identically, whatever the quant type.
+    """
+    from .convert.attach import attach as do_attach
+    from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
+
+    def run():
+        routers_map, source, ranks = None, None, {}
+        if routers:
+            rf = load_router_file(routers)
+            diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
+            if diff and not force:
+                raise ValueError(f"{routers} does not fit {base} (pass --force to attach anyway):\n  " + "\n  ".join(diff))
+            routers_map, source, ranks = rf.routers(), rf.provenance, dict(rf.static_rankings)
+        for path in rankings:
+            try:
+                r = json.loads(open(path).read())
+                ranks.setdefault(r["name"], r)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot read ranking {path}: {e}") from None
+        return do_attach(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
+                         force=force, progress=True)
+
+    out = _convert_errors(run)
+    click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def strip(model, output, force):
+    """Remove every first-gguf tensor and key (the result loads in stock llama.cpp)."""
+    from .convert.attach import strip as do_strip
+
+    out = _convert_errors(lambda: do_strip(model, output, force=force, progress=True))
+    click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--type", "qtype", required=True, help="Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...")
+@click.option("--threads", type=int, default=None)
+@click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing already quantized tensors.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def quantize(model, output, qtype, threads, allow_requantize, force):
+    """Quantize MODEL with llama.cpp's quantizer; router tensors stay F32."""
+    from .convert.quantize import quantize as do_quantize
+
+    out = _convert_errors(lambda: do_quantize(model, output, qtype, force=force, n_threads=threads,
+                                                     allow_requantize=allow_requantize))
+    click.echo(f"wrote {out}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,52 @@
+"""quantize: llama.cpp's own quantizer from the patched libllama (routers stay F32, bit-exact)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+
+from .gguf_edit import GGUFEditError, read_gguf
+
+
+def _llama_cpp():
+    from .._lib import llama_cpp
+
+    return llama_cpp
+
+
+def quant_types() -> list[str]:
+    lc = _llama_cpp()
+    return sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(lc)
+                  if n.startswith("LLAMA_FTYPE_MOSTLY_") and isinstance(getattr(lc, n), int))
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, force: bool = False,
+             n_threads: int | None = None, allow_requantize: bool = False) -> Path:
+    src_p, dst_p = Path(src), Path(dst)
+    read_gguf(src_p)  # clear error for a missing or corrupt input
+    if dst_p.exists() and dst_p.resolve() == src_p.resolve():
+        raise GGUFEditError(f"output path {dst_p} is the input file; choose another output")
+    if dst_p.exists() and not force:
+        raise GGUFEditError(f"output file exists: {dst_p}; pass force=True (--force) to overwrite")
+    lc = _llama_cpp()
+    name = qtype.upper()
+    ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{name}", None)
+    if not isinstance(ftype, int):
+        raise GGUFEditError(f"unknown quantization type {qtype!r}; expected one of {', '.join(quant_types())}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or 0
+    params.allow_requantize = allow_requantize
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".tmp", dir=dst_p.parent)
+    os.close(fd)
+    try:
+        rc = lc.llama_model_quantize(str(src_p).encode(), tmp.encode(), ctypes.byref(params))
+        if rc != 0:
+            raise GGUFEditError(f"llama_model_quantize failed on {src_p} -> {name} (code {rc})")
+        os.replace(tmp, dst_p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dst_p
