@@ -23,8 +23,10 @@ if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_c
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$VPY" -m pip install --quiet --no-cache-dir "$SDIST"
 fi
 
-# 3. first-gguf itself (editable: it finds build/native/lib next to the sources)
-"$VPY" -m pip install --quiet -e '.[test]'
+# 3. first-gguf itself (editable: it finds build/native/lib next to the sources); torch is
+#    installed first and pinned so no CUDA build is pulled in
+"$VPY" -m pip install --quiet torch==2.13.0
+"$VPY" -m pip install --quiet -e '.[test,train]'
 
 # 4. the default model (download, verify, attach the static ranking) and the main job
 if [ "$run_main" = 1 ]; then

@@ -280,5 +280,34 @@ def quantize(model, output, qtype, threads, allow_requantize, force):
     click.echo(f"wrote {out}", err=True)
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--routers", type=click.Path(dir_okay=False), default=None, help="Router .safetensors file to add.")
+@click.option("--ranking", "rankings", multiple=True, type=click.Path(dir_okay=False),
+              help="Static ranking JSON to store; repeatable.")
+@click.option("--lora", type=click.Path(file_okay=False), default=None,
+              help="PEFT LoRA adapter merged into the weights before conversion.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
+def convert(model_dir, output, outtype, routers, rankings, lora, force):
+    """Convert a Hugging Face checkpoint to GGUF (upstream convert_hf_to_gguf.py) with routers."""
+    from .convert.hf import convert_hf
+
+    def run():
+        ranks = {}
+        for path in rankings:
+            try:
+                r = json.loads(open(path).read())
+                ranks[r["name"]] = r
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot read ranking {path}: {e}") from None
+        return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=ranks or None,
+                          lora=lora, force=force)
+
+    out = _convert_errors(run)
+    click.echo(f"wrote {out}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -570,13 +570,18 @@ class Model:
     def score_details(self, prompt: str, continuation: str, skip_budget: float = 0.0, *,
                       skip_strategy: str = "router", skip_layers: Sequence[int] | None = None) -> ScoreResult:
         """Teacher-forced log-probabilities of ``continuation`` after ``prompt``; see score()."""
-        budget, strategy, layers = self._check_skip_args(skip_budget, skip_strategy, skip_layers)
         if not isinstance(continuation, str):
             raise TypeError(f"continuation must be a str; got {type(continuation).__name__}")
-        p_tokens = self.tokenize(prompt)
-        c_tokens = self.tokenize(continuation, add_bos=False)
-        if not c_tokens:
-            raise ValueError("the continuation is empty after tokenization")
+        return self.score_tokens(self.tokenize(prompt), self.tokenize(continuation, add_bos=False), skip_budget,
+                                 skip_strategy=skip_strategy, skip_layers=skip_layers)
+
+    def score_tokens(self, prompt_tokens: Sequence[int], continuation_tokens: Sequence[int],
+                     skip_budget: float = 0.0, *, skip_strategy: str = "router",
+                     skip_layers: Sequence[int] | None = None) -> ScoreResult:
+        """score() on token ids."""
+        budget, strategy, layers = self._check_skip_args(skip_budget, skip_strategy, skip_layers)
+        p_tokens, c_tokens = self._check_tokens(prompt_tokens, "prompt"), self._check_tokens(continuation_tokens,
+                                                                                               "continuation")
         if len(p_tokens) + len(c_tokens) > self.n_ctx:
             raise ValueError(f"prompt + continuation have {len(p_tokens) + len(c_tokens)} tokens; n_ctx is {self.n_ctx}")
         last, _, _ = self._prefill(p_tokens)
@@ -593,6 +598,18 @@ class Model:
             ls = _log_softmax(rows)
             lp.extend(float(ls[i, c_tokens[i + 1]]) for i in range(len(c_tokens) - 1))
         return ScoreResult(lp, c_tokens, list(skip), None if scores is None else [float(s) for s in scores])
+
+    def _check_tokens(self, tokens, what: str) -> list[int]:
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise TypeError(f"{what} tokens must be a list of token ids; got {type(tokens).__name__}")
+        out = []
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.n_vocab:
+                raise ValueError(f"{what} token {t!r} is not a token id in [0, {self.n_vocab})")
+            out.append(int(t))
+        if not out:
+            raise ValueError(f"the {what} is empty after tokenization")
+        return out
 
     def score(self, prompt: str, continuation: str, skip_budget: float = 0.0, *,
               skip_strategy: str = "router", skip_layers: Sequence[int] | None = None) -> list[float]:

@@ -1,0 +1,108 @@
+"""convert: a Hugging Face checkpoint directory -> GGUF, with routers.
+
+Drives the upstream ``convert_hf_to_gguf.py`` of the pinned llama.cpp source
+(build/llama.cpp, prepared by scripts/build_llama.py; it is not copied into
+this repository), then attaches routers and static rankings with attach().
+``lora``: a PEFT LoRA adapter directory merged into the weights first (needs
+torch, transformers and peft).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .attach import attach
+from .gguf_edit import GGUFEditError
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def llama_source_dir() -> Path:
+    env = os.environ.get("FIRST_GGUF_LLAMA_DIR")
+    d = Path(env) if env else Path(__file__).resolve().parent.parent / "build" / "llama.cpp"
+    if not (d / "convert_hf_to_gguf.py").exists():
+        raise GGUFEditError(f"convert_hf_to_gguf.py not found in {d}; run ./setup.sh "
+                            f"(or set FIRST_GGUF_LLAMA_DIR to the pinned llama.cpp source)")
+    return d
+
+
+def _check_hf_dir(d: Path) -> dict:
+    if not d.is_dir():
+        raise GGUFEditError(f"Hugging Face checkpoint directory not found: {d}")
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise GGUFEditError(f"{d} has no config.json; expected a Hugging Face checkpoint directory")
+    if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
+        raise GGUFEditError(f"{d} holds no weights (*.safetensors or *.bin)")
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError as e:
+        raise GGUFEditError(f"{cfg}: invalid JSON: {e}") from None
+
+
+def merge_lora(base_dir: Path, lora_dir: Path, out_dir: Path) -> Path:
+    """Merge a PEFT LoRA adapter into the base weights; writes a checkpoint directory."""
+    if not (lora_dir / "adapter_config.json").is_file():
+        raise GGUFEditError(f"{lora_dir} is not a PEFT adapter (no adapter_config.json)")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, lora_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    for f in base_dir.iterdir():  # tokenizer and friends
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json" \
+                and not (out_dir / f.name).exists():
+            shutil.copy2(f, out_dir / f.name)
+    return out_dir
+
+
+def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f16",
+               routers: str | os.PathLike | None = None, rankings: dict | None = None,
+               lora: str | os.PathLike | None = None, force: bool = False) -> Path:
+    src, out = Path(model_dir), Path(output)
+    if outtype not in OUTTYPES:
+        raise GGUFEditError(f"unknown outtype {outtype!r}; expected one of {', '.join(OUTTYPES)}")
+    _check_hf_dir(src)
+    if out.exists() and not force:
+        raise GGUFEditError(f"output file exists: {out}; pass force=True (--force) to overwrite")
+    if not out.parent.is_dir():
+        raise GGUFEditError(f"output folder does not exist: {out.parent}")
+    rf = None
+    if routers is not None:
+        from .router_file import load_router_file
+
+        rf = load_router_file(routers)  # fail early, before the slow conversion
+    script = llama_source_dir() / "convert_hf_to_gguf.py"
+    with tempfile.TemporaryDirectory(prefix=".first-convert-", dir=out.parent) as tmp:
+        tmp_p = Path(tmp)
+        if lora is not None:
+            src = merge_lora(src, Path(lora), tmp_p / "merged")
+        base = tmp_p / "base.gguf"
+        res = subprocess.run([sys.executable, str(script), str(src), "--outfile", str(base), "--outtype", outtype],
+                             capture_output=True, text=True)
+        if res.returncode != 0 or not base.exists():
+            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
+            raise GGUFEditError(f"convert_hf_to_gguf.py failed on {src}:\n{tail}")
+        if rf is None and not rankings:
+            os.replace(base, out)
+            return out
+        ranks = dict(rankings or {})
+        routers_map = source = None
+        if rf is not None:
+            from .router_file import compare_fingerprints, fingerprint_gguf
+
+            diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
+            if diff and not force:
+                raise GGUFEditError(f"{routers} does not fit {model_dir} (pass --force to attach anyway):\n  "
+                                    + "\n  ".join(diff))
+            routers_map, source = rf.routers(), rf.provenance
+            for name, r in rf.static_rankings.items():
+                ranks.setdefault(name, r)
+        return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source, force=True)
