@@ -159,3 +159,26 @@ def test_convert_errors(tmp_path, tiny):
     with pytest.raises(GGUFEditError, match="unknown outtype 'q4'"):
         convert_hf(tiny[0], tmp_path / "o.gguf", outtype="q4")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_convert_with_lora_merges_the_adapter(tiny, tmp_path):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import first_gguf
+    from first_gguf.convert.hf import convert_hf
+
+    d, model = tiny
+    torch.manual_seed(1)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged = peft_model.merge_and_unload().eval()
+    out = convert_hf(d, tmp_path / "merged.gguf", outtype="f32", lora=tmp_path / "lora")
+    with first_gguf.load(out, n_ctx=256) as m:
+        ours = np.array(m.score_tokens(PROMPT, CONT).logprobs)
+    ref, _ = _torch_logprobs(merged, PROMPT, CONT)
+    base, _ = _torch_logprobs(model, PROMPT, CONT)
+    assert float(np.max(np.abs(ours - ref))) < TOL
+    assert float(np.max(np.abs(ref - base))) > 20 * TOL  # the adapter really changed the model
