@@ -65,7 +65,7 @@ def merge_lora(base_dir: Path, lora_dir: Path, out_dir: Path) -> Path:
 
 def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f16",
                routers: str | os.PathLike | None = None, rankings: dict | None = None,
-               lora: str | os.PathLike | None = None, force: bool = False) -> Path:
+               lora: str | os.PathLike | None = None, force: bool = False, progress: bool = False) -> Path:
     src, out = Path(model_dir), Path(output)
     if outtype not in OUTTYPES:
         raise GGUFEditError(f"unknown outtype {outtype!r}; expected one of {', '.join(OUTTYPES)}")
@@ -85,11 +85,13 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
         if lora is not None:
             src = merge_lora(src, Path(lora), tmp_p / "merged")
         base = tmp_p / "base.gguf"
+        # upstream's own log and progress bar go straight to the terminal
         res = subprocess.run([sys.executable, str(script), str(src), "--outfile", str(base), "--outtype", outtype],
-                             capture_output=True, text=True)
+                             stdout=subprocess.DEVNULL,
+                             stderr=None if progress else subprocess.PIPE, text=True)
         if res.returncode != 0 or not base.exists():
-            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
-            raise GGUFEditError(f"convert_hf_to_gguf.py failed on {src}:\n{tail}")
+            tail = "see its output above" if progress else "\n".join((res.stderr or "").strip().splitlines()[-5:])
+            raise GGUFEditError(f"convert_hf_to_gguf.py failed on {src} (exit {res.returncode}): {tail}")
         if rf is None and not rankings:
             os.replace(base, out)
             return out
@@ -105,4 +107,5 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
             routers_map, source = rf.routers(), rf.provenance
             for name, r in rf.static_rankings.items():
                 ranks.setdefault(name, r)
-        return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source, force=True)
+        return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source, force=True,
+                      progress=progress)

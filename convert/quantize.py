@@ -22,7 +22,7 @@ def quant_types() -> list[str]:
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, force: bool = False,
-             n_threads: int | None = None, allow_requantize: bool = False) -> Path:
+             n_threads: int | None = None, allow_requantize: bool = False, progress: bool = False) -> Path:
     src_p, dst_p = Path(src), Path(dst)
     read_gguf(src_p)  # clear error for a missing or corrupt input
     if dst_p.exists() and dst_p.resolve() == src_p.resolve():
@@ -38,10 +38,19 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, forc
     params.ftype = ftype
     params.nthread = n_threads or 0
     params.allow_requantize = allow_requantize
+    from tqdm import tqdm
+
+    from ..model import _LOG
+
+    n_tensors = len(read_gguf(src_p).tensors)
+    bar = tqdm(total=n_tensors, desc=f"quantizing to {name}", unit="tensor", disable=not progress)
+    # llama.cpp logs one "[   i/   n] name ..." line per tensor
+    _LOG.listener = lambda level, msg: bar.update(1) if msg.startswith("[") and "/" in msg[:12] else None
     fd, tmp = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".tmp", dir=dst_p.parent)
     os.close(fd)
     try:
         rc = lc.llama_model_quantize(str(src_p).encode(), tmp.encode(), ctypes.byref(params))
+        bar.close()
         if rc != 0:
             raise GGUFEditError(f"llama_model_quantize failed on {src_p} -> {name} (code {rc})")
         os.replace(tmp, dst_p)
@@ -49,4 +58,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, forc
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        _LOG.listener = None
+        bar.close()
     return dst_p

@@ -276,7 +276,7 @@ def quantize(model, output, qtype, threads, allow_requantize, force):
     from .convert.quantize import quantize as do_quantize
 
     out = _convert_errors(lambda: do_quantize(model, output, qtype, force=force, n_threads=threads,
-                                                     allow_requantize=allow_requantize))
+                                                     allow_requantize=allow_requantize, progress=True))
     click.echo(f"wrote {out}", err=True)
 
 
@@ -303,7 +303,7 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"cannot read ranking {path}: {e}") from None
         return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=ranks or None,
-                          lora=lora, force=force)
+                          lora=lora, force=force, progress=True)
 
     out = _convert_errors(run)
     click.echo(f"wrote {out}", err=True)

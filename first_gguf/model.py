@@ -84,6 +84,7 @@ class _LogCapture:
         self.lines: list[str] = []
         self.verbose = False
         self._in_error = False
+        self.listener = None  # callable(level, text), e.g. a progress bar
 
         @llama_cpp.llama_log_callback
         def _cb(level, text, user_data):  # pragma: no cover - called from C
@@ -95,6 +96,8 @@ class _LogCapture:
                     del self.lines[:-20]
             elif level != 5:
                 self._in_error = False
+            if self.listener is not None:
+                self.listener(level, msg)
             if self.verbose:
                 import sys
 
