@@ -6,8 +6,7 @@ or malformed data build it from that file in a temporary folder.
 """
 from __future__ import annotations
 
-import os
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +67,74 @@ def stock_python() -> Path:
         pytest.fail(f"stock reference interpreter missing: {STOCK_PYTHON}; run scripts/build_stock_reference.sh "
                     f"(the README's test command does)")
     return STOCK_PYTHON
+
+
+# ------------------------------------------------------------- tiny random Llama
+N_LAYER, N_EMBD, VOCAB = 4, 64, 400
+
+
+def _spm_model(path):
+    import inspect
+    import io
+
+    import sentencepiece as spm
+
+    text = [" ".join((inspect.getdoc(f) or "").split()) for f in (json.dumps, json.loads, inspect.getdoc,
+                                                                   np.mean, np.sum, sorted, print, open)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 20), model_writer=buf, vocab_size=VOCAB,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                                   hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Llama checkpoint (transformers) with a sentencepiece tokenizer, built here."""
+    pytest.importorskip("torch")
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    _spm_model(d / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    cfg = LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=N_EMBD, intermediate_size=128,
+                      num_hidden_layers=N_LAYER, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(d, safe_serialization=True)
+    return d, model
+
+
+@pytest.fixture(scope="session")
+def tiny_routers(tiny, tmp_path_factory):
+    from first_gguf.convert.router_file import RouterFile, fingerprint_from_arrays, save_router_file
+
+    d, model = tiny
+    rng = np.random.default_rng(7)
+    w = {b: rng.standard_normal(N_EMBD).astype(np.float32) for b in range(N_LAYER)}
+    bias = {b: float(rng.standard_normal()) for b in range(N_LAYER)}
+    fp = fingerprint_from_arrays("llama", N_LAYER, N_EMBD, model.config.vocab_size,
+                                 model.model.norm.weight.detach().numpy())
+    p = tmp_path_factory.mktemp("rf") / "tiny.routers.safetensors"
+    return save_router_file(p, RouterFile(N_LAYER, N_EMBD, w, bias, fp)), w, bias
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_model(tiny, tiny_routers, tmp_path_factory):
+    from click.testing import CliRunner
+
+    import first_gguf
+    from first_gguf.cli import main
+
+    d, _ = tiny
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    res = CliRunner().invoke(main, ["convert", str(d), "--routers", str(tiny_routers[0]), "--outtype", "f32",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    m = first_gguf.load(out, n_ctx=1024, n_threads=2)
+    yield m
+    m.close()

@@ -6,78 +6,14 @@ we assert 5e-3 (skipping moves them by orders of magnitude more).
 """
 from __future__ import annotations
 
-import inspect
-import json
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
 
-N_LAYER, N_EMBD, VOCAB = 4, 64, 256
+from conftest import N_EMBD, N_LAYER
+
 TOL = 5e-3
-
-
-def _spm_model(path):
-    import io
-
-    text = [" ".join((inspect.getdoc(f) or "").split()) for f in (json.dumps, json.loads, inspect.getdoc,
-                                                                   np.mean, np.sum, sorted, print, open)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 20), model_writer=buf, vocab_size=VOCAB,
-                                   model_type="bpe", character_coverage=1.0, byte_fallback=False,
-                                   hard_vocab_limit=False, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    _spm_model(d / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
-    cfg = LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=N_EMBD, intermediate_size=128,
-                      num_hidden_layers=N_LAYER, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(d, safe_serialization=True)
-    return d, model
-
-
-@pytest.fixture(scope="module")
-def routers(tiny, tmp_path_factory):
-    from first_gguf.convert.router_file import RouterFile, fingerprint_from_arrays, save_router_file
-
-    d, model = tiny
-    rng = np.random.default_rng(7)
-    w = {b: rng.standard_normal(N_EMBD).astype(np.float32) for b in range(N_LAYER)}
-    bias = {b: float(rng.standard_normal()) for b in range(N_LAYER)}
-    fp = fingerprint_from_arrays("llama", N_LAYER, N_EMBD, model.config.vocab_size,
-                                 model.model.norm.weight.detach().numpy())
-    p = tmp_path_factory.mktemp("rf") / "tiny.routers.safetensors"
-    return save_router_file(p, RouterFile(N_LAYER, N_EMBD, w, bias, fp)), w, bias
-
-
-@pytest.fixture(scope="module")
-def gguf_model(tiny, routers, tmp_path_factory):
-    from click.testing import CliRunner
-
-    import first_gguf
-    from first_gguf.cli import main
-
-    d, _ = tiny
-    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    res = CliRunner().invoke(main, ["convert", str(d), "--routers", str(routers[0]), "--outtype", "f32",
-                                    "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    m = first_gguf.load(out, n_ctx=256, n_threads=2)
-    yield m
-    m.close()
 
 
 def _torch_logprobs(model, prompt, cont, skip=()):
@@ -109,10 +45,10 @@ CONT = [55, 90, 130, 7, 66, 181, 23, 140]
 
 
 @pytest.mark.parametrize("skip", [(), (1,), (1, 2), (3,)])
-def test_logprobs_match_transformers(gguf_model, tiny, skip):
+def test_logprobs_match_transformers(tiny_gguf_model, tiny, skip):
     _, model = tiny
     ref, _ = _torch_logprobs(model, PROMPT, CONT, skip)
-    ours = np.array(gguf_model.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
+    ours = np.array(tiny_gguf_model.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
     full, _ = _torch_logprobs(model, PROMPT, CONT)
     d = float(np.max(np.abs(ours - ref)))
     print(f"skip {skip}: max |logprob diff| vs transformers = {d:.2e} (skipping moves them by "
@@ -122,25 +58,25 @@ def test_logprobs_match_transformers(gguf_model, tiny, skip):
         assert float(np.max(np.abs(ref - full))) > 20 * TOL
 
 
-def test_router_scores_match_torch(gguf_model, tiny, routers):
+def test_router_scores_match_torch(tiny_gguf_model, tiny, tiny_routers):
     _, model = tiny
-    _, w, b = routers
+    _, w, b = tiny_routers
     _, hidden = _torch_logprobs(model, PROMPT, CONT)
-    res = gguf_model.score_tokens(PROMPT, CONT)
+    res = tiny_gguf_model.score_tokens(PROMPT, CONT)
     for il in range(N_LAYER):
         x = model.model.layers[il].input_layernorm(hidden[il][0, : len(PROMPT)]).detach().numpy()
         ref = 1 / (1 + np.exp(-(x @ w[il] + b[il])))
         assert abs(res.router_scores[il] - float(ref.mean())) < 1e-3  # hidden states differ by the F16 K/V
 
 
-def test_greedy_tokens_match_transformers(gguf_model, tiny):
+def test_greedy_tokens_match_transformers(tiny_gguf_model, tiny):
     _, model = tiny
     ids = list(PROMPT)
     with torch.no_grad():
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     last = None
-    for last in gguf_model._stream(list(PROMPT), 0.0, max_tokens=8, temperature=0.0, top_p=1.0, stop=None,
+    for last in tiny_gguf_model._stream(list(PROMPT), 0.0, max_tokens=8, temperature=0.0, top_p=1.0, stop=None,
                                    skip_strategy="router", skip_layers=None):
         pass
     assert last.generation.tokens == ids[len(PROMPT):][: len(last.generation.tokens)]
