@@ -21,8 +21,9 @@ def _load(model, n_ctx, threads, seed=0):
 
 
 def _fmt_summary(gen) -> str:
-    layers = ",".join(map(str, gen.skipped_layers)) or "none"
-    return (f"[first-gguf] skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}): {layers} | "
+    skipped = (f"skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}): "
+               f"{','.join(map(str, gen.skipped_layers))}" if gen.skipped_layers else "skipped no blocks")
+    return (f"[first-gguf] {skipped} | "
             f"prompt {gen.n_prompt_tokens} tok, prefill {gen.prefill_tokens_per_s:.1f} tok/s | "
             f"{len(gen.tokens)} tok generated, decode {gen.decode_tokens_per_s:.1f} tok/s | {gen.finish_reason}")
 
@@ -80,6 +81,7 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
         for chunk in stream:
             if not as_json and chunk.text:
                 click.echo(chunk.text, nl=False)
+                sys.stdout.flush()
             gen = chunk.generation or gen
     except (ValueError, TypeError) as e:
         raise _UserError(str(e)) from None
@@ -87,6 +89,7 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
         click.echo(json.dumps(gen.to_dict(), indent=2))
     else:
         click.echo()
+        sys.stdout.flush()
         click.echo(_fmt_summary(gen), err=True)
 
 
