@@ -9,6 +9,8 @@ A safetensors file with one tensor per routed block and a JSON header
       format            "first-gguf-routers"
       version           "1"
       n_layer, n_embd, n_out               shapes of the base model / routers
+      blocks            JSON list of the routed blocks (every listed block must have its tensor;
+                        unlisted blocks have no router and are never skipped by the router strategy)
       definition        constants.ROUTER_DEFINITION (the runtime's)
       fingerprint       JSON: base model architecture, shapes, sha256 of a reference tensor
       static_rankings   JSON: {name: {"ranking": [...], ...provenance}} (optional)
@@ -102,6 +104,7 @@ def save_router_file(path: str | os.PathLike, rf: RouterFile, *, force: bool = F
     meta = {
         "format": FORMAT, "version": VERSION,
         "n_layer": str(rf.n_layer), "n_embd": str(rf.n_embd), "n_out": str(rf.n_out),
+        "blocks": json.dumps(sorted(rf.weights)),
         "definition": rf.definition,
         "fingerprint": json.dumps(rf.fingerprint, sort_keys=True),
         "static_rankings": json.dumps(rf.static_rankings, sort_keys=True),
@@ -170,6 +173,7 @@ def load_router_file(path: str | os.PathLike) -> RouterFile:
         fp = json.loads(meta.get("fingerprint") or "{}")
         ranks = json.loads(meta.get("static_rankings") or "{}")
         prov = json.loads(meta.get("provenance") or "{}")
+        blocks = json.loads(meta["blocks"])
     except (KeyError, ValueError) as e:
         raise RouterFileError(f"{p}: malformed metadata: {e}") from None
     if meta.get("definition") != ROUTER_DEFINITION:
@@ -191,6 +195,12 @@ def load_router_file(path: str | os.PathLike) -> RouterFile:
                 errors.append(f"{name} has shape {arr.shape}; expected (1,)")
                 continue
             biases[int(parts[1])] = float(arr[0])
+    missing = sorted(set(blocks) - set(weights))
+    if missing:
+        errors.append(f"blocks {missing} are listed in the metadata but their router.N.weight tensors are missing")
+    extra = sorted(set(weights) - set(blocks))
+    if extra:
+        errors.append(f"tensors for blocks {extra} are not listed in the metadata 'blocks'")
     if errors:
         raise RouterFileError(f"{p}: invalid router file:\n  " + "\n  ".join(errors))
     rf = RouterFile(n_layer, n_embd, weights, biases, fp, ranks, prov, meta["definition"], n_out)

@@ -142,3 +142,51 @@ def test_writers_never_clobber_or_leave_partial_files(base_gguf, tmp_path):
     with pytest.raises(GGUFEditError):
         attach(base_gguf, tmp_path / "bad.gguf", routers={99: (np.zeros(576, np.float32), None)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]
+
+
+def test_router_file_with_missing_blocks_is_refused(router_file, tmp_path):
+    from safetensors.numpy import safe_open, save_file
+
+    with safe_open(str(router_file), framework="np") as f:
+        meta = f.metadata()
+        arrays = {k: f.get_tensor(k) for k in f.keys() if k != "router.29.weight"}
+    broken = tmp_path / "missing.safetensors"
+    save_file(arrays, str(broken), metadata=meta)
+    with pytest.raises(RouterFileError, match=r"blocks \[29\] are listed .* missing"):
+        load_router_file(broken)
+
+
+def test_attach_refuses_mismatched_shapes_and_architectures(base_gguf, router_file, tmp_path):
+    from first_gguf.convert.gguf_edit import _copy_kv, read_gguf, rewrite_gguf
+
+    rf = load_router_file(router_file)
+    small = {b: (w[:512], None) for b, (w, _) in rf.routers().items()}
+    with pytest.raises(GGUFEditError, match=r"router weight of block 0 has shape \(512,\); expected \(576,\)"):
+        attach(base_gguf, tmp_path / "x.gguf", routers=small)
+    with pytest.raises(GGUFEditError, match=r"router for block 40: the model has blocks 0..29"):
+        attach(base_gguf, tmp_path / "x.gguf", routers={40: (rf.weights[0], None)})
+    r = read_gguf(base_gguf)
+    kv = {"qwen2" + f.name[len("llama"):]: _copy_kv(f) for f in r.fields.values() if f.name.startswith("llama.")}
+    q = rewrite_gguf(base_gguf, tmp_path / "q.gguf", set_kv=kv, drop_kv=lambda k: k.startswith("llama."),
+                     arch="qwen2")
+    with pytest.raises(GGUFEditError, match=r"architecture 'qwen2' is not covered"):
+        attach(q, tmp_path / "x.gguf", routers=rf.routers())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf"]
+
+
+def test_interrupted_write_leaves_no_file(base_gguf, router_weights, tmp_path, monkeypatch):
+    import gguf as gguf_mod
+
+    calls = {"n": 0}
+    real = gguf_mod.GGUFWriter.write_tensor_data
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(gguf_mod.GGUFWriter, "write_tensor_data", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        attach(base_gguf, tmp_path / "out.gguf", routers=router_weights)
+    assert list(tmp_path.iterdir()) == []
