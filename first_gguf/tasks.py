@@ -1,0 +1,237 @@
+"""Offline task data: (prompt messages, reference continuation) examples per task.
+
+Sources (RESEARCH.md section 5), fetched with the ordinary clients and cached;
+no dataset text is stored in this repository:
+
+- ``translation``: Debian gettext catalogues on the machine, en->fr and en->es
+  (``/usr/share/locale/{fr,es}/LC_MESSAGES/*.mo``, read with the stdlib).
+- ``docs``: Python standard-library docstrings (plain English technical text).
+- ``summarization``: BIG-bench ``gem/wikilingua_en`` (from the ``bigbench==1.0.0``
+  sdist, fetched with ``pip download``; only the needed members are extracted).
+- ``qa``: BIG-bench natural-instructions reading comprehension (CosmosQA, ROPES,
+  MultiRC answer generation).
+- ``mc``: BIG-bench ``social_iqa`` multiple choice, answered with the option text.
+
+Reserved for external evaluation and refused here: BIG-bench ``gem/xsum``,
+``strategyqa`` and the German (``de``) catalogues.
+
+Splits are deterministic: each task's examples are shuffled with a fixed seed
+and cut into train (80%), dev (10%) and test (10%).
+"""
+from __future__ import annotations
+
+import gettext
+import hashlib
+import json
+import os
+import random
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+TASKS = ("summarization", "qa", "mc", "translation", "docs")
+RESERVED = ("xsum", "strategyqa", "de")
+SPLITS = ("train", "dev", "test")
+
+BIGBENCH_VERSION = "1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_MEMBERS = {
+    "summarization": ["bigbench/benchmark_tasks/gem/wikilingua_en/task.json"],
+    "qa": [f"bigbench/benchmark_tasks/natural_instructions/{t}/task.json" for t in (
+        "subtask024_cosmosqa_answer_generation", "subtask061_ropes_answer_generation",
+        "subtask058_multirc_question_answering")],
+    "mc": ["bigbench/benchmark_tasks/social_iqa/task.json"],
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    messages: tuple  # ({"role": "user", "content": ...},)
+    target: str
+    uid: str
+
+
+def _cache_dir() -> Path:
+    from .default_model import cache_dir
+
+    return cache_dir() / "data"
+
+
+def _uid(*parts: str) -> str:
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:12]
+
+
+def _user(text: str) -> tuple:
+    return ({"role": "user", "content": text},)
+
+
+# ------------------------------------------------------------------ sources
+def _translation(max_chars: int = 160) -> list[Example]:
+    out = []
+    for lang, name in (("fr", "French"), ("es", "Spanish")):
+        d = Path(f"/usr/share/locale/{lang}/LC_MESSAGES")
+        if not d.is_dir():
+            continue
+        seen = set()
+        for mo in sorted(d.glob("*.mo")):
+            try:
+                with open(mo, "rb") as f:
+                    cat = gettext.GNUTranslations(f)._catalog
+            except Exception:  # a damaged catalogue is skipped, not fatal
+                continue
+            for src, dst in cat.items():
+                if not isinstance(src, str) or not src or not dst or src in seen:
+                    continue
+                if not (15 <= len(src) <= max_chars) or "\n" in src or "%" in src or not src.isascii():
+                    continue
+                if not any(c.isalpha() for c in src) or src.upper() == src:
+                    continue
+                seen.add(src)
+                out.append(Example("translation", _user(f"Translate to {name}:\n{src}"), dst, _uid(lang, src)))
+    return out
+
+
+def _docs() -> list[Example]:
+    from .ranking import _docstrings
+
+    out = []
+    for name, doc in _docstrings(min_chars=400):
+        cut = doc.rfind(" ", 0, 280)
+        out.append(Example("docs", _user(f"Continue this Python documentation for {name}:\n{doc[:cut]}"),
+                           doc[cut:cut + 500].strip(), _uid(name)))
+    return out
+
+
+def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Path:
+    """Fetch one sdist file from the package index pip uses, checking its sha256.
+
+    ``pip download`` cannot be used for bigbench 1.0.0: pip rejects the sdist's
+    metadata (a direct-URL dependency) even with --no-deps, before saving it.
+    """
+    import urllib.request
+
+    from pip._internal.models.index import PyPI  # the index pip itself is configured with by default
+
+    dest = dest_dir / filename
+    if dest.exists():
+        return dest
+    index = PyPI.simple_url.rstrip("/") + f"/{name}/"
+    req = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        files = json.load(r)["files"]
+    entry = next((f for f in files if f["filename"] == filename), None)
+    if entry is None:
+        raise RuntimeError(f"{filename} is not on the package index")
+    print(f"[first-gguf] downloading {filename} ({entry.get('size', 0) / 1e6:.0f} MB, once)", file=sys.stderr)
+    h = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=dest_dir, suffix=".part", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(entry["url"], timeout=600) as r:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+                    tmp.write(chunk)
+            tmp.close()
+            if h.hexdigest() != sha256:
+                raise RuntimeError(f"{filename} has sha256 {h.hexdigest()}; expected {sha256}")
+            os.replace(tmp.name, dest)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
+    return dest
+
+
+def _bigbench_file(member: str) -> Path:
+    """Extract one member of the bigbench sdist into the cache (downloading the sdist once)."""
+    dest = _cache_dir() / "bigbench" / member
+    if dest.exists():
+        return dest
+    sdist_dir = _cache_dir() / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    sdist = _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
+    wanted = {m for ms in BIGBENCH_MEMBERS.values() for m in ms}
+    with tarfile.open(sdist) as tar:
+        for ti in tar:
+            rel = ti.name.split("/", 1)[1] if "/" in ti.name else ti.name
+            if rel in wanted and ti.isfile():
+                target = _cache_dir() / "bigbench" / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = tar.extractfile(ti).read()
+                tmp = target.with_suffix(".part")
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+    if not dest.exists():
+        raise RuntimeError(f"{member} not found in {sdist}")
+    return dest
+
+
+def _bigbench(task: str) -> list[Example]:
+    out = []
+    for member in BIGBENCH_MEMBERS[task]:
+        data = json.loads(_bigbench_file(member).read_text())
+        prefix = data.get("task_prefix", "") if task == "qa" else ""
+        for ex in data["examples"]:
+            inp = ex.get("input", "").strip()
+            if task == "mc":
+                scores = ex.get("target_scores") or {}
+                if not scores:
+                    continue
+                answer = max(scores, key=scores.get)
+                options = "\n".join(f"- {o}" for o in scores)
+                prompt = f"{inp}\nOptions:\n{options}\nAnswer with the best option."
+                target = answer
+            else:
+                tgt = ex.get("target")
+                target = tgt[0] if isinstance(tgt, list) else tgt
+                if task == "summarization":
+                    prompt = f"Summarize this text in one or two sentences:\n{inp}"
+                else:
+                    prompt = f"{prefix.strip()}\n{inp}".strip()
+            if not target or not inp or len(prompt) > 3000:
+                continue
+            out.append(Example(task, _user(prompt), str(target).strip(), _uid(member, inp)))
+    return out
+
+
+def load_task(task: str) -> list[Example]:
+    if any(r in task for r in RESERVED):
+        raise ValueError(f"task {task!r} is reserved for external evaluation and never loaded for training or tuning")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task == "translation":
+        ex = _translation()
+    elif task == "docs":
+        ex = _docs()
+    else:
+        ex = _bigbench(task)
+    if not ex:
+        raise ValueError(f"no data found for task {task!r}")
+    return ex
+
+
+def split(examples: list[Example], which: str, *, seed: int = 0) -> list[Example]:
+    if which not in SPLITS:
+        raise ValueError(f"unknown split {which!r}; expected one of {SPLITS}")
+    ex = sorted(examples, key=lambda e: e.uid)
+    random.Random(seed).shuffle(ex)
+    n = len(ex)
+    a, b = int(n * 0.8), int(n * 0.9)
+    return {"train": ex[:a], "dev": ex[a:b], "test": ex[b:]}[which]
+
+
+def parse_tasks(spec: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not names:
+        raise ValueError("no tasks given")
+    for t in names:
+        if any(r in t for r in RESERVED):
+            raise ValueError(f"task {t!r} is reserved for external evaluation")
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; expected one of {', '.join(TASKS)}")
+    return names
+
+
+__all__ = ["TASKS", "Example", "load_task", "split", "parse_tasks"]
