@@ -312,5 +312,60 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
     click.echo(f"wrote {out}", err=True)
 
 
+@main.command()
+@click.option("--model", required=True, type=click.Path(), help="GGUF file or Hugging Face checkpoint directory.")
+@click.option("--data", "tasks", default="summarization,qa,mc,translation,docs", show_default=True,
+              help="Comma-separated tasks (train splits).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Router .safetensors file.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--budget-min", type=float, default=0.05, show_default=True)
+@click.option("--budget-max", type=float, default=0.5, show_default=True)
+@click.option("--temperature", type=float, default=0.5, show_default=True, help="Soft-gate temperature.")
+@click.option("--reg-lambda", type=float, default=0.01, show_default=True)
+@click.option("--lora-rank", type=int, default=0, show_default=True, help="Train a LoRA too (0: off).")
+@click.option("--lora-lr", type=float, default=2e-4, show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=192, show_default=True)
+@click.option("--max-continuation-tokens", type=int, default=64, show_default=True)
+@click.option("--max-examples-per-task", type=int, default=4000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT's .ckpt.pt checkpoint.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON file with any of these options (command-line options win).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+@click.pass_context
+def train(ctx, config_file, **kw):
+    """Train FiRST routers (and optionally LoRA) on a frozen model by distillation."""
+    from .train import TrainConfig, train as do_train
+
+    opts = {}
+    if config_file:
+        try:
+            opts = json.loads(open(config_file).read())
+        except (OSError, ValueError) as e:
+            raise _UserError(f"cannot read config {config_file}: {e}") from None
+        if not isinstance(opts, dict):
+            raise _UserError(f"config {config_file} must hold a JSON object")
+        known = set(TrainConfig.__dataclass_fields__)
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise _UserError(f"config {config_file}: unknown keys {unknown}; expected some of {sorted(known)}")
+    for k, v in kw.items():
+        src = ctx.get_parameter_source(k)
+        if k not in opts or src == click.core.ParameterSource.COMMANDLINE:
+            opts[k] = v
+    opts["tasks"] = [t for t in str(opts["tasks"]).split(",") if t] if isinstance(opts["tasks"], str) else opts["tasks"]
+    try:
+        cfg = TrainConfig(**opts)
+        summary = do_train(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise _UserError(str(e)) from None
+    click.echo(f"wrote {cfg.output}: {json.dumps(summary)}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,556 @@
+"""Router training (+ optional LoRA): the "finetuning" in FiRST.
+
+Run ``first-gguf train ...`` or, for several processes (DDP, gloo on CPU),
+``torchrun --nproc-per-node 2 -m first_gguf.train ...`` /
+``accelerate launch -m first_gguf.train ...`` with the same options.
+
+What is trained, and how it matches inference exactly
+-----------------------------------------------------
+The base causal LM is frozen. One router per block, with the runtime's
+definition (cpp/first.h): keep-score s = mean over prompt tokens of
+sigmoid(w . RMSNorm_attn(h_in) + b), where h_in is the block input of the
+full-depth prompt pass. For every training sequence (prompt + continuation):
+
+1. Teacher pass (no grad): the full model over prompt + continuation. It gives
+   the prompt's block inputs (identical in the student, since the prompt always
+   runs at full depth), hence the router scores, and the teacher's next-token
+   distributions.
+2. A budget k is drawn per sequence, uniformly over [budget_min, budget_max] *
+   n_layer, so the ranking is trained for every skip_budget. The k blocks with
+   the lowest scores are skipped (hard, exactly what the runtime does): set S.
+3. Student passes: prompt positions run every block; continuation positions
+   skip the blocks of the set. One pass with S, one with a swap S' (one block a
+   of S kept, one kept block b skipped instead, both drawn at random).
+4. Distillation cost of a set = KL(teacher || student) averaged over the
+   continuation tokens that skipping can change (all but the first, which comes
+   from the full-depth prompt). No labels are needed.
+5. Router loss (learning to rank by local swaps): |d| * softplus(-sign(d) *
+   (s_a - s_b) / T) with d = KL(S) - KL(S'): when skipping b instead of a helps,
+   a's keep-score is pushed above b's, weighted by how much it helped; T =
+   temperature * std of the sequence's scores. Plus lambda * (mean_l s_l - 0.5)^2,
+   which keeps the scores centred in the sigmoid's responsive range (lambda 0.01,
+   the coefficient reported for FiRST). The passes need no backpropagation
+   through the frozen model, so a step costs three forward passes.
+
+   Why not a straight-through gate: its gradient for a skipped block is the
+   derivative at "block fully off", which on these models often does not say
+   that the block is needed (measured: it kept choosing the most harmful block
+   of a tiny model); the swap comparison measures the actual set cost.
+
+With ``lora_rank > 0`` a PEFT LoRA (q,k,v,o,gate,up,down) is trained with the
+routers: the KL of the routed set is backpropagated into the LoRA (the teacher
+pass disables it). It is saved as a
+PEFT adapter for ``first-gguf convert --lora`` (which merges it: the full-depth
+model then changes too).
+
+Static baselines computed here and stored in the router file: ``router_mean``
+(mean router score over the training data, lowest first: FiRST without
+adaptivity) and ``block_influence`` (ShortGPT: 1 - cos(h_in, h_out) averaged
+over tokens, lowest first).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    output: str
+    tasks: list[str] = field(default_factory=lambda: ["summarization", "qa", "mc", "translation", "docs"])
+    steps: int = 2000
+    batch_size: int = 4
+    max_prompt_tokens: int = 192
+    max_continuation_tokens: int = 64
+    lr: float = 5e-3
+    budget_min: float = 0.05
+    budget_max: float = 0.5
+    temperature: float = 0.5
+    reg_lambda: float = 0.01
+    lora_rank: int = 0
+    lora_lr: float = 2e-4
+    seed: int = 0
+    bf16: bool = True
+    threads: int | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    max_examples_per_task: int = 4000
+    n_static_examples: int = 64
+    force: bool = False
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"invalid training config: {msg}")
+
+        if self.steps < 1:
+            bad(f"steps must be >= 1; got {self.steps}")
+        if self.batch_size < 1:
+            bad(f"batch_size must be >= 1; got {self.batch_size}")
+        if not 0 <= self.budget_min <= self.budget_max < 1:
+            bad(f"need 0 <= budget_min <= budget_max < 1; got {self.budget_min}, {self.budget_max}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            bad(f"lr must be > 0; got {self.lr}")
+        if self.temperature <= 0:
+            bad(f"temperature must be > 0; got {self.temperature}")
+        if self.reg_lambda < 0:
+            bad(f"reg_lambda must be >= 0; got {self.reg_lambda}")
+        if self.lora_rank < 0:
+            bad(f"lora_rank must be >= 0; got {self.lora_rank}")
+        if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
+            bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
+        out = Path(self.output)
+        if out.exists() and not self.force and not self.resume:
+            bad(f"output file exists: {out}; pass --force to overwrite or --resume to continue")
+        if not out.parent.is_dir():
+            bad(f"output folder does not exist: {out.parent}")
+
+
+# ------------------------------------------------------------------ model
+def load_frozen_model(path: str):
+    """A frozen causal LM from a Hugging Face directory or a GGUF file (dequantized by transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, torch_dtype=torch.float32)
+        model.hf_quantizer = None
+    elif p.is_dir() and (p / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(str(p), torch_dtype=torch.float32)
+    else:
+        raise ValueError(f"model not found or not understood: {p}; expected a GGUF file or a Hugging Face "
+                         f"checkpoint directory with config.json")
+    if model.config.model_type not in ("llama",):
+        raise ValueError(f"{p}: model type {model.config.model_type!r}; router training supports llama-architecture "
+                         f"models (the layer-skip patch covers them)")
+    model.eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    return model
+
+
+class Routers:
+    """Router parameters (fp32) and the runtime's router definition, in torch."""
+
+    def __init__(self, n_layer: int, n_embd: int, seed: int = 0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(n_layer, n_embd, generator=g) * 0.02)
+        self.bias = torch.nn.Parameter(torch.zeros(n_layer))
+
+    def parameters(self):
+        return [self.weight, self.bias]
+
+    def scores(self, normed: "torch.Tensor", prompt_mask: "torch.Tensor") -> "torch.Tensor":
+        """normed [L, B, T, E] (attn-normed block inputs), prompt_mask [B, T] -> keep-scores [B, L]."""
+        import torch
+
+        logit = torch.einsum("lbte,le->lbt", normed.float(), self.weight) + self.bias[:, None, None]
+        s = torch.sigmoid(logit) * prompt_mask[None].float()
+        return (s.sum(-1) / prompt_mask.float().sum(-1)[None].clamp(min=1)).transpose(0, 1)
+
+
+def _layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def gated_forward(model, ids, n_prompt, gates=None, *, capture=False):
+    """Forward with per-sequence block gates on continuation positions.
+
+    ids [B, T]; n_prompt [B]; gates [B, L] (None: full depth). Positions t >= n_prompt[b]
+    pass block l as h + g (block(h) - h); prompt positions run every block.
+    Returns (final hidden states after the output norm [B, T, E], list of block inputs if capture).
+    """
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    core = _layers(model)
+    h = core.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    mask = create_causal_mask(config=core.config, inputs_embeds=h, attention_mask=None,
+                              past_key_values=None, position_ids=pos)
+    pe = core.rotary_emb(h, position_ids=pos)
+    cont = (torch.arange(ids.shape[1])[None, :] >= n_prompt[:, None])[..., None]  # [B, T, 1]
+    inputs = []
+    for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
+        if capture:
+            inputs.append(h)
+        out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        if isinstance(out, tuple):
+            out = out[0]
+        if gates is not None:
+            g = gates[:, il][:, None, None].to(out.dtype)
+            out = torch.where(cont, h + g * (out - h), out)
+        h = out
+    if capture:
+        inputs.append(h)  # final pre-norm state (output of the last block)
+    return core.norm(h), inputs
+
+
+def attn_normed(model, inputs):
+    """RMSNorm_attn of every block input: the routers' input, [L, B, T, E]."""
+    import torch
+
+    core = _layers(model)
+    return torch.stack([core.layers[il].input_layernorm(inputs[il].float())
+                        for il in range(core.config.num_hidden_layers)])
+
+
+def choose_gates(scores, k, temperature: float):
+    """Hard skip of the k lowest scores per row (straight-through soft gates). scores [B, L], k [B]."""
+    import torch
+
+    B, L = scores.shape
+    order = torch.argsort(scores.detach(), dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(L).expand(B, L))
+    hard = (rank >= k[:, None]).float()
+    srt = torch.gather(scores.detach(), 1, order)
+    lo = torch.gather(srt, 1, (k - 1).clamp(min=0)[:, None])
+    hi = torch.gather(srt, 1, k.clamp(max=L - 1)[:, None])
+    tau = (lo + hi) / 2
+    temp = temperature * (scores.detach().std(dim=1, keepdim=True) + 1e-4)
+    soft = torch.sigmoid((scores - tau) / temp)
+    return hard + (soft - soft.detach()), hard  # forward value exactly the hard gate
+
+
+# ------------------------------------------------------------------- data
+@dataclass
+class Sequence_:
+    prompt: list[int]
+    cont: list[int]
+    task: str
+
+
+def encode_examples(model_path: str, examples, max_prompt: int, max_cont: int) -> list[Sequence_]:
+    """Token ids exactly as the runtime produces them (llama.cpp's tokenizer and chat template)."""
+    from . import load
+
+    out = []
+    if str(model_path).endswith(".gguf"):
+        with load(model_path, n_ctx=max_prompt + max_cont + 8) as m:
+            chat = bool(m._llama.metadata.get("tokenizer.chat_template"))
+            for ex in examples:
+                if chat:
+                    p, _ = m.chat_prompt_tokens(list(ex.messages))
+                else:  # no chat template: the messages' text, as a raw completion prompt
+                    p = m.tokenize("\n".join(msg["content"] for msg in ex.messages) + "\n")
+                c = m.tokenize(ex.target, add_bos=False)
+                out.append(Sequence_(p[-max_prompt:], c[:max_cont], ex.task))
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+        for ex in examples:
+            if tok.chat_template:
+                p = tok.apply_chat_template(list(ex.messages), add_generation_prompt=True, tokenize=True)
+                p = p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p
+            else:  # no chat template: the messages' text, as a raw completion prompt
+                p = tok("\n".join(m["content"] for m in ex.messages) + "\n")["input_ids"]
+            c = tok(ex.target, add_special_tokens=False)["input_ids"]
+            out.append(Sequence_(list(p)[-max_prompt:], c[:max_cont], ex.task))
+    return [s for s in out if len(s.prompt) >= 1 and len(s.cont) >= 2]
+
+
+def _batch(seqs: Sequence[Sequence_], pad: int):
+    import torch
+
+    T = max(len(s.prompt) + len(s.cont) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    n_prompt = torch.tensor([len(s.prompt) for s in seqs])
+    length = torch.tensor([len(s.prompt) + len(s.cont) for s in seqs])
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.prompt) + len(s.cont)] = torch.tensor(s.prompt + s.cont)
+    return ids, n_prompt, length
+
+
+def _kl_positions(n_prompt, length, T):
+    """Positions whose prediction skipping can change: continuation positions except the last."""
+    import torch
+
+    t = torch.arange(T)[None, :]
+    return (t >= n_prompt[:, None]) & (t < (length - 1)[:, None])
+
+
+def _seq_kl(t_logp, s_logp, pos):
+    """Per-sequence mean KL(teacher || student) over the positions ``pos`` [B, T]."""
+    import torch
+
+    kl_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # [N] over selected positions
+    owner = pos.nonzero()[:, 0]
+    out = torch.zeros(pos.shape[0]).index_add_(0, owner, kl_tok.float())
+    return out / pos.sum(1).clamp(min=1)
+
+
+def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Random, *, pad: int, lora: bool):
+    """One training step's loss for a batch of sequences (see the module docstring)."""
+    import torch
+
+    ids, n_prompt, length = _batch(seqs, pad)
+    B, T = ids.shape
+    L = _layers(model).config.num_hidden_layers
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    head = model.get_output_embeddings()
+    pos = _kl_positions(n_prompt, length, T)
+    with torch.no_grad(), ac:
+        ctx = model.disable_adapter() if lora else _nullcontext()
+        with ctx:
+            hid, inputs = gated_forward(model, ids, n_prompt, capture=True)
+            t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
+        prompt_mask = torch.arange(T)[None, :] < n_prompt[:, None]
+        normed = attn_normed(model, inputs[:L])
+    scores = routers.scores(normed, prompt_mask)
+
+    # the routed set: the k lowest scores, k drawn over the budget range
+    k_lo, k_hi = max(1, int(cfg.budget_min * L)), max(1, int(cfg.budget_max * L))
+    k = torch.tensor([rng.randint(k_lo, k_hi) for _ in range(B)])
+    _, hard = choose_gates(scores, k, cfg.temperature)
+    # a swap per sequence: one routed block a kept, one kept block b skipped instead
+    alt = hard.clone()
+    a_idx, b_idx = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for i in range(B):
+        skipped = (hard[i] == 0).nonzero()[:, 0].tolist()
+        kept = (hard[i] == 1).nonzero()[:, 0].tolist()
+        a, b = rng.choice(skipped), rng.choice(kept)
+        alt[i, a], alt[i, b] = 1.0, 0.0
+        a_idx[i], b_idx[i] = a, b
+
+    grad_ctx = torch.enable_grad() if lora else torch.no_grad()
+    with grad_ctx, ac:
+        hid_s, _ = gated_forward(model, ids, n_prompt, hard)
+        kl_routed = _seq_kl(t_logp, torch.log_softmax(head(hid_s[pos]).float(), -1), pos)
+    with torch.no_grad(), ac:
+        hid_a, _ = gated_forward(model, ids, n_prompt, alt)
+        kl_alt = _seq_kl(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos)
+
+    # ranking loss: if the swap helped (kl_alt < kl_routed), block a should score above block b
+    diff = (kl_routed.detach() - kl_alt)                     # > 0: skipping b instead of a is better
+    sa, sb = scores.gather(1, a_idx[:, None])[:, 0], scores.gather(1, b_idx[:, None])[:, 0]
+    temp = cfg.temperature * (scores.detach().std(dim=1) + 1e-4)
+    margin = torch.sign(diff) * (sa - sb) / temp
+    rank_loss = (diff.abs() * torch.nn.functional.softplus(-margin)).mean()
+    reg = ((scores.mean(1) - 0.5) ** 2).mean()
+    loss = rank_loss + cfg.reg_lambda * reg
+    if lora:
+        loss = loss + kl_routed.mean()
+    return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg),
+                  "skip": float(1 - hard.mean())}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ------------------------------------------------------------- statics
+def static_rankings(model, routers: Routers, seqs, pad: int, bf16: bool = True) -> dict:
+    import torch
+
+    L = _layers(model).config.num_hidden_layers
+    score_sum, bi_sum, n = np.zeros(L), np.zeros(L), 0
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    for i in range(0, len(seqs), 4):
+        chunk = seqs[i:i + 4]
+        ids, n_prompt, length = _batch(chunk, pad)
+        with torch.no_grad():
+            with ac:
+                _, inputs = gated_forward(model, ids, n_prompt, capture=True)
+            T = ids.shape[1]
+            valid = torch.arange(T)[None, :] < length[:, None]
+            prompt_mask = torch.arange(T)[None, :] < n_prompt[:, None]
+            s = routers.scores(attn_normed(model, inputs[:L]), prompt_mask)
+            score_sum += s.sum(0).numpy()
+            for il in range(L):
+                cos = torch.nn.functional.cosine_similarity(inputs[il].float(), inputs[il + 1].float(), dim=-1)
+                bi_sum[il] += float(((1 - cos) * valid).sum() / valid.sum()) * len(chunk)
+            n += len(chunk)
+    mean_s, bi = score_sum / n, bi_sum / n
+    return {
+        "router_mean": {"ranking": [int(x) for x in np.argsort(mean_s, kind="stable")],
+                        "method": "mean router keep-score over training data, lowest first",
+                        "values": [float(x) for x in mean_s], "n_sequences": n},
+        "block_influence": {"ranking": [int(x) for x in np.argsort(bi, kind="stable")],
+                            "method": "ShortGPT Block Influence 1-cos(h_in,h_out) averaged over tokens, lowest first",
+                            "values": [float(x) for x in bi], "n_sequences": n},
+    }
+
+
+# ---------------------------------------------------------------- driver
+def _dist():
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return world, rank
+
+
+def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progress: bool = True) -> dict:
+    """Train routers (and LoRA); write the router file (and adapter). Returns a summary dict.
+
+    ``sequences``: pre-tokenized training data (tests, synthetic tasks); default: cfg.tasks' train splits.
+    """
+    import torch
+
+    cfg.validate()
+    world, rank = _dist()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model = load_frozen_model(cfg.model)
+    L, E = model.config.num_hidden_layers, model.config.hidden_size
+    if sequences is None:
+        from .tasks import load_task, parse_tasks, split
+
+        examples = []
+        rs = random.Random(cfg.seed)
+        for t in parse_tasks(cfg.tasks):
+            tr = split(load_task(t), "train", seed=0)
+            rs.shuffle(tr)
+            examples += tr[: cfg.max_examples_per_task]
+        sequences = encode_examples(cfg.model, examples, cfg.max_prompt_tokens, cfg.max_continuation_tokens)
+    if not sequences:
+        raise ValueError("no training sequences (each needs a prompt and >= 2 continuation tokens)")
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+
+    lora = cfg.lora_rank > 0
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    routers = Routers(L, E, seed=cfg.seed)
+    groups = [{"params": routers.parameters(), "lr": cfg.lr}]
+    if lora:
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lora_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    params = [p for g in groups for p in g["params"]]
+
+    ckpt = Path(cfg.output).with_suffix(".ckpt.pt")
+    start, history = 0, []
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"]["model"] != cfg.model:
+            raise ValueError(f"checkpoint {ckpt} was trained on {state['config']['model']}, not {cfg.model}")
+        routers.weight.data.copy_(state["weight"])
+        routers.bias.data.copy_(state["bias"])
+        opt.load_state_dict(state["opt"])
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, state["lora"])
+        start, history = state["step"], state["history"]
+
+    rng = random.Random(cfg.seed * 1000 + rank)
+    order = [i for i in range(len(sequences)) if i % world == rank]
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train routers", unit="step")
+    for step in range(start, cfg.steps):
+        brng = random.Random(cfg.seed * 7919 + step * 31 + rank)
+        batch = [sequences[order[brng.randrange(len(order))]] for _ in range(cfg.batch_size)]
+        loss, info = step_loss(model, routers, batch, cfg, rng, pad=pad, lora=lora)
+        opt.zero_grad()
+        loss.backward()
+        if world > 1:
+            import torch.distributed as dist
+
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        info["loss"] = float(loss)
+        history.append({"step": step + 1, **{k: round(v, 5) for k, v in info.items()}})
+        if bar:
+            bar.set_postfix(loss=f"{info['loss']:.4f}", kl=f"{info['kl']:.4f}", skip=f"{info['skip']:.2f}")
+            bar.update(1)
+        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            state = {"weight": routers.weight.detach().clone(), "bias": routers.bias.detach().clone(),
+                     "opt": opt.state_dict(), "step": step + 1, "history": history, "config": asdict(cfg)}
+            if lora:
+                from peft import get_peft_model_state_dict
+
+                state["lora"] = get_peft_model_state_dict(model)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+    if bar:
+        bar.close()
+
+    summary = {"steps": cfg.steps, "seconds": round(time.time() - t0, 1), "world_size": world,
+               "first_loss": history[0]["loss"] if history else None,
+               "last_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None}
+    if rank == 0:
+        _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return summary
+
+
+def _fingerprint(cfg: TrainConfig, model) -> dict:
+    from .convert.router_file import fingerprint_from_arrays, fingerprint_gguf
+
+    if str(cfg.model).endswith(".gguf"):
+        return fingerprint_gguf(cfg.model)
+    core = _layers(model)
+    return fingerprint_from_arrays("llama", core.config.num_hidden_layers, core.config.hidden_size,
+                                   core.config.vocab_size, core.norm.weight.detach().float().numpy())
+
+
+def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora) -> None:
+    from .convert.router_file import RouterFile, save_router_file
+
+    L = _layers(model).config.num_hidden_layers
+    rng = random.Random(cfg.seed)
+    sample = rng.sample(sequences, min(cfg.n_static_examples, len(sequences)))
+    statics = static_rankings(model, routers, sample, pad, cfg.bf16)
+    w = routers.weight.detach().float().numpy()
+    b = routers.bias.detach().float().numpy()
+    provenance = {
+        "command": " ".join(["first-gguf train"] + sys.argv[2:]) if sys.argv and "first-gguf" in sys.argv[0]
+        else "first_gguf.train.train()",
+        "config": asdict(cfg), "summary": summary,
+        "loss_curve": [h for h in history if h["step"] % max(1, cfg.steps // 50) == 0 or h["step"] == cfg.steps],
+        "n_sequences": len(sequences),
+        "tasks": sorted({s.task for s in sequences}),
+    }
+    rf = RouterFile(L, w.shape[1], {il: w[il] for il in range(L)}, {il: float(b[il]) for il in range(L)},
+                    _fingerprint(cfg, model), statics, provenance)
+    save_router_file(cfg.output, rf, force=True)
+    if lora:
+        model.save_pretrained(str(Path(cfg.output).with_suffix("")) + ".lora")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for torchrun / accelerate launch: python -m first_gguf.train [options]."""
+    from .cli import train as train_cmd
+
+    train_cmd.main(args=argv, prog_name="first_gguf.train", standalone_mode=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
