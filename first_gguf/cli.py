@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -365,6 +366,41 @@ def train(ctx, config_file, **kw):
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise _UserError(str(e)) from None
     click.echo(f"wrote {cfg.output}: {json.dumps(summary)}", err=True)
+
+
+@main.command(name="eval")
+@click.option("--model", type=click.Path(dir_okay=False), default=None, help="GGUF (default: the embedded model).")
+@click.option("--tasks", default="summarization,qa,mc,translation", show_default=True)
+@click.option("--budgets", default="0,0.1,0.2,0.3", show_default=True)
+@click.option("--strategies", default="router,static,block_influence,random,last", show_default=True,
+              help="full, router, static, random, last, or names of stored static rankings.")
+@click.option("--n-examples", type=int, default=20, show_default=True, help="Test examples per task.")
+@click.option("--gen-tokens", type=int, default=48, show_default=True)
+@click.option("--split", "split_name", type=click.Choice(["dev", "test"]), default="test", show_default=True)
+@click.option("--random-seeds", type=int, default=3, show_default=True)
+@click.option("--no-bench", is_flag=True, help="Skip the speed measurement.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Results folder (resumable).")
+def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_name, random_seeds, no_bench,
+             threads, output):
+    """Quality per task/strategy/budget (extra NLL, agreement, task metric), speed, plots."""
+    from .evaluate import EvalConfig, evaluate, summary_table
+
+    try:
+        bs = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
+    if model is not None and not os.path.isfile(model):
+        raise _UserError(f"model not found: {model}")
+    m = _load(model, 4096, threads)
+    cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
+                     strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
+                     gen_tokens=gen_tokens, split=split_name, random_seeds=random_seeds, bench=not no_bench)
+    try:
+        res = evaluate(m, cfg, output, progress=lambda s: click.echo(s, err=True))
+    except (ValueError, TypeError) as e:
+        raise _UserError(str(e)) from None
+    click.echo(summary_table(res))
 
 
 if __name__ == "__main__":  # pragma: no cover

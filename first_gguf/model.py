@@ -340,9 +340,11 @@ class Model:
         budget = _check_number("skip_budget", skip_budget, 0.0, 1.0, hi_open=True)
         if not isinstance(skip_strategy, str):
             raise TypeError(f"skip_strategy must be a str; got {type(skip_strategy).__name__}")
-        strategies = ["router", "static", "auto", *self.info.static_rankings]
-        if skip_strategy not in strategies:
-            raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of {strategies}")
+        strategies = ["router", "static", "auto", "last", "random", *self.info.static_rankings]
+        seeded_random = skip_strategy.startswith("random:") and skip_strategy[7:].isdigit()
+        if skip_strategy not in strategies and not seeded_random:
+            raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of "
+                             f"{strategies + ['random:<seed>']}")
         if skip_strategy == "auto":  # stated in Generation.skip_strategy, never silent
             skip_strategy = "router" if self.n_routers or not self.info.static_rankings else "static"
         layers = None
@@ -387,6 +389,11 @@ class Model:
             cand = [il for il in range(self.n_layer) if not np.isnan(scores[il])]
             cand.sort(key=lambda il: (scores[il], il))
             return sorted(cand[:k])
+        if strategy == "last":  # the last k blocks (a common naive baseline)
+            return list(range(self.n_layer - k, self.n_layer))
+        if strategy.startswith("random"):  # k blocks drawn with a fixed seed ("random:<seed>", default: model seed)
+            seed = int(strategy[7:]) if strategy.startswith("random:") else self.seed
+            return sorted(np.random.default_rng(seed).choice(self.n_layer, size=k, replace=False).tolist())
         name = self.info.default_static_ranking if strategy == "static" else strategy
         return sorted(self.info.static_rankings[name][:k])
 
@@ -510,7 +517,8 @@ class Model:
             top_p: nucleus sampling threshold in (0, 1].
             stop: string(s) that end the generation (not included in the text).
             skip_strategy: "router" (lowest aggregated router keep-score first), "static" (the
-                GGUF's default static ranking), the name of a stored static ranking, or "auto"
+                GGUF's default static ranking), the name of a stored static ranking, "last" (the
+                last k blocks), "random" / "random:<seed>" (k blocks drawn with a seed), or "auto"
                 (router when the GGUF has routers, else static; the choice is reported in
                 Generation.skip_strategy).
             skip_layers: explicit block indices to skip; overrides skip_budget and skip_strategy.
@@ -542,6 +550,14 @@ class Model:
         tokens = self._llama.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
         stops = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
         return tokens, [s for s in stops if s]
+
+    def prompt_tokens_for(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
+        """Chat-template tokens of ``messages``, or (no template) their text as a raw prompt."""
+        if self._llama.metadata.get("tokenizer.chat_template"):
+            return self.chat_prompt_tokens(messages)
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        return self.tokenize("\n".join(m["content"] for m in messages) + "\n"), []
 
     def stream_chat(self, messages: Sequence[dict], skip_budget: float = 0.0, *, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,

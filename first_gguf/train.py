@@ -241,12 +241,8 @@ def encode_examples(model_path: str, examples, max_prompt: int, max_cont: int) -
     out = []
     if str(model_path).endswith(".gguf"):
         with load(model_path, n_ctx=max_prompt + max_cont + 8) as m:
-            chat = bool(m._llama.metadata.get("tokenizer.chat_template"))
             for ex in examples:
-                if chat:
-                    p, _ = m.chat_prompt_tokens(list(ex.messages))
-                else:  # no chat template: the messages' text, as a raw completion prompt
-                    p = m.tokenize("\n".join(msg["content"] for msg in ex.messages) + "\n")
+                p, _ = m.prompt_tokens_for(list(ex.messages))
                 c = m.tokenize(ex.target, add_bos=False)
                 out.append(Sequence_(p[-max_prompt:], c[:max_cont], ex.task))
     else:
