@@ -8,6 +8,7 @@ modified.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +29,23 @@ class KV:
     value: Any
     type: gguf.GGUFValueType
     sub_type: gguf.GGUFValueType | None = None
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path):
+    """Yield a temporary path next to ``dst``; rename it to ``dst`` only if the block succeeds.
+
+    On any failure or interruption the temporary file is removed, so ``dst`` is
+    either the complete new file or untouched.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -98,9 +116,7 @@ def rewrite_gguf(
         raise GGUFEditError(f"{src_p} already has tensors {clash[:4]}{'...' if len(clash) > 4 else ''}; "
                             f"strip them first or pass force to replace")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".tmp", dir=dst_p.parent)
-    os.close(fd)
-    try:
+    with atomic_output(dst_p) as tmp:
         writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
         alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
         if alignment is not None:
@@ -140,9 +156,4 @@ def rewrite_gguf(
         if bar:
             bar.close()
         writer.close()
-        os.replace(tmp, dst_p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dst_p

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 
-from .gguf_edit import GGUFEditError, read_gguf
+from .gguf_edit import GGUFEditError, atomic_output, read_gguf
 
 
 def _llama_cpp():
@@ -46,18 +45,11 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, forc
     bar = tqdm(total=n_tensors, desc=f"quantizing to {name}", unit="tensor", disable=not progress)
     # llama.cpp logs one "[   i/   n] name ..." line per tensor
     _LOG.listener = lambda level, msg: bar.update(1) if msg.startswith("[") and "/" in msg[:12] else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".tmp", dir=dst_p.parent)
-    os.close(fd)
     try:
-        rc = lc.llama_model_quantize(str(src_p).encode(), tmp.encode(), ctypes.byref(params))
-        bar.close()
-        if rc != 0:
-            raise GGUFEditError(f"llama_model_quantize failed on {src_p} -> {name} (code {rc})")
-        os.replace(tmp, dst_p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_output(dst_p) as tmp:
+            rc = lc.llama_model_quantize(str(src_p).encode(), tmp.encode(), ctypes.byref(params))
+            if rc != 0:
+                raise GGUFEditError(f"llama_model_quantize failed on {src_p} -> {name} (code {rc})")
     finally:
         _LOG.listener = None
         bar.close()

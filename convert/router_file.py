@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,15 +109,10 @@ def save_router_file(path: str | os.PathLike, rf: RouterFile, *, force: bool = F
         "static_rankings": json.dumps(rf.static_rankings, sort_keys=True),
         "provenance": json.dumps(rf.provenance, sort_keys=True),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    from .gguf_edit import atomic_output
+
+    with atomic_output(p) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return p
 
 

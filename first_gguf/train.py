@@ -50,7 +50,6 @@ over tokens, lowest first).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -58,9 +57,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import math
 
-import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import first_gguf
 from first_gguf.cli import main
-from first_gguf.convert.gguf_edit import KV, _copy_kv, read_gguf, rewrite_gguf
+from first_gguf.convert.gguf_edit import _copy_kv, read_gguf, rewrite_gguf
 
 
 def _with_router_tensors(base, out, tensors):

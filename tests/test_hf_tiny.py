@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import N_EMBD, N_LAYER
+from conftest import N_LAYER
 
 TOL = 5e-3
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
-import pytest
 
 PROMPT = "Summarize: The mitochondria is the powerhouse of the cell. It produces energy for the body."
 
