@@ -497,7 +497,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     if bar:
         bar.close()
 
-    summary = {"steps": cfg.steps, "seconds": round(time.time() - t0, 1), "world_size": world,
+    summary = {"steps": cfg.steps, "steps_this_run": cfg.steps - start, "seconds_this_run": round(time.time() - t0, 1),
+               "world_size": world,
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None}
     if rank == 0:

@@ -7,20 +7,29 @@ from click.testing import CliRunner
 
 import first_gguf
 from first_gguf.cli import main
-from first_gguf.default_model import GGUF_SHA256, _sha256, base_gguf_path, default_model_path, shipped_ranking
+from first_gguf.convert.router_file import load_router_file
+from first_gguf.default_model import (GGUF_SHA256, _sha256, base_gguf_path, default_model_path, shipped_ranking,
+                                      shipped_routers_path)
 
 
-def test_default_model_is_verified_and_carries_the_shipped_ranking():
+def test_default_model_is_verified_and_carries_routers_and_rankings():
     assert _sha256(base_gguf_path()) == GGUF_SHA256
     ranking = shipped_ranking()
     assert sorted(ranking["ranking"]) == list(range(30))
+    rf = load_router_file(shipped_routers_path())
     m = first_gguf.load(n_ctx=1024)
     try:
         assert m.path == default_model_path()
-        assert m.static_rankings == {ranking["name"]: ranking["ranking"]}
+        assert m.n_routers == 30
+        assert list(m.static_rankings) == ["greedy_nll", "block_influence", "router_mean"]
+        assert m.static_rankings["greedy_nll"] == ranking["ranking"]
+        assert m.static_rankings["router_mean"] == rf.static_rankings["router_mean"]["ranking"]
         g = m.chat([{"role": "user", "content": "Hi"}], 0.3, skip_strategy="auto", max_tokens=8)
-        assert g.skip_strategy == "static"
-        assert g.skipped_layers == sorted(ranking["ranking"][:9])
+        assert g.skip_strategy == "router" and len(g.skipped_layers) == 9
+        order = sorted(range(30), key=lambda il: (g.router_scores[il], il))
+        assert g.skipped_layers == sorted(order[:9])
+        s = m.chat([{"role": "user", "content": "Hi"}], 0.3, skip_strategy="static", max_tokens=4)
+        assert s.skipped_layers == sorted(ranking["ranking"][:9])
         assert g.decode_tokens_per_s > 0 and g.n_prompt_tokens > 0
     finally:
         m.close()
@@ -30,11 +39,11 @@ def test_main_command_streams_and_summarises():
     res = CliRunner().invoke(main, ["generate", "Explain why the sky is blue.", "--skip-budget", "0.3",
                                     "--max-tokens", "12"])
     assert res.exit_code == 0, res.output
-    assert "[first-gguf] skipped 9 blocks (static):" in res.output
+    assert "[first-gguf] skipped 9 blocks (router):" in res.output
     assert "decode" in res.output and "tok/s" in res.output
     res = CliRunner().invoke(main, ["generate", "Hi", "--skip-budget", "0.2", "--max-tokens", "4", "--json"])
     d = json.loads(res.output)
-    assert len(d["skipped_layers"]) == 6 and d["router_scores"] is None and d["finish_reason"] in ("stop", "length")
+    assert len(d["skipped_layers"]) == 6 and len(d["router_scores"]) == 30 and d["finish_reason"] in ("stop", "length")
 
 
 def test_info_shows_the_ranking():
@@ -42,3 +51,4 @@ def test_info_shows_the_ranking():
     assert res.exit_code == 0
     assert "architecture   llama" in res.output and "blocks         30" in res.output
     assert "static ranking greedy_nll (default)" in res.output
+    assert "routers        30 blocks" in res.output
