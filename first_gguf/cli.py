@@ -403,5 +403,27 @@ def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_na
     click.echo(summary_table(res))
 
 
+@main.command()
+@click.option("--model", type=click.Path(dir_okay=False), default=None)
+@click.option("--skip-budget", type=float, default=0.0, show_default=True)
+@click.option("--skip-strategy", default="auto", show_default=True)
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--threads", type=int, default=None)
+def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_ctx, threads):
+    """Chat in the terminal (streaming, multi-turn; /help lists the commands)."""
+    from .chat import ChatSession, run
+
+    m = _load(model, n_ctx, threads)
+    try:
+        session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,
+                              max_tokens=max_tokens, temperature=temperature)
+    except (ValueError, TypeError) as e:
+        raise _UserError(str(e)) from None
+    run(session)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,151 @@
+"""Terminal chat: streaming, multi-turn, with the skip budget adjustable between turns.
+
+Commands: /budget F, /layers, /stats, /reset, /help, /quit. Ctrl-C stops the
+current reply and keeps the conversation (with the partial reply); Ctrl-D
+exits. When the conversation no longer fits the context, the oldest turns
+are dropped with a notice. Turns generated with skipping are re-evaluated at
+full depth when the conversation continues (Model's KV handling), so every
+turn sees exactly what the full model would.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, TextIO
+
+from .model import Generation, Model
+
+HELP = """commands:
+  /budget F   set the skip budget (fraction of blocks skipped while decoding, 0 <= F < 1)
+  /layers     skipped blocks and router scores of the last reply
+  /stats      prefill and decode speed of the last reply
+  /reset      forget the conversation
+  /help       this text
+  /quit       leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation"""
+
+
+class ChatSession:
+    def __init__(self, model: Model, *, skip_budget: float = 0.0, skip_strategy: str = "auto",
+                 system: str | None = None, max_tokens: int = 512, temperature: float = 0.0,
+                 out: TextIO = sys.stdout):
+        self.model = model
+        model._check_skip_args(skip_budget, skip_strategy, None)  # fail early on a bad budget/strategy
+        self.skip_budget = skip_budget
+        self.skip_strategy = skip_strategy
+        self.system = system
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.out = out
+        self.messages: list[dict] = []
+        self.last: Generation | None = None
+
+    def _print(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def _conversation(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _fit_context(self) -> None:
+        """Drop the oldest turns until the prompt plus a reply fits n_ctx."""
+        while True:
+            tokens, _ = self.model.prompt_tokens_for(self._conversation())
+            if len(tokens) + self.max_tokens <= self.model.n_ctx or len(self.messages) <= 1:
+                if len(tokens) >= self.model.n_ctx:
+                    raise ValueError(f"the message alone has {len(tokens)} tokens; n_ctx is {self.model.n_ctx}")
+                return
+            drop = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
+            del self.messages[:drop]
+            self._print(f"[context full: dropped the oldest turn ({self.model.n_ctx} tokens)]")
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; returns False to quit."""
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self._print(HELP)
+        elif cmd == "/budget":
+            try:
+                value = float(arg)
+                self.model._check_skip_args(value, self.skip_strategy, None)
+            except (ValueError, TypeError) as e:
+                self._print(f"[error] {e if arg else 'usage: /budget F with 0 <= F < 1'}")
+            else:
+                self.skip_budget = value
+                k = self.model.n_skip_for_budget(value)
+                self._print(f"[skip budget {value:g}: {k} of {self.model.n_layer} blocks skipped while decoding]")
+        elif cmd == "/layers":
+            if self.last is None:
+                self._print("[no reply yet]")
+            else:
+                g = self.last
+                self._print(f"[skipped blocks ({g.skip_strategy}): {', '.join(map(str, g.skipped_layers)) or 'none'}]")
+                if g.router_scores is not None:
+                    self._print("[router keep-scores: " + " ".join(
+                        f"{il}:{'-' if math.isnan(s) else f'{s:.3f}'}" for il, s in enumerate(g.router_scores)) + "]")
+        elif cmd == "/stats":
+            if self.last is None:
+                self._print("[no reply yet]")
+            else:
+                g = self.last
+                self._print(f"[prompt {g.n_prompt_tokens} tok ({g.n_prefill_tokens} evaluated) at "
+                            f"{g.prefill_tokens_per_s:.1f} tok/s; reply {len(g.tokens)} tok at "
+                            f"{g.decode_tokens_per_s:.1f} tok/s; {g.finish_reason}]")
+        elif cmd == "/reset":
+            self.messages.clear()
+            self.model.reset()
+            self.last = None
+            self._print("[conversation reset]")
+        else:
+            self._print(f"[unknown command {cmd!r}; /help lists them]")
+        return True
+
+    def turn(self, text: str) -> Generation | None:
+        self.messages.append({"role": "user", "content": text})
+        reply, gen, stream = "", None, None
+        try:
+            try:
+                self._fit_context()
+            except ValueError as e:
+                self.messages.pop()
+                self._print(f"[error] {e}")
+                return None
+            stream = self.model.stream_chat(self._conversation(), self.skip_budget, max_tokens=self.max_tokens,
+                                            temperature=self.temperature, skip_strategy=self.skip_strategy)
+            for chunk in stream:
+                if chunk.text:
+                    reply += chunk.text
+                    self._print(chunk.text, end="")
+                gen = chunk.generation or gen
+        except KeyboardInterrupt:
+            if stream is not None:
+                stream.close()  # runs the generator's cleanup: mask cleared, skipped cells dropped
+            self._print(" [stopped]")
+        else:
+            self._print()
+        self.messages.append({"role": "assistant", "content": gen.text if gen else reply})
+        self.last = gen or self.last
+        return gen
+
+
+def run(session: ChatSession, read: Callable[[str], str] = input) -> None:
+    session._print(f"first-gguf chat: {session.model.path.name}, skip budget {session.skip_budget:g} "
+                   f"({session.model.n_skip_for_budget(session.skip_budget)} of {session.model.n_layer} blocks). "
+                   f"/help for commands, Ctrl-D to leave.")
+    while True:
+        try:
+            line = read("> ")
+        except EOFError:
+            session._print()
+            return
+        except KeyboardInterrupt:
+            session._print()
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return
+            continue
+        session.turn(line)
