@@ -193,7 +193,7 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
             speed = run_bench(model, budgets, skip_strategy=strat, repeats=cfg.bench_repeats, gen_tokens=64,
                               prompt_tokens=128, progress=progress)
     rows = [r for r in done.values() if r["task"] in cfg.tasks]
-    result = {"model": str(model.path), "config": cfg.__dict__, "rows": rows, "speed": speed,
+    result = {"model": str(model.path), "n_layer": model.n_layer, "config": cfg.__dict__, "rows": rows, "speed": speed,
               "seconds": round(time.time() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     _write_csv(out / "results.csv", rows)
@@ -288,6 +288,7 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.set_title(task)
         ax.set_xlabel("decode speedup" if speed else "1 / (1 - budget)")
         ax.set_ylabel("extra NLL (nats/token)")
+        ax.set_yscale("symlog", linthresh=1.0)  # baselines reach 10+ nats; keep the small differences visible
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -298,9 +299,8 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     router_rows = [r for r in rows if r["strategy"] == "router"]
     if router_rows:
-        n_layer = max(max(s) for r in router_rows for s in r["skipped"] if s) + 1 if any(
-            s for r in router_rows for s in r["skipped"]) else 1
-        n_layer = max(n_layer, 1)
+        n_layer = result.get("n_layer") or 1 + max((il for r in router_rows for s in r["skipped"] for il in s),
+                                                   default=0)
         b = max(r["budget"] for r in router_rows)
         heat = np.zeros((len(tasks), n_layer))
         for i, task in enumerate(tasks):
