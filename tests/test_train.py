@@ -228,3 +228,23 @@ def test_ddp_two_cpu_processes(tiny_gguf_model, tmp_path):
     rf = load_router_file(out)
     assert rf.provenance["summary"]["world_size"] == 2
     assert rf.provenance["tasks"] == ["docs"]
+
+
+def test_lora_is_trained_and_saved_for_convert(tiny, tmp_path):
+    """--lora-rank: a PEFT adapter is trained with the routers and saved where convert --lora reads it."""
+    d, model = tiny
+    seqs = _random_seqs(8, random.Random(1))
+    out = tmp_path / "r.safetensors"
+    cfg = TrainConfig(model=str(d), output=str(out), steps=3, batch_size=4, lora_rank=2, lora_lr=1e-2,
+                      bf16=False, n_static_examples=4)
+    train(cfg, sequences=seqs, progress=False)
+    adapter = tmp_path / "r.lora"
+    assert (adapter / "adapter_config.json").exists()
+    import copy
+
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), adapter).merge_and_unload()
+    w0 = model.model.layers[0].self_attn.q_proj.weight
+    w1 = merged.model.layers[0].self_attn.q_proj.weight
+    assert float((w0 - w1).abs().max()) > 0  # the adapter was trained (B moved away from its zero init)
