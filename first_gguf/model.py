@@ -530,13 +530,17 @@ class Model:
             pass
         return last.generation
 
-    def chat_prompt_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
-        """Tokens of ``messages`` rendered with the GGUF's chat template, plus its stop strings."""
+    @staticmethod
+    def _check_messages(messages) -> None:
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
             raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TypeError(f"messages[{i}] must be a dict with str 'role' and 'content'; got {m!r}")
+
+    def chat_prompt_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
+        """Tokens of ``messages`` rendered with the GGUF's chat template, plus its stop strings."""
+        self._check_messages(messages)
         template = self._llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"{self.path} has no chat template (tokenizer.chat_template); use generate()")
@@ -555,8 +559,7 @@ class Model:
         """Chat-template tokens of ``messages``, or (no template) their text as a raw prompt."""
         if self._llama.metadata.get("tokenizer.chat_template"):
             return self.chat_prompt_tokens(messages)
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-            raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        self._check_messages(messages)
         return self.tokenize("\n".join(m["content"] for m in messages) + "\n"), []
 
     def stream_chat(self, messages: Sequence[dict], skip_budget: float = 0.0, *, max_tokens: int = 256,
