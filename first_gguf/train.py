@@ -343,7 +343,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     loss = rank_loss + cfg.reg_lambda * reg
     if lora:
         loss = loss + kl_routed.mean()
-    return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg),
+    return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg.detach()),
                   "skip": float(1 - hard.mean())}
 
 
