@@ -26,7 +26,7 @@ fi
 # 3. first-gguf itself (editable: it finds build/native/lib next to the sources); torch is
 #    installed first and pinned so no CUDA build is pulled in
 "$VPY" -m pip install --quiet torch==2.13.0
-"$VPY" -m pip install --quiet -e '.[test,train,eval]'
+"$VPY" -m pip install --quiet -e '.[test,train,eval,serve]'
 
 # 4. the default model (download, verify, attach the static ranking) and the main job
 if [ "$run_main" = 1 ]; then

@@ -425,5 +425,21 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_c
     run(session)
 
 
+@main.command()
+@click.option("--model", type=click.Path(dir_okay=False), default=None)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
+@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--threads", type=int, default=None)
+def serve(model, host, port, api_key, n_ctx, threads):
+    """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions) with skip_budget."""
+    from .server import serve as do_serve
+
+    m = _load(model, n_ctx, threads)
+    click.echo(f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1", err=True)
+    do_serve(m, host=host, port=port, api_key=api_key)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
