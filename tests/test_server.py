@@ -125,3 +125,34 @@ def test_concurrent_requests_equal_sequential(client):
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(ask, prompts))
     assert concurrent == sequential
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def test_bounded_soak_keeps_memory_flat(server, client, capsys):
+    """300 short requests (bounded count and time) against the loopback server; RSS at start and end."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+               and c.status == psutil.CONN_LISTEN and c.pid)
+    mid = client.models.list().data[0].id
+    for _ in range(10):  # warm-up: graphs and allocator pools reach their steady size
+        client.completions.create(model=mid, prompt="Hi", max_tokens=2)
+    start = _rss_kib(pid)
+    t0 = time.time()
+    for i in range(300):
+        client.completions.create(model=mid, prompt=f"Number {i}:", max_tokens=2,
+                                  extra_body={"skip_budget": (i % 4) / 10})
+        if time.time() - t0 > 240:
+            break
+    end = _rss_kib(pid)
+    with capsys.disabled():
+        print(f"\nsoak: {i + 1} requests in {time.time() - t0:.1f} s, server RSS {start / 1024:.1f} MiB -> "
+              f"{end / 1024:.1f} MiB")
+    assert end - start < 50 * 1024  # < 50 MiB growth over 300 requests
