@@ -8,4 +8,12 @@ if [ ! -x .venv/bin/python ]; then
     exit 2
 fi
 scripts/build_stock_reference.sh
+# the web page test drives Debian's chromium (Playwright without its own browser download)
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "test.sh: Debian's chromium is needed for the web page test: sudo apt-get install chromium" >&2
+    fi
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server with skip_budget (FastAPI + uvicorn).
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+Endpoints: GET / (a small chat page: plain HTML and JavaScript, streaming,
+a skip-budget slider, the skipped blocks of each reply), GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (``stream: true`` answers with server-sent events, like the OpenAI API).
 Extra request fields: ``skip_budget`` (default 0), ``skip_strategy`` (default
 "auto"); every response carries an extra ``first`` object with the skipped
@@ -166,6 +167,14 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         return error(e)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        from importlib import resources
+
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(resources.files("first_gguf.web").joinpath("index.html").read_text())
 
     @app.get("/v1/models")
     async def models():
