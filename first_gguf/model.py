@@ -463,6 +463,7 @@ class Model:
                 if cut >= 0:
                     text = text[:cut]
                     finish = "stop"
+                    decoder = None  # the text ends at the stop string
                     break
                 safe = len(text) - hold if stops else len(text)
                 if safe > emitted:
@@ -476,7 +477,8 @@ class Model:
                 logits = self._eval([tok], masked=bool(skip), logits="last")[-1]
                 t_decode += time.perf_counter() - t0
                 n_decode += 1
-            text += decoder.decode(b"", final=True) if finish == "length" else ""
+            if decoder is not None:
+                text += decoder.decode(b"", final=True)  # bytes of an incomplete character, if any
         finally:
             self._set_mask(())
             self._drop_dirty()
