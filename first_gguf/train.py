@@ -479,7 +479,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                 dist.all_reduce(p.grad)
                 p.grad /= world
         opt.step()
-        info["loss"] = float(loss)
+        info["loss"] = float(loss.detach())
         history.append({"step": step + 1, **{k: round(v, 5) for k, v in info.items()}})
         if bar:
             bar.set_postfix(loss=f"{info['loss']:.4f}", kl=f"{info['kl']:.4f}", skip=f"{info['skip']:.2f}")
