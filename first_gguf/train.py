@@ -50,6 +50,7 @@ over tokens, lowest first).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -303,7 +304,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     head = model.get_output_embeddings()
     pos = _kl_positions(n_prompt, length, T)
     with torch.no_grad(), ac:
-        ctx = model.disable_adapter() if lora else _nullcontext()
+        ctx = model.disable_adapter() if lora else contextlib.nullcontext()
         with ctx:
             hid, inputs = gated_forward(model, ids, n_prompt, capture=True)
             t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
@@ -345,14 +346,6 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
         loss = loss + kl_routed.mean()
     return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg.detach()),
                   "skip": float(1 - hard.mean())}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------- statics
