@@ -8,9 +8,12 @@ Extra request fields: ``skip_budget`` (default 0), ``skip_strategy`` (default
 blocks, the strategy and the prefill/decode speeds.
 
 Concurrency: one model, one llama.cpp context; requests wait in a FIFO queue
-(an asyncio lock held for the whole generation) and run one at a time on a
-worker thread, so the event loop keeps accepting requests and a request's
-output never depends on what else is running. Errors are OpenAI-style JSON
+(an asyncio lock held for the whole generation) and every model call runs on
+one dedicated worker thread, so the event loop keeps accepting requests and a
+request's output never depends on what else is running. A client that hangs up
+mid-stream cannot leak the queue: the generator is closed on the worker thread
+(after any call still running there) and the lock is released when that close
+finishes, even if the request task itself is being cancelled. Errors are OpenAI-style JSON
 bodies with a 4xx status; a failing request never takes the worker down.
 """
 from __future__ import annotations
@@ -21,9 +24,10 @@ import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .model import Model
@@ -52,18 +56,36 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
     app = FastAPI(title="first-gguf", docs_url=None, redoc_url=None)
     model_id = model_id or model.path.stem
     lock = asyncio.Lock()
+    worker = ThreadPoolExecutor(1, thread_name_prefix="first-gguf-model")  # the only thread touching the model
+    closing: set[asyncio.Future] = set()
     created = int(time.time())
+
+    async def on_worker(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
+
+    async def close_and_release(it) -> None:
+        """Close a stream on the worker, then release the queue; survives cancellation of the caller."""
+        fut = asyncio.get_running_loop().run_in_executor(worker, it.close if it is not None else _nothing)
+        closing.add(fut)
+
+        def done(f: asyncio.Future) -> None:
+            closing.discard(f)
+            lock.release()
+            if not f.cancelled() and f.exception() is not None:
+                print(f"[first-gguf] closing a stream failed: {f.exception()!r}", flush=True)
+
+        fut.add_done_callback(done)
+        await asyncio.shield(fut)
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": None}},
                             status_code=e.status)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(APIError(401, "invalid or missing API key", type_="authentication_error"))
-        return await call_next(request)
+    async def auth(request: Request) -> None:
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key", type_="authentication_error")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
     async def parse(request: Request) -> dict:
         raw = await request.body()
@@ -114,7 +136,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         if not stream:
             async with lock:
                 try:
-                    g = await asyncio.to_thread(lambda: _last(make_stream()))
+                    g = await on_worker(lambda: _last(make_stream()))
                 except (ValueError, TypeError) as e:
                     raise APIError(400, str(e)) from None
             choice = ({"index": 0, "message": {"role": "assistant", "content": g.text},
@@ -124,14 +146,15 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
                                  "choices": [choice], "usage": usage(g), "first": first_info(g)})
 
         await lock.acquire()
+        it = None
         try:
-            it = make_stream()
-            first_chunk = await asyncio.to_thread(next, it)  # errors surface here, before any byte is sent
+            it = await on_worker(make_stream)
+            first_chunk = await on_worker(next, it)  # errors surface here, before any byte is sent
         except (ValueError, TypeError) as e:
-            lock.release()
+            await close_and_release(it)
             raise APIError(400, str(e)) from None
         except BaseException:
-            lock.release()
+            await close_and_release(it)
             raise
 
         async def events():
@@ -154,13 +177,12 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
                         yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": int(time.time()),
                                     "model": model_id, "choices": [done], "usage": usage(g), "first": first_info(g)})
                         break
-                    chunk = await asyncio.to_thread(next, it, None)
+                    chunk = await on_worker(next, it, None)
                     if chunk is None:
                         break
                 yield b"data: [DONE]\n\n"
-            finally:
-                await asyncio.to_thread(it.close)  # client gone or done: mask cleared, skipped cells dropped
-                lock.release()
+            finally:  # client gone or done: mask cleared, skipped cells dropped, then the next request runs
+                await close_and_release(it)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -176,14 +198,14 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
 
         return HTMLResponse(resources.files("first_gguf.web").joinpath("index.html").read_text())
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "first-gguf", "n_layer": model.n_layer,
                                             "routers": model.n_routers,
                                             "static_rankings": list(model.info.static_rankings)}]}
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         body = await parse(request)
         prompt = body.get("prompt")
@@ -194,7 +216,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         opts = options(body)
         return await run(lambda: model.stream_generate(prompt, **opts), False, bool(body.get("stream")))
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(request)
         messages = body.get("messages")
@@ -205,7 +227,12 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         opts = options(body)
         return await run(lambda: model.stream_chat(messages, **opts), True, bool(body.get("stream")))
 
+    app.include_router(v1)
     return app
+
+
+def _nothing() -> None:
+    pass
 
 
 def _last(stream) -> Any:
