@@ -1,4 +1,4 @@
-"""attach / strip: add first-gguf data (routers, static rankings) to any GGUF, or remove it.
+"""attach / strip: add first-gguf data (routers, bypass adapters, static rankings) to any GGUF, or remove it.
 
 Every other key and tensor is copied bit-identically, whatever the quant type.
 """
@@ -12,7 +12,8 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from ..constants import (FORMAT_VERSION, ROUTER_DEFINITION, SUPPORTED_ARCHITECTURES, Keys, Tensors)
+from ..constants import (BYPASS_DEFINITION, FORMAT_VERSION, ROUTER_DEFINITION, SUPPORTED_ARCHITECTURES, Keys,
+                         Tensors)
 from .gguf_edit import KV, GGUFEditError, rewrite_gguf
 
 
@@ -48,15 +49,21 @@ def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
            routers: Mapping[int, tuple[np.ndarray, float | None]] | None = None,
            rankings: Mapping[str, Mapping] | None = None,
            router_source: Mapping | None = None,
+           bypasses: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+           bypass_dtype: str = "f32",
            force: bool = False, progress: bool = False) -> Path:
-    """Write ``dst`` = ``src`` + routers and/or static rankings.
+    """Write ``dst`` = ``src`` + routers, bypass adapters and/or static rankings.
 
-    routers: block index -> (weight [n_embd], bias or None). Existing first-gguf
-    data of the same kind in ``src`` is replaced. ``force`` overwrites ``dst``.
+    routers: block index -> (weight [n_embd], bias or None). bypasses: block index
+    -> (down [rank, n_embd], up [n_embd, rank]), one rank for all, stored as
+    ``bypass_dtype`` ("f32" or "f16"). Existing first-gguf data of the same kind
+    in ``src`` is replaced. ``force`` overwrites ``dst``.
     """
     info = _info(src)
-    if not routers and not rankings:
-        raise GGUFEditError("nothing to attach: give routers and/or static rankings")
+    if not routers and not rankings and not bypasses:
+        raise GGUFEditError("nothing to attach: give routers, bypasses and/or static rankings")
+    if bypass_dtype not in ("f32", "f16"):
+        raise GGUFEditError(f"bypass_dtype must be 'f32' or 'f16'; got {bypass_dtype!r}")
     if info.architecture not in SUPPORTED_ARCHITECTURES:
         raise GGUFEditError(f"{src}: architecture '{info.architecture}' is not covered by the layer-skip patch "
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -85,18 +92,49 @@ def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
         set_kv[Keys.ROUTER_N_OUT] = KV(1, gguf.GGUFValueType.UINT32)
         if router_source is not None:
             set_kv[Keys.ROUTER_SOURCE] = KV(json.dumps(dict(router_source), sort_keys=True), gguf.GGUFValueType.STRING)
+    if bypasses:
+        errors, ranks = [], set()
+        for bid in sorted(bypasses):
+            down, up = (np.asarray(a, dtype=np.float32) for a in bypasses[bid])
+            if not isinstance(bid, (int, np.integer)) or not 0 <= bid < info.n_layer:
+                errors.append(f"bypass for block {bid}: the model has blocks 0..{info.n_layer - 1}")
+                continue
+            r = down.shape[0] if down.ndim == 2 else -1
+            if down.shape != (r, info.n_embd) or up.shape != (info.n_embd, r) or not 1 <= r <= info.n_embd:
+                errors.append(f"bypass of block {bid}: down {down.shape} / up {up.shape}; expected (rank, "
+                              f"{info.n_embd}) / ({info.n_embd}, rank)")
+                continue
+            if not (np.all(np.isfinite(down)) and np.all(np.isfinite(up))):
+                errors.append(f"bypass of block {bid} holds NaN or Inf")
+                continue
+            ranks.add(r)
+            dt = np.float16 if bypass_dtype == "f16" else np.float32
+            tensors.append((Tensors.BYPASS_DOWN.format(bid=bid), down.astype(dt)))
+            tensors.append((Tensors.BYPASS_UP.format(bid=bid), up.astype(dt)))
+        if len(ranks) > 1:
+            errors.append(f"bypasses of different ranks {sorted(ranks)}; expected one rank")
+        if errors:
+            raise GGUFEditError(f"cannot attach bypasses to {src}:\n  " + "\n  ".join(errors))
+        set_kv[Keys.BYPASS_DEFINITION] = KV(BYPASS_DEFINITION, gguf.GGUFValueType.STRING)
+        set_kv[Keys.BYPASS_RANK] = KV(int(ranks.pop()), gguf.GGUFValueType.UINT32)
+        if router_source is not None:
+            set_kv[Keys.BYPASS_SOURCE] = KV(json.dumps(dict(router_source), sort_keys=True), gguf.GGUFValueType.STRING)
     if rankings:
         set_kv.update(_ranking_kv(info.n_layer, rankings))
 
     def drop_kv(key: str) -> bool:
         if routers and key.startswith("first.router."):
             return True
+        if bypasses and key.startswith("first.bypass."):
+            return True
         if rankings and key.startswith(("first.static_ranking", Keys.STATIC_RANKINGS)):
             return True
         return False
 
-    return rewrite_gguf(src, dst, set_kv=set_kv, drop_kv=drop_kv, add_tensors=tensors,
-                        drop_tensor=(Tensors.is_first_tensor if routers else (lambda n: False)),
+    def drop_tensor(name: str) -> bool:  # replaced, not merged: a new router set may cover other blocks
+        return bool(routers and Tensors.is_router_tensor(name) or bypasses and Tensors.is_bypass_tensor(name))
+
+    return rewrite_gguf(src, dst, set_kv=set_kv, drop_kv=drop_kv, add_tensors=tensors, drop_tensor=drop_tensor,
                         force=force, progress=progress)
 
 

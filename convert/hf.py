@@ -96,7 +96,7 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
             os.replace(base, out)
             return out
         ranks = dict(rankings or {})
-        routers_map = source = None
+        routers_map = source = bypasses = None
         if rf is not None:
             from .router_file import compare_fingerprints, fingerprint_gguf
 
@@ -104,8 +104,8 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
             if diff and not force:
                 raise GGUFEditError(f"{routers} does not fit {model_dir} (pass --force to attach anyway):\n  "
                                     + "\n  ".join(diff))
-            routers_map, source = rf.routers(), rf.provenance
+            routers_map, source, bypasses = rf.routers(), rf.provenance, rf.bypasses or None
             for name, r in rf.static_rankings.items():
                 ranks.setdefault(name, r)
-        return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source, force=True,
-                      progress=progress)
+        return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source,
+                      bypasses=bypasses, force=True, progress=progress)

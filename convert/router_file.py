@@ -5,6 +5,8 @@ A safetensors file with one tensor per routed block and a JSON header
 
     router.<N>.weight   F32 [n_embd]       block N's router weight
     router.<N>.bias     F32 [1]            optional
+    bypass.<N>.down     F32 [rank, n_embd] optional bypass adapter of block N (with .up)
+    bypass.<N>.up       F32 [n_embd, rank]
     __metadata__:
       format            "first-gguf-routers"
       version           "1"
@@ -12,6 +14,7 @@ A safetensors file with one tensor per routed block and a JSON header
       blocks            JSON list of the routed blocks (every listed block must have its tensor;
                         unlisted blocks have no router and are never skipped by the router strategy)
       definition        constants.ROUTER_DEFINITION (the runtime's)
+      bypass_rank       rank of the bypasses ("0": none); bypass_definition: constants.BYPASS_DEFINITION
       fingerprint       JSON: base model architecture, shapes, sha256 of a reference tensor
       static_rankings   JSON: {name: {"ranking": [...], ...provenance}} (optional)
       provenance        JSON: command, data, seed, ... (optional)
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import ROUTER_DEFINITION
+from ..constants import BYPASS_DEFINITION, ROUTER_DEFINITION
 
 FORMAT = "first-gguf-routers"
 VERSION = "1"
@@ -52,6 +55,11 @@ class RouterFile:
     provenance: dict = field(default_factory=dict)
     definition: str = ROUTER_DEFINITION
     n_out: int = 1
+    bypasses: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # block -> (down, up)
+
+    @property
+    def bypass_rank(self) -> int:
+        return int(next(iter(self.bypasses.values()))[0].shape[0]) if self.bypasses else 0
 
     def routers(self) -> dict[int, tuple[np.ndarray, float | None]]:
         return {b: (w, self.biases.get(b)) for b, w in sorted(self.weights.items())}
@@ -100,6 +108,9 @@ def save_router_file(path: str | os.PathLike, rf: RouterFile, *, force: bool = F
     _validate(rf, p)
     tensors = {f"router.{b}.weight": np.ascontiguousarray(w, dtype=np.float32) for b, w in rf.weights.items()}
     tensors.update({f"router.{b}.bias": np.asarray([v], dtype=np.float32) for b, v in rf.biases.items()})
+    for b, (down, up) in rf.bypasses.items():
+        tensors[f"bypass.{b}.down"] = np.ascontiguousarray(down, dtype=np.float32)
+        tensors[f"bypass.{b}.up"] = np.ascontiguousarray(up, dtype=np.float32)
     meta = {
         "format": FORMAT, "version": VERSION,
         "n_layer": str(rf.n_layer), "n_embd": str(rf.n_embd), "n_out": str(rf.n_out),
@@ -108,7 +119,10 @@ def save_router_file(path: str | os.PathLike, rf: RouterFile, *, force: bool = F
         "fingerprint": json.dumps(rf.fingerprint, sort_keys=True),
         "static_rankings": json.dumps(rf.static_rankings, sort_keys=True),
         "provenance": json.dumps(rf.provenance, sort_keys=True),
+        "bypass_rank": str(rf.bypass_rank),
     }
+    if rf.bypasses:
+        meta["bypass_definition"] = BYPASS_DEFINITION
     from .gguf_edit import atomic_output
 
     with atomic_output(p) as tmp:
@@ -135,6 +149,16 @@ def _validate(rf: RouterFile, p: Path) -> None:
             errors.append(f"router.{b}.bias has no matching router.{b}.weight")
         elif not np.isfinite(v):
             errors.append(f"router.{b}.bias is {v}")
+    rank = rf.bypass_rank
+    for b, (down, up) in rf.bypasses.items():
+        down, up = np.asarray(down), np.asarray(up)
+        if not 0 <= b < rf.n_layer:
+            errors.append(f"bypass.{b}: block {b} outside 0..{rf.n_layer - 1}")
+        elif down.shape != (rank, rf.n_embd) or up.shape != (rf.n_embd, rank):
+            errors.append(f"bypass.{b}.down/up have shapes {down.shape}/{up.shape}; expected ({rank}, {rf.n_embd}) and "
+                          f"({rf.n_embd}, {rank}) (one rank for every block)")
+        elif not (np.all(np.isfinite(down)) and np.all(np.isfinite(up))):
+            errors.append(f"bypass.{b} holds NaN or Inf")
     for name, r in rf.static_rankings.items():
         order = r.get("ranking") if isinstance(r, dict) else None
         if not isinstance(order, list) or len(set(order)) != len(order) or \
@@ -174,8 +198,18 @@ def load_router_file(path: str | os.PathLike) -> RouterFile:
         raise RouterFileError(f"{p}: routers use definition {meta.get('definition')!r}; "
                               f"the runtime's is {ROUTER_DEFINITION!r}")
     weights, biases, errors = {}, {}, []
+    downs, ups = {}, {}
+    if any(k.startswith("bypass.") for k in arrays) and meta.get("bypass_definition") != BYPASS_DEFINITION:
+        raise RouterFileError(f"{p}: bypasses use definition {meta.get('bypass_definition')!r}; "
+                              f"the runtime's is {BYPASS_DEFINITION!r}")
     for name, arr in arrays.items():
         parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "bypass" and parts[1].isdigit() and parts[2] in ("down", "up"):
+            if arr.dtype != np.float32 or arr.ndim != 2:
+                errors.append(f"{name} has dtype {arr.dtype} and {arr.ndim} dims; expected a 2-D float32 matrix")
+            else:
+                (downs if parts[2] == "down" else ups)[int(parts[1])] = arr
+            continue
         if len(parts) != 3 or parts[0] != "router" or not parts[1].isdigit() or parts[2] not in ("weight", "bias"):
             errors.append(f"unexpected tensor {name!r}")
             continue
@@ -197,6 +231,11 @@ def load_router_file(path: str | os.PathLike) -> RouterFile:
         errors.append(f"tensors for blocks {extra} are not listed in the metadata 'blocks'")
     if errors:
         raise RouterFileError(f"{p}: invalid router file:\n  " + "\n  ".join(errors))
-    rf = RouterFile(n_layer, n_embd, weights, biases, fp, ranks, prov, meta["definition"], n_out)
+    for b in sorted(set(downs) ^ set(ups)):
+        errors.append(f"bypass.{b}: has {'down' if b in downs else 'up'} but not {'up' if b in downs else 'down'}")
+    if errors:
+        raise RouterFileError(f"{p}: invalid router file:\n  " + "\n  ".join(errors))
+    rf = RouterFile(n_layer, n_embd, weights, biases, fp, ranks, prov, meta["definition"], n_out,
+                    {b: (downs[b], ups[b]) for b in sorted(downs)})
     _validate(rf, p)
     return rf

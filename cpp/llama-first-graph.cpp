@@ -3,6 +3,7 @@
 #include "llama-first.h"
 
 #include "llama-graph.h"
+#include "llama-model.h"
 
 #include "ggml.h"
 
@@ -28,7 +29,19 @@ private:
     const int il;
 };
 
-bool llm_graph_context::build_first_skip(ggml_tensor *& inpL, ggml_tensor * inp_out_ids, int il) const {
+// what a skipped block computes: h, or h + up @ (down @ rmsnorm(h)) with a bypass adapter
+// (constants.BYPASS_DEFINITION; rmsnorm without weight, the model's eps)
+static ggml_tensor * first_bypass(ggml_context * ctx, ggml_tensor * h, const llama_layer & layer, float eps) {
+    if (!layer.bypass_down || !layer.bypass_up) {
+        return h;
+    }
+    ggml_tensor * x = ggml_rms_norm(ctx, h, eps);
+    x = ggml_mul_mat(ctx, layer.bypass_down, x); // [rank, n_tokens]
+    x = ggml_mul_mat(ctx, layer.bypass_up, x);   // [n_embd, n_tokens]
+    return ggml_add(ctx, h, x);
+}
+
+bool llm_graph_context::build_first_skip(ggml_tensor *& inpL, ggml_tensor * inp_out_ids, const llama_layer & layer, int il) const {
     if (first.layer(il) != FIRST_LAYER_SKIP) {
         return false;
     }
@@ -36,6 +49,7 @@ bool llm_graph_context::build_first_skip(ggml_tensor *& inpL, ggml_tensor * inp_
     if (il == n_layer - 1 && inp_out_ids) {
         inpL = ggml_get_rows(ctx0, inpL, inp_out_ids);
     }
+    inpL = first_bypass(ctx0, inpL, layer, norm_rms_eps);
     cb(inpL, "first_skip", il);
     return true;
 }
@@ -59,7 +73,8 @@ void llm_graph_context::build_first_route(ggml_tensor * cur, ggml_tensor * route
     res->t_first_score[il] = s;
 }
 
-ggml_tensor * llm_graph_context::build_first_mix(ggml_tensor * cur, ggml_tensor * inpL, ggml_tensor * inp_out_ids, int il) const {
+ggml_tensor * llm_graph_context::build_first_mix(ggml_tensor * cur, ggml_tensor * inpL, ggml_tensor * inp_out_ids,
+                                                const llama_layer & layer, int il) const {
     if (first.layer(il) != FIRST_LAYER_MIXED) {
         return cur;
     }
@@ -73,10 +88,11 @@ ggml_tensor * llm_graph_context::build_first_mix(ggml_tensor * cur, ggml_tensor 
         inpL = ggml_get_rows(ctx0, inpL, inp_out_ids);
         keep = ggml_get_rows(ctx0, keep, inp_out_ids);
     }
-    // cur*1 + inpL*0 == cur and cur*0 + inpL*1 == inpL exactly: a token's result
+    // cur*1 + pass*0 == cur and cur*0 + pass*1 == pass exactly: a token's result
     // does not depend on whether other tokens of the ubatch skip the block
+    ggml_tensor * pass = first_bypass(ctx0, inpL, layer, norm_rms_eps);
     ggml_tensor * drop = ggml_scale_bias(ctx0, keep, -1.0f, 1.0f);
-    cur = ggml_add(ctx0, ggml_mul(ctx0, cur, keep), ggml_mul(ctx0, inpL, drop));
+    cur = ggml_add(ctx0, ggml_mul(ctx0, cur, keep), ggml_mul(ctx0, pass, drop));
     cb(cur, "first_mix", il);
     return cur;
 }

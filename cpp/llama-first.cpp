@@ -8,6 +8,7 @@
 #include "llama-graph.h"
 #include "llama-impl.h"
 #include "llama-model.h"
+#include "llama-model-loader.h"
 
 #include "ggml-backend.h"
 
@@ -159,6 +160,24 @@ void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b
         throw std::runtime_error(format("first-gguf: tensor 'blk.%d.router.bias' has wrong type; expected f32, got %s",
                 il, ggml_type_name(router_b->type)));
     }
+}
+
+int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & down_name, int64_t n_embd) {
+    const ggml_tensor * down = ml.get_tensor_meta(down_name.c_str());
+    if (!down) {
+        return 0;
+    }
+    if (down->type != GGML_TYPE_F32 && down->type != GGML_TYPE_F16) {
+        throw std::runtime_error(format("first-gguf: tensor '%s' has wrong type; expected f32 or f16, got %s",
+                down_name.c_str(), ggml_type_name(down->type)));
+    }
+    if (ggml_n_dims(down) != 2 || down->ne[0] != n_embd || down->ne[1] < 1 || down->ne[1] > n_embd) {
+        throw std::runtime_error(format("first-gguf: tensor '%s' has wrong shape; expected [%lld, rank] with "
+                "1 <= rank <= %lld, got [%lld, %lld, %lld, %lld]", down_name.c_str(), (long long) n_embd,
+                (long long) n_embd, (long long) down->ne[0], (long long) down->ne[1], (long long) down->ne[2],
+                (long long) down->ne[3]));
+    }
+    return down->ne[1];
 }
 
 //

@@ -7,11 +7,13 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 struct ggml_tensor;
 struct ggml_backend_sched;
 struct llama_model;
+struct llama_model_loader;
 struct llama_ubatch;
 class  llm_graph_result;
 
@@ -51,6 +53,10 @@ void first_collect_scores(first_state & state, ggml_backend_sched * sched, const
 
 // load-time check of a block's router tensors (shapes are checked by create_tensor)
 void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b, int il);
+
+// load-time: rank of a block's bypass adapter from its down tensor ([n_embd, rank], F32 or F16), 0 if absent;
+// throws with the tensor's name on a wrong shape or type (the up tensor is then required with [rank, n_embd])
+int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & down_name, int64_t n_embd);
 
 // per-token keep flag of block il for the tokens of a ubatch (1 = run the block)
 void first_fill_keep(const first_state & state, const llama_ubatch & ubatch, int il, float * keep);

@@ -120,6 +120,8 @@ def info(model, as_json):
         "router_blocks": inf.router_blocks,
         "router_bias": inf.router_has_bias,
         "router_source": inf.router_source,
+        "bypass_blocks": inf.bypass_blocks,
+        "bypass_rank": inf.bypass_rank,
         "static_rankings": inf.static_rankings,
         "static_ranking_sources": inf.static_sources,
     }
@@ -135,6 +137,11 @@ def info(model, as_json):
                    f"{' (with bias)' if inf.router_has_bias else ''}")
     else:
         click.echo("routers        none")
+    if inf.bypass_blocks:
+        click.echo(f"bypasses       {len(inf.bypass_blocks)} blocks, rank {inf.bypass_rank} "
+                   f"(a skipped block adds up @ down @ rmsnorm(h))")
+    else:
+        click.echo("bypasses       none (a skipped block passes its input through)")
     if inf.static_rankings:
         for i, (name, order) in enumerate(inf.static_rankings.items()):
             src = inf.static_sources.get(name, {})
@@ -228,7 +235,7 @@ def _convert_errors(fn):
               help="Static ranking JSON (from first-gguf rank) to store; repeatable, the first is the default.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
 def attach(base, routers, output, rankings, force):
-    """Add routers (a router .safetensors file) and/or static rankings to an existing GGUF.
+    """Add routers (a router .safetensors file, with its bypass adapters if any) and/or static rankings to a GGUF.
 
     Every other tensor and key is copied bit-identically, whatever the quant type.
     """
@@ -236,13 +243,14 @@ def attach(base, routers, output, rankings, force):
     from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
 
     def run():
-        routers_map, source, ranks = None, None, {}
+        routers_map, source, ranks, bypasses = None, None, {}, None
         if routers:
             rf = load_router_file(routers)
             diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
             if diff and not force:
                 raise ValueError(f"{routers} does not fit {base} (pass --force to attach anyway):\n  " + "\n  ".join(diff))
             routers_map, source, ranks = rf.routers(), rf.provenance, dict(rf.static_rankings)
+            bypasses = rf.bypasses or None
         for path in rankings:
             try:
                 r = json.loads(open(path).read())
@@ -250,7 +258,7 @@ def attach(base, routers, output, rankings, force):
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"cannot read ranking {path}: {e}") from None
         return do_attach(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
-                         force=force, progress=True)
+                         bypasses=bypasses, force=force, progress=True)
 
     out = _convert_errors(run)
     click.echo(f"wrote {out}", err=True)
@@ -327,6 +335,16 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
 @click.option("--reg-lambda", type=float, default=0.01, show_default=True)
 @click.option("--lora-rank", type=int, default=0, show_default=True, help="Train a LoRA too (0: off).")
 @click.option("--lora-lr", type=float, default=2e-4, show_default=True)
+@click.option("--bypass-rank", type=int, default=0, show_default=True,
+              help="Train a low-rank bypass per block, used in place of a skipped block (0: off; 16 is the default "
+                   "model's).")
+@click.option("--bypass-lr", type=float, default=2e-3, show_default=True)
+@click.option("--static-mix", type=float, default=0.0, show_default=True,
+              help="Fraction of sequences trained under the --static-ranking set instead of the routed one.")
+@click.option("--static-ranking", "static_ranking_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON file with a 'ranking' list of blocks (e.g. the output of `first-gguf rank`).")
+@click.option("--init-routers", type=click.Path(dir_okay=False), default=None,
+              help="Start from this router file's routers (and bypasses of the same rank).")
 @click.option("--max-prompt-tokens", type=int, default=192, show_default=True)
 @click.option("--max-continuation-tokens", type=int, default=64, show_default=True)
 @click.option("--max-examples-per-task", type=int, default=4000, show_default=True)
@@ -360,6 +378,16 @@ def train(ctx, config_file, **kw):
         if k not in opts or src == click.core.ParameterSource.COMMANDLINE:
             opts[k] = v
     opts["tasks"] = [t for t in str(opts["tasks"]).split(",") if t] if isinstance(opts["tasks"], str) else opts["tasks"]
+    ranking_file = opts.pop("static_ranking_file", None)
+    if ranking_file:
+        try:
+            ranking = json.loads(open(ranking_file).read())["ranking"]
+            if not isinstance(ranking, list) or not all(isinstance(b, int) for b in ranking):
+                raise ValueError("'ranking' must be a list of block indices")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _UserError(f"cannot read a static ranking from {ranking_file}: {e!r}; expected a JSON object with "
+                             f"a 'ranking' list of block indices") from None
+        opts["static_ranking"] = ranking
     try:
         cfg = TrainConfig(**opts)
         summary = do_train(cfg)

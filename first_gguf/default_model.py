@@ -115,7 +115,7 @@ def default_model_path() -> Path:
         if diff:
             raise RuntimeError(f"shipped routers {routers} do not fit {base}: {diff}")
         rankings.update(rf.static_rankings)
-        kw = {"routers": rf.routers(), "router_source": rf.provenance}
+        kw = {"routers": rf.routers(), "router_source": rf.provenance, "bypasses": rf.bypasses or None}
     _log(f"attaching first-gguf data to {dest.name}")
     attach(base, dest, rankings=rankings, force=True, **kw)
     return dest

@@ -30,6 +30,8 @@ class GGUFInfo:
     static_rankings: dict[str, list[int]] = field(default_factory=dict)
     static_sources: dict[str, dict] = field(default_factory=dict)
     router_source: dict | None = None
+    bypass_blocks: list[int] = field(default_factory=list)
+    bypass_rank: int = 0
 
     @property
     def supports_skip(self) -> bool:
@@ -76,7 +78,22 @@ def read_info(path: str | Path) -> GGUFInfo:
     errors: list[str] = []
     blocks: list[int] = []
     n_bias = 0
+    bypass: dict[int, dict[str, list[int]]] = {}
     for name, t in tensors.items():
+        if Tensors.is_bypass_tensor(name):
+            parts = name.split(".")
+            if len(parts) != 5 or not parts[1].isdigit() or parts[3] not in ("down", "up") or parts[4] != "weight":
+                errors.append(f"unknown bypass tensor '{name}'; expected blk.N.bypass.down.weight or "
+                              f"blk.N.bypass.up.weight")
+            elif int(parts[1]) >= n_layer:
+                errors.append(f"tensor '{name}' names block {parts[1]}; the model has {n_layer} blocks")
+            elif t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                errors.append(f"tensor '{name}' has wrong type; expected F32 or F16, got {t.tensor_type.name}")
+            elif len(t.shape) != 2:
+                errors.append(f"tensor '{name}' has wrong shape; expected 2 dims, got {[int(x) for x in t.shape]}")
+            else:
+                bypass.setdefault(int(parts[1]), {})[parts[3]] = [int(x) for x in t.shape]
+            continue
         if not Tensors.is_first_tensor(name):
             continue
         parts = name.split(".")
@@ -103,7 +120,19 @@ def read_info(path: str | Path) -> GGUFInfo:
             n_bias += 1
             if Tensors.ROUTER_WEIGHT.format(bid=bid) not in tensors:
                 errors.append(f"tensor '{name}' has no matching {Tensors.ROUTER_WEIGHT.format(bid=bid)}")
-    if (blocks or n_bias) and arch not in SUPPORTED_ARCHITECTURES:
+    ranks = set()
+    for bid, d in sorted(bypass.items()):
+        down, up = d.get("down"), d.get("up")
+        if down is None or up is None:
+            errors.append(f"block {bid} has bypass {'down' if down else 'up'} but not {'up' if down else 'down'}")
+        elif down[0] != n_embd or up != [down[1], n_embd]:
+            errors.append(f"bypass of block {bid} has wrong shape; expected down [{n_embd}, rank] and up "
+                          f"[rank, {n_embd}], got {down} and {up}")
+        else:
+            ranks.add(down[1])
+    if len(ranks) > 1:
+        errors.append(f"bypasses of different ranks {sorted(ranks)}")
+    if (blocks or n_bias or bypass) and arch not in SUPPORTED_ARCHITECTURES:
         errors.append(f"router tensors on architecture '{arch}', which the layer-skip patch does not cover "
                       f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
@@ -140,4 +169,6 @@ def read_info(path: str | Path) -> GGUFInfo:
         static_rankings=rankings,
         static_sources=sources,
         router_source=_json_or_text(field_value(reader, Keys.ROUTER_SOURCE)),
+        bypass_blocks=sorted(bypass),
+        bypass_rank=ranks.pop() if ranks else 0,
     )

@@ -37,6 +37,20 @@ full-depth prompt pass. For every training sequence (prompt + continuation):
    that the block is needed (measured: it kept choosing the most harmful block
    of a tiny model); the swap comparison measures the actual set cost.
 
+Bypass adapters (``bypass_rank > 0``, issue 7): a skipped block is replaced by
+h + U D rmsnorm(h) instead of h (RMSNorm without weight, the model's eps; D:
+rank x n_embd, U: n_embd x rank, U initialised to zero so training starts from
+plain skipping). The bypasses are trained jointly with the routers by the same
+distillation: the KL of the routed set (bypasses active on the skipped blocks)
+is backpropagated into every bypass of that set, and the swap comparison of the
+router loss is made with bypasses active, so the routers learn which blocks are
+cheap *given* their bypass. Every sequence draws its own budget over
+[budget_min, budget_max], so the bypasses see the sets the routers choose over
+the whole budget range; with ``static_mix > 0`` that fraction of sequences uses
+the top-k of a static ranking instead (so "static + bypass" is a fair baseline
+for the same adapters). The full-depth model is untouched: a block that runs
+never sees its bypass.
+
 With ``lora_rank > 0`` a PEFT LoRA (q,k,v,o,gate,up,down) is trained with the
 routers: the KL of the routed set is backpropagated into the LoRA (the teacher
 pass disables it). It is saved as a
@@ -82,6 +96,11 @@ class TrainConfig:
     reg_lambda: float = 0.01
     lora_rank: int = 0
     lora_lr: float = 2e-4
+    bypass_rank: int = 0
+    bypass_lr: float = 2e-3
+    static_mix: float = 0.0
+    static_ranking: list[int] | None = None
+    init_routers: str | None = None
     seed: int = 0
     bf16: bool = True
     threads: int | None = None
@@ -109,6 +128,14 @@ class TrainConfig:
             bad(f"reg_lambda must be >= 0; got {self.reg_lambda}")
         if self.lora_rank < 0:
             bad(f"lora_rank must be >= 0; got {self.lora_rank}")
+        if self.bypass_rank < 0:
+            bad(f"bypass_rank must be >= 0; got {self.bypass_rank}")
+        if self.bypass_lr <= 0 or not math.isfinite(self.bypass_lr):
+            bad(f"bypass_lr must be > 0; got {self.bypass_lr}")
+        if not 0 <= self.static_mix <= 1:
+            bad(f"static_mix must be in [0, 1]; got {self.static_mix}")
+        if self.static_mix > 0 and not self.static_ranking:
+            bad("static_mix > 0 needs a static ranking (--static-ranking)")
         if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
             bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
         out = Path(self.output)
@@ -164,16 +191,39 @@ class Routers:
         return (s.sum(-1) / prompt_mask.float().sum(-1)[None].clamp(min=1)).transpose(0, 1)
 
 
+class Bypasses:
+    """Per-block low-rank bypass h + U D rmsnorm(h) (fp32); the runtime's definition (constants.BYPASS_DEFINITION)."""
+
+    def __init__(self, n_layer: int, n_embd: int, rank: int, eps: float, seed: int = 0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed + 1)
+        self.rank, self.eps = rank, eps
+        self.down = torch.nn.Parameter(torch.randn(n_layer, rank, n_embd, generator=g) / math.sqrt(n_embd))
+        self.up = torch.nn.Parameter(torch.zeros(n_layer, n_embd, rank))
+
+    def parameters(self):
+        return [self.down, self.up]
+
+    def delta(self, h: "torch.Tensor", il: int) -> "torch.Tensor":
+        import torch
+
+        x = h.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x @ self.down[il].t()) @ self.up[il].t()
+
+
 def _layers(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model
 
 
-def gated_forward(model, ids, n_prompt, gates=None, *, capture=False):
+def gated_forward(model, ids, n_prompt, gates=None, *, capture=False, bypass: Bypasses | None = None):
     """Forward with per-sequence block gates on continuation positions.
 
     ids [B, T]; n_prompt [B]; gates [B, L] (None: full depth). Positions t >= n_prompt[b]
-    pass block l as h + g (block(h) - h); prompt positions run every block.
+    pass block l as h + g (block(h) - h) (+ (1 - g) U D rmsnorm(h) with bypasses); prompt positions run every
+    block.
     Returns (final hidden states after the output norm [B, T, E], list of block inputs if capture).
     """
     import torch
@@ -195,7 +245,8 @@ def gated_forward(model, ids, n_prompt, gates=None, *, capture=False):
             out = out[0]
         if gates is not None:
             g = gates[:, il][:, None, None].to(out.dtype)
-            out = torch.where(cont, h + g * (out - h), out)
+            skipped = h if bypass is None else h + (1 - g) * bypass.delta(h, il).to(h.dtype)
+            out = torch.where(cont, skipped + g * (out - h), out)
         h = out
     if capture:
         inputs.append(h)  # final pre-norm state (output of the last block)
@@ -293,7 +344,8 @@ def _seq_kl(t_logp, s_logp, pos):
     return out / pos.sum(1).clamp(min=1)
 
 
-def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Random, *, pad: int, lora: bool):
+def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Random, *, pad: int, lora: bool,
+              bypass: Bypasses | None = None):
     """One training step's loss for a batch of sequences (see the module docstring)."""
     import torch
 
@@ -316,6 +368,11 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     k_lo, k_hi = max(1, int(cfg.budget_min * L)), max(1, int(cfg.budget_max * L))
     k = torch.tensor([rng.randint(k_lo, k_hi) for _ in range(B)])
     _, hard = choose_gates(scores, k, cfg.temperature)
+    if cfg.static_mix > 0:  # some sequences train under the static ranking's set (same k)
+        for i in range(B):
+            if rng.random() < cfg.static_mix:
+                hard[i] = 1.0
+                hard[i, cfg.static_ranking[: int(k[i])]] = 0.0
     # a swap per sequence: one routed block a kept, one kept block b skipped instead
     alt = hard.clone()
     a_idx, b_idx = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
@@ -326,12 +383,12 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
         alt[i, a], alt[i, b] = 1.0, 0.0
         a_idx[i], b_idx[i] = a, b
 
-    grad_ctx = torch.enable_grad() if lora else torch.no_grad()
+    grad_ctx = torch.enable_grad() if lora or bypass is not None else torch.no_grad()
     with grad_ctx, ac:
-        hid_s, _ = gated_forward(model, ids, n_prompt, hard)
+        hid_s, _ = gated_forward(model, ids, n_prompt, hard, bypass=bypass)
         kl_routed = _seq_kl(t_logp, torch.log_softmax(head(hid_s[pos]).float(), -1), pos)
     with torch.no_grad(), ac:
-        hid_a, _ = gated_forward(model, ids, n_prompt, alt)
+        hid_a, _ = gated_forward(model, ids, n_prompt, alt, bypass=bypass)
         kl_alt = _seq_kl(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos)
 
     # ranking loss: if the swap helped (kl_alt < kl_routed), block a should score above block b
@@ -342,7 +399,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     rank_loss = (diff.abs() * torch.nn.functional.softplus(-margin)).mean()
     reg = ((scores.mean(1) - 0.5) ** 2).mean()
     loss = rank_loss + cfg.reg_lambda * reg
-    if lora:
+    if lora or bypass is not None:
         loss = loss + kl_routed.mean()
     return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg.detach()),
                   "skip": float(1 - hard.mean())}
@@ -430,6 +487,24 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     routers = Routers(L, E, seed=cfg.seed)
     groups = [{"params": routers.parameters(), "lr": cfg.lr}]
+    bypass = None
+    if cfg.bypass_rank:
+        bypass = Bypasses(L, E, cfg.bypass_rank, float(model.config.rms_norm_eps), seed=cfg.seed)
+        groups.append({"params": bypass.parameters(), "lr": cfg.bypass_lr})
+    if cfg.init_routers:  # warm start (routers, and bypasses when both sides have them)
+        from .convert.router_file import load_router_file
+
+        rf = load_router_file(cfg.init_routers)
+        if (rf.n_layer, rf.n_embd) != (L, E) or sorted(rf.weights) != list(range(L)):
+            raise ValueError(f"{cfg.init_routers}: routers for {rf.n_layer} blocks x {rf.n_embd}, blocks "
+                             f"{sorted(rf.weights)}; the model needs all {L} blocks x {E}")
+        routers.weight.data.copy_(torch.from_numpy(np.stack([rf.weights[il] for il in range(L)])))
+        routers.bias.data.copy_(torch.tensor([rf.biases.get(il, 0.0) for il in range(L)]))
+        if bypass is not None and rf.bypasses and rf.bypass_rank == cfg.bypass_rank and len(rf.bypasses) == L:
+            bypass.down.data.copy_(torch.from_numpy(np.stack([rf.bypasses[il][0] for il in range(L)])))
+            bypass.up.data.copy_(torch.from_numpy(np.stack([rf.bypasses[il][1] for il in range(L)])))
+    if cfg.static_ranking and any(not 0 <= b < L for b in cfg.static_ranking):
+        raise ValueError(f"static ranking {cfg.static_ranking} names blocks outside 0..{L - 1}")
     if lora:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -443,6 +518,11 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
             raise ValueError(f"checkpoint {ckpt} was trained on {state['config']['model']}, not {cfg.model}")
         routers.weight.data.copy_(state["weight"])
         routers.bias.data.copy_(state["bias"])
+        if bypass is not None:
+            if "bypass_down" not in state:
+                raise ValueError(f"checkpoint {ckpt} has no bypasses; train without --bypass-rank or start afresh")
+            bypass.down.data.copy_(state["bypass_down"])
+            bypass.up.data.copy_(state["bypass_up"])
         opt.load_state_dict(state["opt"])
         if lora:
             from peft import set_peft_model_state_dict
@@ -460,7 +540,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     for step in range(start, cfg.steps):
         brng = random.Random(cfg.seed * 7919 + step * 31 + rank)
         batch = [sequences[order[brng.randrange(len(order))]] for _ in range(cfg.batch_size)]
-        loss, info = step_loss(model, routers, batch, cfg, rng, pad=pad, lora=lora)
+        loss, info = step_loss(model, routers, batch, cfg, rng, pad=pad, lora=lora, bypass=bypass)
         opt.zero_grad()
         loss.backward()
         if world > 1:
@@ -480,6 +560,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             state = {"weight": routers.weight.detach().clone(), "bias": routers.bias.detach().clone(),
                      "opt": opt.state_dict(), "step": step + 1, "history": history, "config": asdict(cfg)}
+            if bypass is not None:
+                state["bypass_down"], state["bypass_up"] = bypass.down.detach().clone(), bypass.up.detach().clone()
             if lora:
                 from peft import get_peft_model_state_dict
 
@@ -495,7 +577,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None}
     if rank == 0:
-        _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora)
+        _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, bypass)
     if world > 1:
         import torch.distributed as dist
 
@@ -513,7 +595,7 @@ def _fingerprint(cfg: TrainConfig, model) -> dict:
                                    core.config.vocab_size, core.norm.weight.detach().float().numpy())
 
 
-def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora) -> None:
+def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, bypass=None) -> None:
     from .convert.router_file import RouterFile, save_router_file
 
     L = _layers(model).config.num_hidden_layers
@@ -532,6 +614,9 @@ def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora) 
     }
     rf = RouterFile(L, w.shape[1], {il: w[il] for il in range(L)}, {il: float(b[il]) for il in range(L)},
                     _fingerprint(cfg, model), statics, provenance)
+    if bypass is not None:
+        down, up = bypass.down.detach().float().numpy(), bypass.up.detach().float().numpy()
+        rf.bypasses = {il: (down[il], up[il]) for il in range(L)}
     save_router_file(cfg.output, rf, force=True)
     if lora:
         model.save_pretrained(str(Path(cfg.output).with_suffix("")) + ".lora")
