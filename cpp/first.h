@@ -14,7 +14,12 @@
 //   blk.N.router.bias    F32 [1]            (optional)
 //
 // Skip semantics: while a sequence has a skip mask, its tokens bypass the
-// masked blocks (the residual stream passes through unchanged). Their K/V for
+// masked blocks: the residual stream passes through unchanged, or, when the
+// model carries a bypass adapter for the block (and bypasses are enabled),
+//   h_out = h + up @ (down @ RMSNorm(h))     RMSNorm without weight, model eps
+//   blk.N.bypass.down.weight  F32/F16 [n_embd, rank]
+//   blk.N.bypass.up.weight    F32/F16 [rank, n_embd]
+// A block that runs never uses its bypass: full depth is unchanged. Their K/V for
 // those blocks are NOT written: cells of skipped tokens hold stale data in the
 // masked layers. The sequence itself never reads them while the mask stays
 // set, but before evaluating those positions at full depth again (continuing a
@@ -46,6 +51,14 @@ FIRST_API int32_t first_model_supports_skip(const struct llama_model * model);
 
 // number of blocks that carry a router tensor
 FIRST_API int32_t first_model_n_routers(const struct llama_model * model);
+
+// number of blocks that carry a bypass adapter
+FIRST_API int32_t first_model_n_bypasses(const struct llama_model * model);
+
+// Apply bypass adapters to skipped blocks (default: enabled), for every
+// sequence of the context. Takes effect from the next llama_decode.
+FIRST_API int32_t first_set_bypass(struct llama_context * ctx, bool enable);
+FIRST_API bool    first_get_bypass(const struct llama_context * ctx);
 
 // Set the skip mask of a sequence: mask[il] != 0 skips block il.
 // mask == NULL or n == 0 clears it. Takes effect from the next llama_decode.

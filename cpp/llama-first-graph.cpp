@@ -31,8 +31,8 @@ private:
 
 // what a skipped block computes: h, or h + up @ (down @ rmsnorm(h)) with a bypass adapter
 // (constants.BYPASS_DEFINITION; rmsnorm without weight, the model's eps)
-static ggml_tensor * first_bypass(ggml_context * ctx, ggml_tensor * h, const llama_layer & layer, float eps) {
-    if (!layer.bypass_down || !layer.bypass_up) {
+static ggml_tensor * first_bypass(ggml_context * ctx, ggml_tensor * h, const llama_layer & layer, float eps, bool enabled) {
+    if (!enabled || !layer.bypass_down || !layer.bypass_up) {
         return h;
     }
     ggml_tensor * x = ggml_rms_norm(ctx, h, eps);
@@ -49,7 +49,7 @@ bool llm_graph_context::build_first_skip(ggml_tensor *& inpL, ggml_tensor * inp_
     if (il == n_layer - 1 && inp_out_ids) {
         inpL = ggml_get_rows(ctx0, inpL, inp_out_ids);
     }
-    inpL = first_bypass(ctx0, inpL, layer, norm_rms_eps);
+    inpL = first_bypass(ctx0, inpL, layer, norm_rms_eps, first.bypass);
     cb(inpL, "first_skip", il);
     return true;
 }
@@ -90,7 +90,7 @@ ggml_tensor * llm_graph_context::build_first_mix(ggml_tensor * cur, ggml_tensor 
     }
     // cur*1 + pass*0 == cur and cur*0 + pass*1 == pass exactly: a token's result
     // does not depend on whether other tokens of the ubatch skip the block
-    ggml_tensor * pass = first_bypass(ctx0, inpL, layer, norm_rms_eps);
+    ggml_tensor * pass = first_bypass(ctx0, inpL, layer, norm_rms_eps, first.bypass);
     ggml_tensor * drop = ggml_scale_bias(ctx0, keep, -1.0f, 1.0f);
     cur = ggml_add(ctx0, ggml_mul(ctx0, cur, keep), ggml_mul(ctx0, pass, drop));
     cb(cur, "first_mix", il);

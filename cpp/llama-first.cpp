@@ -24,8 +24,10 @@ struct first_seq {
 
 struct first_state {
     int32_t n_layer   = 0;
-    int32_t n_routers = 0;
-    bool    supported = false;
+    int32_t n_routers  = 0;
+    int32_t n_bypasses = 0;
+    bool    supported  = false;
+    bool    bypass     = true;  // apply bypass adapters to skipped blocks (first_set_bypass)
 
     std::vector<first_seq> seqs = std::vector<first_seq>(LLAMA_MAX_SEQ);
 
@@ -54,11 +56,20 @@ static int32_t first_count_routers(const llama_model & model) {
     return n;
 }
 
+static int32_t first_count_bypasses(const llama_model & model) {
+    int32_t n = 0;
+    for (const auto & layer : model.layers) {
+        n += layer.bypass_down != nullptr && layer.bypass_up != nullptr;
+    }
+    return n;
+}
+
 std::shared_ptr<first_state> first_state_make(const llama_model & model) {
     auto state = std::make_shared<first_state>();
     state->n_layer   = (int32_t) model.hparams.n_layer();
-    state->n_routers = first_count_routers(model);
-    state->supported = first_arch_supported(model.arch);
+    state->n_routers  = first_count_routers(model);
+    state->n_bypasses = first_count_bypasses(model);
+    state->supported  = first_arch_supported(model.arch);
     return state;
 }
 
@@ -100,6 +111,7 @@ first_plan first_make_plan(const first_state & state, const llama_ubatch & ubatc
     if (!any_skip) {
         plan.mode.clear(); // identical to the stock graph
     }
+    plan.bypass = any_skip && state.bypass && state.n_bypasses > 0;
     return plan;
 }
 
@@ -260,6 +272,22 @@ int32_t first_set_routing(llama_context * ctx, llama_seq_id seq_id, bool enable)
     }
     seq->routing = enable;
     return FIRST_OK;
+}
+
+int32_t first_model_n_bypasses(const llama_model * model) {
+    return first_count_bypasses(*model);
+}
+
+int32_t first_set_bypass(llama_context * ctx, bool enable) {
+    if (!ctx->first->supported) {
+        return FIRST_ERR_UNSUPPORTED;
+    }
+    ctx->first->bypass = enable;
+    return FIRST_OK;
+}
+
+bool first_get_bypass(const llama_context * ctx) {
+    return ctx->first->bypass;
 }
 
 int32_t first_get_router_n_tokens(const llama_context * ctx, llama_seq_id seq_id) {

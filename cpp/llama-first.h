@@ -31,12 +31,13 @@ enum first_layer_mode : uint8_t {
 struct first_plan {
     const first_state * state = nullptr;
     bool score = false;          // evaluate the routers on this ubatch
+    bool bypass = false;         // skipped blocks run their bypass adapters (when the model has them)
     std::vector<uint8_t> mode;   // first_layer_mode per block; empty = full depth
 
     uint8_t layer(int il) const { return mode.empty() ? (uint8_t) FIRST_LAYER_KEEP : mode[il]; }
 
     bool operator==(const first_plan & other) const {
-        return score == other.score && mode == other.mode;
+        return score == other.score && bypass == other.bypass && mode == other.mode;
     }
 };
 

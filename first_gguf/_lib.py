@@ -84,6 +84,9 @@ first_set_skip_mask = _bind(
 first_get_skip_mask = _bind(
     "first_get_skip_mask", [_ctx_p, _c.c_int32, _c.POINTER(_c.c_uint8), _c.c_int32], _c.c_int32
 )
+first_model_n_bypasses = _bind("first_model_n_bypasses", [_model_p], _c.c_int32)
+first_set_bypass = _bind("first_set_bypass", [_ctx_p, _c.c_bool], _c.c_int32)
+first_get_bypass = _bind("first_get_bypass", [_ctx_p], _c.c_bool)
 first_set_routing = _bind("first_set_routing", [_ctx_p, _c.c_int32, _c.c_bool], _c.c_int32)
 first_get_router_n_tokens = _bind("first_get_router_n_tokens", [_ctx_p, _c.c_int32], _c.c_int32)
 first_get_router_scores = _bind(

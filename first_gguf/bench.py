@@ -7,7 +7,11 @@ and ratios to skip_budget 0 from the same run. The ideal ratio comes from
 the per-block cost measured in the same run: c = (t(0) - t(n-1)) / (n-1),
 with t(k) the median decode time per token when k blocks are skipped, so
 ideal(k) = t(0) / (t(0) - k c). Efficiency = measured ratio / ideal ratio.
-Router overhead is the prefill time with routers scored vs not scored.
+With bypass adapters in the model, every budget is measured with them (the
+speed a user gets) and without them (plain skipping), and the floor runs
+without them: the ideal is that of plain block skipping, so the efficiency
+includes the bypasses' cost. Router overhead is the prefill time with routers
+scored vs not scored.
 """
 from __future__ import annotations
 
@@ -47,9 +51,11 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
     return toks[:n]
 
 
-def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int) -> tuple[float, float]:
+def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int,
+                 bypass: bool = True) -> tuple[float, float]:
     """(seconds per decoded token, prefill tok/s) for one measurement; greedy, EOS ignored."""
     model.reset()
+    model.bypass = bypass
     logits, n_eval, t_prefill = model._prefill(prompt)
     model._set_mask(skip)
     try:
@@ -61,6 +67,7 @@ def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int
     finally:
         model._set_mask(())
         model._drop_dirty()
+        model.bypass = True
     return dt / n_tokens, n_eval / t_prefill
 
 
@@ -98,7 +105,9 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
     n = model.n_layer
     # floor for the per-block cost: every block but block 0 skipped (blocks cost the same)
     floor_set = list(range(1, n))
-    configs = [(f"{b:g}", sets[b]) for b in budgets] + [("floor", floor_set)]
+    configs = [(f"{b:g}", sets[b], True) for b in budgets] + [("floor", floor_set, False)]
+    if model.n_bypasses:
+        configs += [(f"{b:g}/plain", sets[b], False) for b in budgets if sets[b]]
 
     busy = cpu_busy_fraction(1.0)
     warn = []
@@ -108,16 +117,16 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
              f"{len(prompt)}-token prompt, {model.n_threads} thread(s)")
 
     # warm-up (page in weights, build graphs)
-    for _, skip in configs:
-        _decode_time(model, prompt, skip, min(8, gen_tokens))
+    for _, skip, bp in configs:
+        _decode_time(model, prompt, skip, min(8, gen_tokens), bp)
 
-    per_tok: dict[str, list[float]] = {name: [] for name, _ in configs}
-    prefill: dict[str, list[float]] = {name: [] for name, _ in configs}
+    per_tok: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    prefill: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     router_on, router_off = [], []
     for r in range(repeats):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
-        for name, skip in order:
-            t, pf = _decode_time(model, prompt, skip, gen_tokens)
+        for name, skip, bp in order:
+            t, pf = _decode_time(model, prompt, skip, gen_tokens, bp)
             per_tok[name].append(t)
             prefill[name].append(pf)
         if model.n_routers:
@@ -149,6 +158,9 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
             "efficiency": ratio / ideal,
             "prefill_tok_s": statistics.median(prefill[name]),
         })
+        if f"{name}/plain" in med:
+            rows[-1]["plain_decode_ratio"] = t0 / med[f"{name}/plain"]
+            rows[-1]["plain_efficiency"] = rows[-1]["plain_decode_ratio"] / ideal
     result = {
         "model": str(model.path),
         "threads": model.n_threads,
@@ -156,6 +168,7 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
         "gen_tokens": gen_tokens,
         "prompt_tokens": len(prompt),
         "skip_strategy": skip_strategy,
+        "n_bypasses": model.n_bypasses,
         "per_block_ms": c_block * 1e3,
         "floor_ms": (med["floor"] - c_block) * 1e3,
         "rows": rows,
@@ -173,16 +186,23 @@ def format_table(res: dict) -> str:
         f"model {res['model']}",
         f"{res['threads']} thread(s), {res['prompt_tokens']}-token prompt, {res['gen_tokens']} decode tokens, "
         f"median of {res['repeats']} interleaved rounds; per-block cost {res['per_block_ms']:.3f} ms, "
-        f"floor {res['floor_ms']:.3f} ms",
+        f"floor {res['floor_ms']:.3f} ms"
+        + (f"; {res['n_bypasses']} bypass adapters: speedup and efficiency with them, the ideal without"
+           if res.get("n_bypasses") else ""),
         "",
         "| skip_budget | blocks skipped | decode tok/s (min-max) | speedup | ideal | efficiency | prefill tok/s |",
         "|---|---|---|---|---|---|---|",
     ]
+    plain = bool(res.get("n_bypasses"))
+    if plain:
+        lines[-2] += " speedup without bypasses | efficiency without |"
+        lines[-1] += "---|---|"
     for r in res["rows"]:
         lines.append(
             f"| {r['skip_budget']:g} | {r['n_skipped']} | {r['decode_tok_s']:.1f} "
             f"({r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}) | {r['decode_ratio']:.3f}x | "
-            f"{r['ideal_ratio']:.3f}x | {r['efficiency']:.1%} | {r['prefill_tok_s']:.1f} |")
+            f"{r['ideal_ratio']:.3f}x | {r['efficiency']:.1%} | {r['prefill_tok_s']:.1f} |"
+            + (f" {r.get('plain_decode_ratio', 1.0):.3f}x | {r.get('plain_efficiency', 1.0):.1%} |" if plain else ""))
     if "router_prefill_overhead" in res:
         lines.append("")
         lines.append(f"router scoring overhead on prefill: {res['router_prefill_overhead']:+.2%}")

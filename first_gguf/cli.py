@@ -22,7 +22,8 @@ def _load(model, n_ctx, threads, seed=0):
 
 
 def _fmt_summary(gen) -> str:
-    skipped = (f"skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}): "
+    skipped = (f"skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}"
+               f"{', bypass adapters' if gen.bypassed_layers else ''}): "
                f"{','.join(map(str, gen.skipped_layers))}" if gen.skipped_layers else "skipped no blocks")
     return (f"[first-gguf] {skipped} | "
             f"prompt {gen.n_prompt_tokens} tok, prefill {gen.prefill_tokens_per_s:.1f} tok/s | "
@@ -54,9 +55,11 @@ def main():
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: half the cores).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-bypass", is_flag=True, help="Skipped blocks pass their input through even if the GGUF "
+                                                 "has bypass adapters (for comparisons).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON instead of streaming.")
 def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens, temperature, top_p, chat,
-             system, n_ctx, threads, seed, as_json):
+             system, n_ctx, threads, seed, no_bypass, as_json):
     """Generate text for PROMPT, skipping blocks chosen from the prompt.
 
     The text streams to stdout; a one-line summary (skipped blocks,
@@ -69,6 +72,7 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
         except ValueError:
             raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
     m = _load(model, n_ctx, threads, seed)
+    m.bypass = not no_bypass
     kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, skip_strategy=skip_strategy,
               skip_layers=layers)
     try:
@@ -407,10 +411,11 @@ def train(ctx, config_file, **kw):
 @click.option("--split", "split_name", type=click.Choice(["dev", "test"]), default="test", show_default=True)
 @click.option("--random-seeds", type=int, default=3, show_default=True)
 @click.option("--no-bench", is_flag=True, help="Skip the speed measurement.")
+@click.option("--no-bypass", is_flag=True, help="Evaluate plain skipping even if the GGUF has bypass adapters.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Results folder (resumable).")
 def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_name, random_seeds, no_bench,
-             threads, output):
+             no_bypass, threads, output):
     """Quality per task/strategy/budget (extra NLL, agreement, task metric), speed, plots."""
     from .evaluate import EvalConfig, evaluate, summary_table
 
@@ -421,6 +426,7 @@ def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_na
     if model is not None and not os.path.isfile(model):
         raise _UserError(f"model not found: {model}")
     m = _load(model, 4096, threads)
+    m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
                      strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
                      gen_tokens=gen_tokens, split=split_name, random_seeds=random_seeds, bench=not no_bench)

@@ -48,6 +48,7 @@ class Generation:
     finish_reason: str           # "stop" (end-of-generation token or stop string) or "length"
     skip_strategy: str = "router"
     n_prefill_tokens: int = 0    # prompt tokens actually evaluated (not taken from the cache)
+    bypassed_layers: list[int] = field(default_factory=list)  # skipped blocks that ran their bypass adapter
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -175,6 +176,8 @@ class Model:
         self.n_batch = 512
         self.supports_skip = bool(_lib.first_model_supports_skip(self._model))
         self.n_routers = int(_lib.first_model_n_routers(self._model))
+        self.n_bypasses = int(_lib.first_model_n_bypasses(self._model))
+        self._bypass_blocks = set(self.info.bypass_blocks)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._rng = np.random.default_rng(self.seed)
         # clean prefix of the KV cache and its router scores; dirty tail (masked tokens)
@@ -217,6 +220,18 @@ class Model:
         return dict(self.info.static_rankings)
 
     # ---------------------------------------------------------- KV handling
+    @property
+    def bypass(self) -> bool:
+        """Whether skipped blocks run their bypass adapters (default True; no effect without bypass tensors)."""
+        return bool(self.supports_skip and _lib.first_get_bypass(self._ctx))
+
+    @bypass.setter
+    def bypass(self, enable: bool) -> None:
+        if not isinstance(enable, bool):
+            raise TypeError(f"bypass must be a bool; got {type(enable).__name__}")
+        if self.supports_skip:
+            _lib.check(_lib.first_set_bypass(self._ctx, enable), "first_set_bypass")
+
     def reset(self) -> None:
         """Forget the cached prompt (clears the KV cache)."""
         llama_cpp.llama_memory_clear(self._mem, True)
@@ -493,6 +508,7 @@ class Model:
             finish_reason=finish,
             skip_strategy="explicit" if layers is not None else strategy,
             n_prefill_tokens=n_eval,
+            bypassed_layers=[il for il in skip if self.bypass and il in self._bypass_blocks],
         )
         yield GenerationChunk(text[emitted:], None, gen)
 

@@ -107,6 +107,29 @@ def test_greedy_decode_with_bypass_matches_torch(tiny, tiny_gguf_model, bypass_m
     assert plain.tokens != g.tokens
 
 
+def test_bypass_switch_and_graph_reuse(tiny_gguf_model, bypass_model):
+    """Model.bypass=False gives plain skipping (== the same file without bypasses), and switching back and forth
+    never reuses a graph built for the other setting."""
+    _, m = bypass_model
+    plain = tiny_gguf_model.score_tokens(PROMPT, CONT, skip_layers=[1, 2]).logprobs
+    with_bp = m.score_tokens(PROMPT, CONT, skip_layers=[1, 2]).logprobs
+    try:
+        for _ in range(2):
+            m.bypass = False
+            assert m.score_tokens(PROMPT, CONT, skip_layers=[1, 2]).logprobs == pytest.approx(plain, abs=1e-6)
+            g = m.generate("the value of", skip_layers=[1, 2], max_tokens=4)
+            assert g.bypassed_layers == []
+            m.bypass = True
+            assert m.score_tokens(PROMPT, CONT, skip_layers=[1, 2]).logprobs == pytest.approx(with_bp, abs=1e-6)
+            g = m.generate("the value of", skip_layers=[1, 2], max_tokens=4)
+            assert g.bypassed_layers == [1, 2]
+        with pytest.raises(TypeError, match="bypass must be a bool"):
+            m.bypass = 1
+    finally:
+        m.bypass = True
+    assert m.n_bypasses == N_LAYER and tiny_gguf_model.n_bypasses == 0
+
+
 def test_info_attach_strip_and_router_file(tiny_gguf_model, bypass_model, bypasses, tiny_routers, tmp_path):
     dtype, m = bypass_model
     inf = read_info(m.path)
