@@ -42,9 +42,10 @@ def atomic_output(dst: Path):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    mode = 0o666 & ~umask  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
+        os.chmod(tmp, mode)  # after the writer: some (safetensors) replace the file they are given
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
