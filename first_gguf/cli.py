@@ -253,14 +253,17 @@ def attach(base, routers, output, rankings, force):
             diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
             if diff and not force:
                 raise ValueError(f"{routers} does not fit {base} (pass --force to attach anyway):\n  " + "\n  ".join(diff))
-            routers_map, source, ranks = rf.routers(), rf.provenance, dict(rf.static_rankings)
+            routers_map, source = rf.routers(), rf.provenance
             bypasses = rf.bypasses or None
-        for path in rankings:
+        for path in rankings:  # first: the first --ranking is the default
             try:
                 r = json.loads(open(path).read())
                 ranks.setdefault(r["name"], r)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"cannot read ranking {path}: {e}") from None
+        if routers:
+            for name, r in rf.static_rankings.items():
+                ranks.setdefault(name, r)
         return do_attach(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
                          bypasses=bypasses, force=force, progress=True)
 

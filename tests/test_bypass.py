@@ -147,15 +147,19 @@ def test_info_attach_strip_and_router_file(tiny_gguf_model, bypass_model, bypass
     # router file with bypasses -> CLI attach -> the same tensors
     rf = load_router_file(tiny_routers[0])
     rf.bypasses = {il: bypasses[il] for il in (1, 2)}
+    rf.static_rankings = {"router_mean": {"ranking": [3, 2, 1, 0], "method": "test"}}
     p = save_router_file(tmp_path / "rb.safetensors", rf)
+    (tmp_path / "g.json").write_text(json.dumps({"name": "greedy", "ranking": [1, 2, 3, 0]}))
     back = load_router_file(p)
     assert back.bypass_rank == RANK and sorted(back.bypasses) == [1, 2]
     np.testing.assert_array_equal(back.bypasses[2][1], bypasses[2][1])
     base = strip(tiny_gguf_model.path, tmp_path / "base.gguf")
-    res = CliRunner().invoke(main, ["attach", str(base), str(p), "-o", str(tmp_path / "rb.gguf")])
+    res = CliRunner().invoke(main, ["attach", str(base), str(p), "--ranking", str(tmp_path / "g.json"),
+                                    "-o", str(tmp_path / "rb.gguf")])
     assert res.exit_code == 0, res.output
     inf = read_info(tmp_path / "rb.gguf")
     assert inf.bypass_blocks == [1, 2] and inf.router_blocks == list(range(N_LAYER))
+    assert list(inf.static_rankings) == ["greedy", "router_mean"]  # an explicit --ranking is the default
 
 
 def test_bad_bypasses_are_refused_with_names(tiny_gguf_model, bypasses, tiny_routers, tmp_path):

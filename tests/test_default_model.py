@@ -21,6 +21,7 @@ def test_default_model_is_verified_and_carries_routers_and_rankings():
     try:
         assert m.path == default_model_path()
         assert m.n_routers == 30
+        assert m.n_bypasses == 30 and rf.bypass_rank == 16 and m.info.bypass_rank == 16
         assert list(m.static_rankings) == ["greedy_nll", "block_influence", "router_mean"]
         assert m.static_rankings["greedy_nll"] == ranking["ranking"]
         assert m.static_rankings["router_mean"] == rf.static_rankings["router_mean"]["ranking"]
@@ -31,6 +32,7 @@ def test_default_model_is_verified_and_carries_routers_and_rankings():
         s = m.chat([{"role": "user", "content": "Hi"}], 0.3, skip_strategy="static", max_tokens=4)
         assert s.skipped_layers == sorted(ranking["ranking"][:9])
         assert g.decode_tokens_per_s > 0 and g.n_prompt_tokens > 0
+        assert g.bypassed_layers == g.skipped_layers
     finally:
         m.close()
 
@@ -39,7 +41,7 @@ def test_main_command_streams_and_summarises():
     res = CliRunner().invoke(main, ["generate", "Explain why the sky is blue.", "--skip-budget", "0.3",
                                     "--max-tokens", "12"])
     assert res.exit_code == 0, res.output
-    assert "[first-gguf] skipped 9 blocks (router):" in res.output
+    assert "[first-gguf] skipped 9 blocks (router, bypass adapters):" in res.output
     assert "decode" in res.output and "tok/s" in res.output
     res = CliRunner().invoke(main, ["generate", "Hi", "--skip-budget", "0.2", "--max-tokens", "4", "--json"])
     d = json.loads(res.output)
