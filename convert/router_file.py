@@ -5,8 +5,8 @@ A safetensors file with one tensor per routed block and a JSON header
 
     router.<N>.weight   F32 [n_embd]       block N's router weight
     router.<N>.bias     F32 [1]            optional
-    bypass.<N>.down     F32 [rank, n_embd] optional bypass adapter of block N (with .up)
-    bypass.<N>.up       F32 [n_embd, rank]
+    bypass.<N>.down     F32/F16 [rank, n_embd] optional bypass adapter of block N (with .up)
+    bypass.<N>.up       F32/F16 [n_embd, rank]
     __metadata__:
       format            "first-gguf-routers"
       version           "1"
@@ -108,9 +108,10 @@ def save_router_file(path: str | os.PathLike, rf: RouterFile, *, force: bool = F
     _validate(rf, p)
     tensors = {f"router.{b}.weight": np.ascontiguousarray(w, dtype=np.float32) for b, w in rf.weights.items()}
     tensors.update({f"router.{b}.bias": np.asarray([v], dtype=np.float32) for b, v in rf.biases.items()})
-    for b, (down, up) in rf.bypasses.items():
-        tensors[f"bypass.{b}.down"] = np.ascontiguousarray(down, dtype=np.float32)
-        tensors[f"bypass.{b}.up"] = np.ascontiguousarray(up, dtype=np.float32)
+    for b, (down, up) in rf.bypasses.items():  # float16 stays float16 (the shipped file), anything else float32
+        dt = np.float16 if np.asarray(down).dtype == np.float16 else np.float32
+        tensors[f"bypass.{b}.down"] = np.ascontiguousarray(down, dtype=dt)
+        tensors[f"bypass.{b}.up"] = np.ascontiguousarray(up, dtype=dt)
     meta = {
         "format": FORMAT, "version": VERSION,
         "n_layer": str(rf.n_layer), "n_embd": str(rf.n_embd), "n_out": str(rf.n_out),
@@ -205,8 +206,9 @@ def load_router_file(path: str | os.PathLike) -> RouterFile:
     for name, arr in arrays.items():
         parts = name.split(".")
         if len(parts) == 3 and parts[0] == "bypass" and parts[1].isdigit() and parts[2] in ("down", "up"):
-            if arr.dtype != np.float32 or arr.ndim != 2:
-                errors.append(f"{name} has dtype {arr.dtype} and {arr.ndim} dims; expected a 2-D float32 matrix")
+            if arr.dtype not in (np.float32, np.float16) or arr.ndim != 2:
+                errors.append(f"{name} has dtype {arr.dtype} and {arr.ndim} dims; expected a 2-D float32 or "
+                              f"float16 matrix")
             else:
                 (downs if parts[2] == "down" else ups)[int(parts[1])] = arr
             continue
