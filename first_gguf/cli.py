@@ -355,6 +355,13 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
 @click.option("--max-prompt-tokens", type=int, default=192, show_default=True)
 @click.option("--max-continuation-tokens", type=int, default=64, show_default=True)
 @click.option("--max-examples-per-task", type=int, default=4000, show_default=True)
+@click.option("--balance-tasks", is_flag=True,
+              help="Draw each training sequence from a uniformly chosen task (default: uniformly over sequences).")
+@click.option("--docs-supplement", is_flag=True,
+              help="Add training-only docstrings from other modules to the docs task (see tasks.docs_supplement).")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: every learning rate decays to --lr-final times its start over --steps.")
+@click.option("--lr-final", type=float, default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")

@@ -6,6 +6,9 @@ no dataset text is stored in this repository:
 - ``translation``: Debian gettext catalogues on the machine, en->fr and en->es
   (``/usr/share/locale/{fr,es}/LC_MESSAGES/*.mo``, read with the stdlib).
 - ``docs``: Python standard-library docstrings (plain English technical text).
+  Its train split is small (108 examples); ``docs_supplement()`` adds training-only
+  docstrings from other standard-library modules and numpy, disjoint from the
+  task's examples (``first-gguf train --docs-supplement``).
 - ``summarization``: BIG-bench ``gem/wikilingua_en`` (from the ``bigbench==1.0.0``
   sdist, fetched with ``pip download``; only the needed members are extracted).
 - ``qa``: BIG-bench natural-instructions reading comprehension (CosmosQA, ROPES,
@@ -103,6 +106,65 @@ def _docs() -> list[Example]:
         cut = doc.rfind(" ", 0, 280)
         out.append(Example("docs", _user(f"Continue this Python documentation for {name}:\n{doc[:cut]}"),
                            doc[cut:cut + 500].strip(), _uid(name)))
+    return out
+
+
+# Modules for the training-only docs supplement: none of them is (or is under) a module of the docs task.
+DOCS_SUPPLEMENT_MODULES = (
+    "asyncio", "doctest", "difflib", "io", "codecs", "pickle", "pkgutil", "traceback", "ast", "base64",
+    "ipaddress", "socket", "socketserver", "optparse", "shelve", "time", "tokenize", "unittest", "uuid", "abc",
+    "enum", "imaplib", "lzma", "mimetypes", "platform", "selectors", "smtplib", "ssl", "threading", "array",
+    "decimal", "fractions", "email.message", "http.client", "urllib.request", "urllib.parse",
+    "xml.etree.ElementTree", "sqlite3", "multiprocessing", "concurrent.futures", "queue", "contextlib", "copy",
+    "hashlib", "struct", "weakref", "operator", "glob", "fnmatch", "configparser", "gzip", "bz2", "sched",
+    "locale", "calendar", "pprint", "types", "warnings", "secrets", "zlib", "html.parser", "ftplib", "poplib",
+    "mailbox", "wave", "pdb", "cmd", "code", "trace", "timeit", "filecmp", "plistlib", "netrc", "gettext",
+    "ctypes", "sysconfig", "importlib", "importlib.metadata", "builtins",
+    "numpy", "numpy.linalg", "numpy.random", "numpy.fft")
+
+
+def docs_supplement(min_chars: int = 400) -> list[Example]:
+    """Training-only ``docs`` examples, in the task's format, from modules outside the task.
+
+    The ``docs`` task has 135 examples (108 in its train split), too few to train
+    bypass adapters for that domain next to thousands of examples of the other
+    tasks. These come from other modules (functions, classes and their public
+    methods); a docstring whose text also occurs in the task (re-exports) is
+    dropped, so the task's dev and test examples stay unseen.
+    """
+    import importlib
+    import inspect
+    import warnings
+
+    from .ranking import DOC_MODULES, _docstrings
+
+    seen = {doc for _, doc in _docstrings(min_chars=min_chars)}
+    out = []
+    for modname in DOCS_SUPPLEMENT_MODULES:
+        if modname.split(".")[0] in DOC_MODULES:
+            raise AssertionError(f"supplement module {modname} overlaps the docs task")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for name in sorted(dir(mod)):
+            obj = getattr(mod, name, None) if not name.startswith("_") else None
+            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+                continue
+            cands = [(f"{modname}.{name}", obj)]
+            if inspect.isclass(obj):
+                cands += [(f"{modname}.{name}.{m}", v) for m, v in sorted(vars(obj).items())
+                          if not m.startswith("_") and callable(v)]
+            for qual, o in cands:
+                doc = " ".join((inspect.getdoc(o) or "").split())
+                if len(doc) < min_chars or not doc.isascii() or doc in seen:
+                    continue
+                seen.add(doc)
+                cut = doc.rfind(" ", 0, 280)
+                out.append(Example("docs", _user(f"Continue this Python documentation for {qual}:\n{doc[:cut]}"),
+                                   doc[cut:cut + 500].strip(), "supplement:" + _uid(qual)))
     return out
 
 

@@ -80,6 +80,29 @@ if TYPE_CHECKING:
     import torch
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
+    """Multiplier of every group's initial learning rate at ``step`` (0-based) of ``steps``."""
+    if schedule == "constant" or steps <= 1:
+        return 1.0
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+
+
+def task_sampler(tasks: Sequence[str], balance: bool):
+    """draw(rng) -> an index into ``tasks``: uniform over items, or over task names, then items."""
+    if not tasks:
+        raise ValueError("no training sequences to draw from")
+    if not balance:
+        return lambda rng: rng.randrange(len(tasks))
+    by_task: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_task.setdefault(t, []).append(i)
+    groups = [by_task[t] for t in sorted(by_task)]
+    return lambda rng: (g := groups[rng.randrange(len(groups))])[rng.randrange(len(g))]
+
+
 @dataclass
 class TrainConfig:
     model: str
@@ -107,6 +130,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     resume: bool = False
     max_examples_per_task: int = 4000
+    balance_tasks: bool = False
+    docs_supplement: bool = False
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1
     n_static_examples: int = 64
     force: bool = False
 
@@ -136,6 +163,12 @@ class TrainConfig:
             bad(f"static_mix must be in [0, 1]; got {self.static_mix}")
         if self.static_mix > 0 and not self.static_ranking:
             bad("static_mix > 0 needs a static ranking (--static-ranking)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if not 0 <= self.lr_final <= 1:
+            bad(f"lr_final (a fraction of the initial learning rates) must be in [0, 1]; got {self.lr_final}")
+        if self.docs_supplement and "docs" not in self.tasks:
+            bad("docs_supplement adds training data to the docs task, which is not among the tasks")
         if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
             bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
         out = Path(self.output)
@@ -473,6 +506,12 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
             tr = split(load_task(t), "train", seed=0)
             rs.shuffle(tr)
             examples += tr[: cfg.max_examples_per_task]
+        if cfg.docs_supplement:
+            from .tasks import docs_supplement
+
+            extra = docs_supplement()
+            rs.shuffle(extra)
+            examples += extra[: cfg.max_examples_per_task]
         sequences = encode_examples(cfg.model, examples, cfg.max_prompt_tokens, cfg.max_continuation_tokens)
     if not sequences:
         raise ValueError("no training sequences (each needs a prompt and >= 2 continuation tokens)")
@@ -500,13 +539,19 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                              f"{sorted(rf.weights)}; the model needs all {L} blocks x {E}")
         routers.weight.data.copy_(torch.from_numpy(np.stack([rf.weights[il] for il in range(L)])))
         routers.bias.data.copy_(torch.tensor([rf.biases.get(il, 0.0) for il in range(L)]))
-        if bypass is not None and rf.bypasses and rf.bypass_rank == cfg.bypass_rank and len(rf.bypasses) == L:
-            bypass.down.data.copy_(torch.from_numpy(np.stack([rf.bypasses[il][0] for il in range(L)])))
-            bypass.up.data.copy_(torch.from_numpy(np.stack([rf.bypasses[il][1] for il in range(L)])))
+        if bypass is not None and rf.bypasses:
+            if rf.bypass_rank != cfg.bypass_rank:
+                raise ValueError(f"{cfg.init_routers}: bypasses of rank {rf.bypass_rank}; this run trains rank "
+                                 f"{cfg.bypass_rank} (pass --bypass-rank {rf.bypass_rank})")
+            # blocks without an adapter in the file keep the fresh one: up = 0 is the identity, as in the file
+            for il, (down, up) in rf.bypasses.items():
+                bypass.down.data[il].copy_(torch.from_numpy(np.asarray(down, dtype=np.float32)))
+                bypass.up.data[il].copy_(torch.from_numpy(np.asarray(up, dtype=np.float32)))
     if cfg.static_ranking and any(not 0 <= b < L for b in cfg.static_ranking):
         raise ValueError(f"static ranking {cfg.static_ranking} names blocks outside 0..{L - 1}")
     if lora:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lora_lr})
+    base_lrs = [g["lr"] for g in groups]  # the schedule scales these (a resumed optimizer holds scaled ones)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     params = [p for g in groups for p in g["params"]]
 
@@ -532,6 +577,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
 
     rng = random.Random(cfg.seed * 1000 + rank)
     order = [i for i in range(len(sequences)) if i % world == rank]
+    draw = task_sampler([sequences[i].task for i in order], cfg.balance_tasks)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -539,7 +585,10 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         bar = tqdm(total=cfg.steps, initial=start, desc="train routers", unit="step")
     for step in range(start, cfg.steps):
         brng = random.Random(cfg.seed * 7919 + step * 31 + rank)
-        batch = [sequences[order[brng.randrange(len(order))]] for _ in range(cfg.batch_size)]
+        batch = [sequences[order[draw(brng)]] for _ in range(cfg.batch_size)]
+        f = lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.lr_final)
+        for g, lr0 in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr0 * f
         loss, info = step_loss(model, routers, batch, cfg, rng, pad=pad, lora=lora, bypass=bypass)
         opt.zero_grad()
         loss.backward()

@@ -296,3 +296,31 @@ def test_mixed_batch_with_bypass_equals_each_sequence_alone(bypass_model):
     finally:
         first_gguf._lib.llama_cpp.llama_free(ctx)
     assert float(np.max(np.abs(plain - alone[0]))) > 0.05
+
+
+def test_init_routers_loads_a_file_with_omitted_adapters(tiny, tmp_path):
+    """--init-routers with a router file that omits some adapters (the shipped file drops the identity ones)
+    loads the adapters it has, keeps identity for the others, and refuses another rank."""
+    d, _ = tiny
+    rng = np.random.default_rng(1)
+    seqs = [Sequence_([1] + rng.integers(3, 399, 11).tolist(), rng.integers(3, 399, 8).tolist(), "t")
+            for _ in range(8)]
+    cfg = TrainConfig(model=str(d), output=str(tmp_path / "a.safetensors"), steps=2, batch_size=2, bypass_rank=RANK,
+                      bf16=False, n_static_examples=4)
+    train(cfg, sequences=seqs, progress=False)
+    rf = load_router_file(cfg.output)
+    rf.bypasses = {il: (rng.normal(0, 0.1, (RANK, N_EMBD)).astype(np.float32),
+                        rng.normal(0, 0.1, (N_EMBD, RANK)).astype(np.float32)) for il in (1, 3)}
+    save_router_file(tmp_path / "init.safetensors", rf, force=True)
+    cfg2 = TrainConfig(**{**cfg.__dict__, "output": str(tmp_path / "b.safetensors"), "steps": 1, "lr": 1e-9,
+                          "bypass_lr": 1e-9, "init_routers": str(tmp_path / "init.safetensors")})
+    train(cfg2, sequences=seqs, progress=False)
+    out = load_router_file(cfg2.output)
+    for il in (1, 3):
+        for a, b in zip(out.bypasses[il], rf.bypasses[il]):
+            assert float(np.max(np.abs(a - b))) < 1e-6
+    for il in (0, 2):
+        assert float(np.max(np.abs(out.bypasses[il][1]))) < 1e-6  # up stays (about) zero: identity
+    cfg3 = TrainConfig(**{**cfg2.__dict__, "output": str(tmp_path / "c.safetensors"), "bypass_rank": RANK + 1})
+    with pytest.raises(ValueError, match=f"bypasses of rank {RANK}; this run trains rank {RANK + 1}"):
+        train(cfg3, sequences=seqs, progress=False)

@@ -248,3 +248,41 @@ def test_lora_is_trained_and_saved_for_convert(tiny, tmp_path):
     w0 = model.model.layers[0].self_attn.q_proj.weight
     w1 = merged.model.layers[0].self_attn.q_proj.weight
     assert float((w0 - w1).abs().max()) > 0  # the adapter was trained (B moved away from its zero init)
+
+
+def test_lr_schedule_task_balance_and_docs_supplement(tmp_path, tiny):
+    from first_gguf.train import lr_factor, task_sampler
+
+    # cosine: starts at 1, ends at lr_final, never increases; constant stays 1
+    f = [lr_factor("cosine", s, 50, 0.1) for s in range(50)]
+    assert f[0] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f, f[1:]))
+    assert {lr_factor("constant", s, 50, 0.1) for s in range(50)} == {1.0}
+    # balanced sampling draws tasks uniformly however unequal their sizes
+    tasks = ["a"] * 95 + ["b"] * 5
+    rng = random.Random(0)
+    draws = [tasks[task_sampler(tasks, True)(rng)] for _ in range(4000)]
+    assert 0.45 < draws.count("b") / len(draws) < 0.55
+    # unbalanced sampling is the plain uniform draw over sequences (earlier runs stay reproducible)
+    r1, r2 = random.Random(5), random.Random(5)
+    assert [task_sampler(tasks, False)(r1) for _ in range(20)] == [r2.randrange(100) for _ in range(20)]
+    d, _ = tiny
+    base = dict(model=str(d), output=str(tmp_path / "r.safetensors"))
+    for kw, pat in [({"lr_schedule": "linear"}, "lr_schedule must be one of"), ({"lr_final": 2}, "lr_final"),
+                    ({"docs_supplement": True, "tasks": ["qa"]}, "docs_supplement")]:
+        with pytest.raises(ValueError, match=pat):
+            TrainConfig(**base, **kw).validate()
+
+
+def test_docs_supplement_is_disjoint_from_the_docs_task():
+    from first_gguf.tasks import docs_supplement, load_task
+
+    task = load_task("docs")
+    extra = docs_supplement()
+    assert len(extra) > 3 * len(task)
+    assert {e.task for e in extra} == {"docs"} and all(e.uid.startswith("supplement:") for e in extra)
+    assert len({e.uid for e in extra}) == len(extra)
+    texts = {e.target for e in task} | {e.messages[0]["content"].split("\n", 1)[1] for e in task}
+    for e in extra:
+        assert e.target not in texts and e.messages[0]["content"].split("\n", 1)[1] not in texts
+        assert e.messages[0]["content"].startswith("Continue this Python documentation for ")
