@@ -359,6 +359,9 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
               help="Draw each training sequence from a uniformly chosen task (default: uniformly over sequences).")
 @click.option("--docs-supplement", is_flag=True,
               help="Add training-only docstrings from other modules to the docs task (see tasks.docs_supplement).")
+@click.option("--extra-data", type=click.Path(dir_okay=False), default=None,
+              help="JSON Lines file of more training examples: {\"messages\": [...], \"target\": ..., \"task\": ...} "
+                   "per line (e.g. scripts/self_replies.py's output).")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="cosine: every learning rate decays to --lr-final times its start over --steps.")
 @click.option("--lr-final", type=float, default=0.1, show_default=True)

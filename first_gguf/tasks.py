@@ -258,6 +258,44 @@ def _bigbench(task: str) -> list[Example]:
     return out
 
 
+def read_examples_jsonl(path: str | os.PathLike, default_task: str = "extra") -> list[Example]:
+    """Examples from a JSON Lines file: ``{"messages": [{"role", "content"}, ...], "target": str}``
+    per line, optionally ``"task"`` (default ``default_task``). Blank lines are skipped."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read examples from {p}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object; got {type(rec).__name__}")
+        msgs, target = rec.get("messages"), rec.get("target")
+        if (not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)):
+            raise ValueError(f"{where}: expected \"messages\": a non-empty list of {{\"role\": str, \"content\": str}}")
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"{where}: expected \"target\": a non-empty string")
+        task = rec.get("task", default_task)
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"{where}: \"task\" must be a non-empty string; got {task!r}")
+        if any(r in task for r in RESERVED):
+            raise ValueError(f"{where}: task {task!r} is reserved for external evaluation")
+        out.append(Example(task, tuple({"role": m["role"], "content": m["content"]} for m in msgs), target,
+                           f"{p.name}:{n}"))
+    if not out:
+        raise ValueError(f"{p} holds no examples")
+    return out
+
+
 def load_task(task: str) -> list[Example]:
     if any(r in task for r in RESERVED):
         raise ValueError(f"task {task!r} is reserved for external evaluation and never loaded for training or tuning")

@@ -134,6 +134,7 @@ class TrainConfig:
     docs_supplement: bool = False
     lr_schedule: str = "constant"
     lr_final: float = 0.1
+    extra_data: str | None = None
     n_static_examples: int = 64
     force: bool = False
 
@@ -169,6 +170,8 @@ class TrainConfig:
             bad(f"lr_final (a fraction of the initial learning rates) must be in [0, 1]; got {self.lr_final}")
         if self.docs_supplement and "docs" not in self.tasks:
             bad("docs_supplement adds training data to the docs task, which is not among the tasks")
+        if self.extra_data and not Path(self.extra_data).is_file():
+            bad(f"extra_data file not found: {self.extra_data}")
         if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
             bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
         out = Path(self.output)
@@ -512,6 +515,10 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
             extra = docs_supplement()
             rs.shuffle(extra)
             examples += extra[: cfg.max_examples_per_task]
+        if cfg.extra_data:
+            from .tasks import read_examples_jsonl
+
+            examples += read_examples_jsonl(cfg.extra_data)
         sequences = encode_examples(cfg.model, examples, cfg.max_prompt_tokens, cfg.max_continuation_tokens)
     if not sequences:
         raise ValueError("no training sequences (each needs a prompt and >= 2 continuation tokens)")

@@ -286,3 +286,30 @@ def test_docs_supplement_is_disjoint_from_the_docs_task():
     for e in extra:
         assert e.target not in texts and e.messages[0]["content"].split("\n", 1)[1] not in texts
         assert e.messages[0]["content"].startswith("Continue this Python documentation for ")
+
+
+def test_extra_data_jsonl(tmp_path, tiny):
+    from first_gguf.tasks import read_examples_jsonl
+
+    good = tmp_path / "extra.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "target": "Hello there."}) + "\n\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Q"}], "target": "A.", "task": "self"})
+                    + "\n")
+    ex = read_examples_jsonl(good)
+    assert [(e.task, e.target) for e in ex] == [("extra", "Hello there."), ("self", "A.")]
+    assert ex[0].messages == ({"role": "user", "content": "Hi"},)
+    cases = [("not json\n", r"bad.jsonl:1: not JSON"),
+             ("[1, 2]\n", r"bad.jsonl:1: expected a JSON object"),
+             ('{"target": "x"}\n', r"bad.jsonl:1: expected \"messages\""),
+             ('{"messages": [{"role": "user", "content": "q"}]}\n', r"bad.jsonl:1: expected \"target\""),
+             ('\n{"messages": [{"role": "user", "content": "q"}], "target": "a", "task": "xsum"}\n',
+              r"bad.jsonl:2: task 'xsum' is reserved"),
+             ("\n", "holds no examples")]
+    for text, pat in cases:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=pat):
+            read_examples_jsonl(tmp_path / "bad.jsonl")
+    d, _ = tiny
+    with pytest.raises(ValueError, match="extra_data file not found"):
+        TrainConfig(model=str(d), output=str(tmp_path / "r.safetensors"),
+                    extra_data=str(tmp_path / "missing.jsonl")).validate()
