@@ -45,12 +45,18 @@ def test_two_turns_budget_and_layers(router_gguf):
 
 
 def test_ctrl_c_stops_a_reply_and_context_overflow_drops_old_turns(router_gguf):
-    child = _spawn(router_gguf, "--max-tokens", "400", "--n-ctx", "512", "--temperature", "0.8")
-    child.sendline("Write a very long story about a dragon and a knight.")
-    child.expect(r"knight\.\r\n")  # the echoed input
-    child.expect(r"\w+ \w+ \w+")  # the reply is streaming
-    child.sendintr()
-    child.expect(r"\[stopped\]")
+    # one thread: the reply takes ~5 s and a core stays free for this process to send the interrupt in time
+    child = _spawn(router_gguf, "--max-tokens", "400", "--n-ctx", "512", "--temperature", "0.8", "--threads", "1")
+    for _ in range(3):
+        child.sendline("Write a very long story about a dragon and a knight.")
+        child.expect(r"knight\.\r\n")  # the echoed input
+        child.expect(r"\w+ \w+ \w+")  # the reply is streaming
+        child.sendintr()
+        if child.expect([r"\[stopped\]", r"\r\n> "]) == 0:
+            break
+        # on a loaded machine the reply can end before the interrupt arrives (it then hits the prompt): again
+    else:
+        pytest.fail("Ctrl-C never stopped a streaming reply")
     child.expect("> ")
     for i in range(3):
         child.sendline("Tell me more about it, with many details. " * 4)
