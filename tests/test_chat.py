@@ -1,6 +1,7 @@
 """The terminal chat, driven through a pseudo-terminal."""
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -12,8 +13,11 @@ CLI = str(Path(sys.executable).with_name("first-gguf"))
 
 
 def _spawn(router_gguf, *args):
+    # Ctrl-C must reach the chat as KeyboardInterrupt even when this suite runs as a background job of a
+    # non-interactive shell (CI), whose children start with SIGINT ignored (Python then keeps it ignored)
     child = pexpect.spawn(CLI, ["chat", "--model", str(router_gguf), "--threads", "2", *args], encoding="utf-8",
-                          timeout=120, dimensions=(50, 200))
+                          timeout=120, dimensions=(50, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("/help for commands")
     child.expect("> ")
     return child
@@ -45,18 +49,12 @@ def test_two_turns_budget_and_layers(router_gguf):
 
 
 def test_ctrl_c_stops_a_reply_and_context_overflow_drops_old_turns(router_gguf):
-    # one thread: the reply takes ~5 s and a core stays free for this process to send the interrupt in time
-    child = _spawn(router_gguf, "--max-tokens", "400", "--n-ctx", "512", "--temperature", "0.8", "--threads", "1")
-    for _ in range(3):
-        child.sendline("Write a very long story about a dragon and a knight.")
-        child.expect(r"knight\.\r\n")  # the echoed input
-        child.expect(r"\w+ \w+ \w+")  # the reply is streaming
-        child.sendintr()
-        if child.expect([r"\[stopped\]", r"\r\n> "]) == 0:
-            break
-        # on a loaded machine the reply can end before the interrupt arrives (it then hits the prompt): again
-    else:
-        pytest.fail("Ctrl-C never stopped a streaming reply")
+    child = _spawn(router_gguf, "--max-tokens", "400", "--n-ctx", "512", "--temperature", "0.8")
+    child.sendline("Write a very long story about a dragon and a knight.")
+    child.expect(r"knight\.\r\n")  # the echoed input
+    child.expect(r"\w+ \w+ \w+")  # the reply is streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
     child.expect("> ")
     for i in range(3):
         child.sendline("Tell me more about it, with many details. " * 4)
