@@ -39,11 +39,17 @@ DOC_MODULES = ["json", "os", "pathlib", "collections", "itertools", "functools",
                "csv", "heapq", "bisect", "tempfile", "zipfile", "tarfile", "inspect", "typing", "dataclasses"]
 
 
-def _docstrings(min_chars: int = 500) -> list[tuple[str, str]]:
-    out = []
-    for modname in DOC_MODULES:
+def documented_objects(modules, *, methods: bool = False):
+    """(qualified name, object) for the public functions, classes and builtins of ``modules``; with
+    ``methods`` also each class's public callables, right after the class. Modules that do not import
+    are skipped."""
+    import warnings
+
+    for modname in modules:
         try:
-            mod = importlib.import_module(modname)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(modname)
         except ImportError:
             continue
         for name in sorted(dir(mod)):
@@ -52,9 +58,19 @@ def _docstrings(min_chars: int = 500) -> list[tuple[str, str]]:
             obj = getattr(mod, name, None)
             if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
                 continue
-            doc = inspect.getdoc(obj) or ""
-            if len(doc) >= min_chars and doc.isascii():
-                out.append((f"{modname}.{name}", " ".join(doc.split())))
+            yield f"{modname}.{name}", obj
+            if methods and inspect.isclass(obj):
+                for m, v in sorted(vars(obj).items()):
+                    if not m.startswith("_") and callable(v):
+                        yield f"{modname}.{name}.{m}", v
+
+
+def _docstrings(min_chars: int = 500) -> list[tuple[str, str]]:
+    out = []
+    for qual, obj in documented_objects(DOC_MODULES):
+        doc = inspect.getdoc(obj) or ""
+        if len(doc) >= min_chars and doc.isascii():
+            out.append((qual, " ".join(doc.split())))
     return out
 
 

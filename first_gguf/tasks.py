@@ -58,6 +58,11 @@ class Example:
     uid: str
 
 
+def is_reserved(task: str) -> bool:
+    """Whether ``task`` names data kept for external evaluation (never trained or tuned on)."""
+    return any(r in task for r in RESERVED)
+
+
 def _cache_dir() -> Path:
     from .default_model import cache_dir
 
@@ -101,12 +106,14 @@ def _translation(max_chars: int = 160) -> list[Example]:
 def _docs() -> list[Example]:
     from .ranking import _docstrings
 
-    out = []
-    for name, doc in _docstrings(min_chars=400):
-        cut = doc.rfind(" ", 0, 280)
-        out.append(Example("docs", _user(f"Continue this Python documentation for {name}:\n{doc[:cut]}"),
-                           doc[cut:cut + 500].strip(), _uid(name)))
-    return out
+    return [_docs_example(name, doc, _uid(name)) for name, doc in _docstrings(min_chars=400)]
+
+
+def _docs_example(name: str, doc: str, uid: str) -> Example:
+    """A ``docs`` example: the first ~280 characters of ``doc`` as the prompt, the next 500 as the target."""
+    cut = doc.rfind(" ", 0, 280)
+    return Example("docs", _user(f"Continue this Python documentation for {name}:\n{doc[:cut]}"),
+                   doc[cut:cut + 500].strip(), uid)
 
 
 # Modules for the training-only docs supplement: none of them is (or is under) a module of the docs task.
@@ -132,39 +139,21 @@ def docs_supplement(min_chars: int = 400) -> list[Example]:
     methods); a docstring whose text also occurs in the task (re-exports) is
     dropped, so the task's dev and test examples stay unseen.
     """
-    import importlib
     import inspect
-    import warnings
 
-    from .ranking import DOC_MODULES, _docstrings
+    from .ranking import DOC_MODULES, _docstrings, documented_objects
 
+    overlap = [m for m in DOCS_SUPPLEMENT_MODULES if m.split(".")[0] in DOC_MODULES]
+    if overlap:
+        raise AssertionError(f"supplement modules {overlap} overlap the docs task")
     seen = {doc for _, doc in _docstrings(min_chars=min_chars)}
     out = []
-    for modname in DOCS_SUPPLEMENT_MODULES:
-        if modname.split(".")[0] in DOC_MODULES:
-            raise AssertionError(f"supplement module {modname} overlaps the docs task")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(modname)
-        except ImportError:
+    for qual, obj in documented_objects(DOCS_SUPPLEMENT_MODULES, methods=True):
+        doc = " ".join((inspect.getdoc(obj) or "").split())
+        if len(doc) < min_chars or not doc.isascii() or doc in seen:
             continue
-        for name in sorted(dir(mod)):
-            obj = getattr(mod, name, None) if not name.startswith("_") else None
-            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            cands = [(f"{modname}.{name}", obj)]
-            if inspect.isclass(obj):
-                cands += [(f"{modname}.{name}.{m}", v) for m, v in sorted(vars(obj).items())
-                          if not m.startswith("_") and callable(v)]
-            for qual, o in cands:
-                doc = " ".join((inspect.getdoc(o) or "").split())
-                if len(doc) < min_chars or not doc.isascii() or doc in seen:
-                    continue
-                seen.add(doc)
-                cut = doc.rfind(" ", 0, 280)
-                out.append(Example("docs", _user(f"Continue this Python documentation for {qual}:\n{doc[:cut]}"),
-                                   doc[cut:cut + 500].strip(), "supplement:" + _uid(qual)))
+        seen.add(doc)
+        out.append(_docs_example(qual, doc, "supplement:" + _uid(qual)))
     return out
 
 
@@ -287,7 +276,7 @@ def read_examples_jsonl(path: str | os.PathLike, default_task: str = "extra") ->
         task = rec.get("task", default_task)
         if not isinstance(task, str) or not task:
             raise ValueError(f"{where}: \"task\" must be a non-empty string; got {task!r}")
-        if any(r in task for r in RESERVED):
+        if is_reserved(task):
             raise ValueError(f"{where}: task {task!r} is reserved for external evaluation")
         out.append(Example(task, tuple({"role": m["role"], "content": m["content"]} for m in msgs), target,
                            f"{p.name}:{n}"))
@@ -297,7 +286,7 @@ def read_examples_jsonl(path: str | os.PathLike, default_task: str = "extra") ->
 
 
 def load_task(task: str) -> list[Example]:
-    if any(r in task for r in RESERVED):
+    if is_reserved(task):
         raise ValueError(f"task {task!r} is reserved for external evaluation and never loaded for training or tuning")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -327,7 +316,7 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
     if not names:
         raise ValueError("no tasks given")
     for t in names:
-        if any(r in t for r in RESERVED):
+        if is_reserved(t):
             raise ValueError(f"task {t!r} is reserved for external evaluation")
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; expected one of {', '.join(TASKS)}")
