@@ -211,9 +211,10 @@ def _bigbench_file(member: str) -> Path:
                 target = _cache_dir() / "bigbench" / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 data = tar.extractfile(ti).read()
-                tmp = target.with_suffix(".part")
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
+                # a unique temporary name: processes extracting at the same time never share one
+                with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp:
+                    tmp.write(data)
+                os.replace(tmp.name, target)
     if not dest.exists():
         raise RuntimeError(f"{member} not found in {sdist}")
     return dest

@@ -324,3 +324,34 @@ def test_init_routers_loads_a_file_with_omitted_adapters(tiny, tmp_path):
     cfg3 = TrainConfig(**{**cfg2.__dict__, "output": str(tmp_path / "c.safetensors"), "bypass_rank": RANK + 1})
     with pytest.raises(ValueError, match=f"bypasses of rank {RANK}; this run trains rank {RANK + 1}"):
         train(cfg3, sequences=seqs, progress=False)
+
+
+def test_ship_routers_script_drops_identity_adapters_and_halves_the_rest(bypasses, tiny_routers, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rf = load_router_file(tiny_routers[0])
+    rf.bypasses = {il: bypasses[il] for il in range(N_LAYER)}
+    rf.bypasses[0] = (bypasses[0][0], np.zeros_like(bypasses[0][1]))  # never trained: the identity
+    src = save_router_file(tmp_path / "trained.safetensors", rf)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_routers.py"
+    out = tmp_path / "ship.safetensors"
+    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "identity (dropped): [0]" in res.stderr
+    back = load_router_file(out)
+    assert sorted(back.bypasses) == list(range(1, N_LAYER))
+    for il in range(1, N_LAYER):
+        for got, want in zip(back.bypasses[il], bypasses[il]):
+            assert got.dtype == np.float16
+            np.testing.assert_array_equal(got, want.astype(np.float16))
+    for il in range(N_LAYER):
+        np.testing.assert_array_equal(back.weights[il], rf.weights[il])
+    assert back.biases == rf.biases and back.fingerprint == rf.fingerprint
+    # an existing output is not overwritten without --force; a file without adapters is refused by name
+    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out)], capture_output=True, text=True)
+    assert res.returncode != 0 and str(out) in res.stderr and "exists" in res.stderr
+    res = subprocess.run([sys.executable, str(script), str(tiny_routers[0]), "-o", str(tmp_path / "n.safetensors")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "no bypass adapters" in res.stderr and str(tiny_routers[0]) in res.stderr
