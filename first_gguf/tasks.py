@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import tarfile
 import tempfile
@@ -59,8 +60,12 @@ class Example:
 
 
 def is_reserved(task: str) -> bool:
-    """Whether ``task`` names data kept for external evaluation (never trained or tuned on)."""
-    return any(r in task for r in RESERVED)
+    """Whether ``task`` names data kept for external evaluation (never trained or tuned on).
+
+    ``xsum`` / ``strategyqa`` anywhere in the name; ``de`` (German) only as a whole word ("de",
+    "translation-de", "en_de"), so names like "self-student" or "decode" are not caught."""
+    t = task.lower()
+    return any(r in t for r in RESERVED if len(r) > 2) or any(w in RESERVED for w in re.split(r"[^a-z0-9]+", t))
 
 
 def _cache_dir() -> Path:

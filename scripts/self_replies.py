@@ -15,6 +15,10 @@ text greedy decoding visits:
   student's own text is on-policy distillation: where the student starts to loop, the teacher's
   distribution is the correction, a signal teacher-forced references never give.
 
+Sources: the train splits of the tasks, and ``linux``: open questions about the installed commands'
+manual pages (``apropos -s 1 .``: "What is the Linux command wget used for?", "Explain in a few sentences
+what ls (list directory contents) does."), long free-form replies like a chat's, from material no task or evaluation uses.
+
 Each line: {"task": TASK, "messages": [...], "target": reply, "source": task, "skip_budget": b}.
 """
 from __future__ import annotations
@@ -32,6 +36,33 @@ from first_gguf.tasks import load_task, split
 SOURCES = ("summarization", "qa", "mc", "docs", "translation")
 
 
+def linux_prompts() -> list[tuple[dict, ...]]:
+    """Questions about the commands of section 1 of the installed manual pages (`apropos -s 1 .`)."""
+    import re
+    import subprocess
+
+    try:
+        res = subprocess.run(["apropos", "-s", "1", "."], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.exit(f"source linux: cannot run apropos ({e}); it needs man-db and installed manual pages")
+    out, seen = [], set()
+    for line in sorted(set(res.stdout.splitlines())):
+        m = re.match(r"^([a-z][\w.+-]*) \(1\)\s+- (.+)$", line)
+        if (not m or "_" in m[1] or m[1].startswith("gcloud") or not m[2][:1].isalpha()
+                or m[2].endswith("...") or not 12 <= len(m[2]) <= 80 or m[2] in seen):
+            continue  # generated command families (gcloud_*), placeholders, truncated or repeated lines
+        seen.add(m[2])
+        cmd, desc = m[1], m[2].rstrip(".")
+        if len(out) % 2:
+            q = f"What is the Linux command {cmd} used for?"
+        else:
+            q = f"Explain in a few sentences what {cmd} ({desc[0].lower() + desc[1:]}) does."
+        out.append(({"role": "user", "content": q},))
+    if not out:
+        sys.exit("source linux: apropos listed no section-1 manual pages")
+    return out
+
+
 def _budgets(text: str) -> list[float]:
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
@@ -46,7 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the embedded model)")
     ap.add_argument("--n", type=int, default=400, help="number of replies (spread evenly over the sources)")
-    ap.add_argument("--sources", default=",".join(SOURCES), help="tasks whose train prompts are used")
+    ap.add_argument("--sources", default=",".join(SOURCES),
+                    help="tasks whose train prompts are used, and/or 'linux' (questions about manual pages)")
     ap.add_argument("--budgets", type=_budgets, default=[0.0],
                     help="skip budgets, used in turn (0: the full model; >0: routers + bypass adapters)")
     ap.add_argument("--task-name", default="self", help="the examples' task name (a --balance-tasks group)")
@@ -69,19 +101,19 @@ def main() -> None:
     rng = random.Random(a.seed)
     picks = []
     for i, task in enumerate(sources):
-        tr = split(load_task(task), "train", seed=0)
+        tr = linux_prompts() if task == "linux" else [ex.messages for ex in split(load_task(task), "train", seed=0)]
         rng.shuffle(tr)
-        picks += [(task, ex) for ex in tr[: a.n // len(sources) + (i < a.n % len(sources))]]
+        picks += [(task, msgs) for msgs in tr[: a.n // len(sources) + (i < a.n % len(sources))]]
     rng.shuffle(picks)
     jobs = [(i, *p) for i, p in enumerate(picks) if i % sn == si]
     tmp = out.with_name(out.name + ".part")
     with first_gguf.load(a.model, n_threads=a.threads) as m, open(tmp, "w") as f:
-        for j, (i, task, ex) in enumerate(jobs):
+        for j, (i, task, msgs) in enumerate(jobs):
             budget = a.budgets[i % len(a.budgets)]
             m.reset()
-            g = m.chat(list(ex.messages), budget, max_tokens=a.max_tokens, skip_strategy="auto")
+            g = m.chat(list(msgs), budget, max_tokens=a.max_tokens, skip_strategy="auto")
             if len(g.text.strip()) >= 8:
-                f.write(json.dumps({"task": a.task_name, "messages": list(ex.messages), "target": g.text,
+                f.write(json.dumps({"task": a.task_name, "messages": list(msgs), "target": g.text,
                                     "source": task, "skip_budget": budget}) + "\n")
             if (j + 1) % 50 == 0:
                 print(f"{j + 1}/{len(jobs)}", file=sys.stderr, flush=True)

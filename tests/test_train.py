@@ -202,6 +202,11 @@ def test_bad_config_and_data(tmp_path, tiny):
         parse_tasks("summarization,xsum")
     with pytest.raises(ValueError, match="unknown task 'cooking'"):
         parse_tasks("cooking")
+    from first_gguf.tasks import is_reserved
+
+    # German only as a whole word: "self-student" and "decode" contain "de" and are not reserved
+    assert [is_reserved(t) for t in ("de", "translation-de", "en_de", "gem/xsum", "XSum", "strategyqa_cot")] == [True] * 6
+    assert [is_reserved(t) for t in ("self-student", "decode", "docs", "translation")] == [False] * 4
     from click.testing import CliRunner
 
     from first_gguf.cli import main
