@@ -17,7 +17,8 @@ text greedy decoding visits:
 
 Sources: the train splits of the tasks, and ``linux``: open questions about the installed commands'
 manual pages (``apropos -s 1 .``: "What is the Linux command wget used for?", "Explain in a few sentences
-what ls (list directory contents) does."), long free-form replies like a chat's, from material no task or evaluation uses.
+what ls (list directory contents) does."), long free-form replies like a chat's, from material no
+task or evaluation uses.
 
 Each line: {"task": TASK, "messages": [...], "target": reply, "source": task, "skip_budget": b}.
 """

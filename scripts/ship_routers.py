@@ -1,6 +1,7 @@
 """The shipped form of a trained router file: bypass adapters as float16, identity adapters dropped.
 
-    .venv/bin/python scripts/ship_routers.py stage5.safetensors -o first_gguf/data/smollm2-135m-instruct.routers.safetensors
+    .venv/bin/python scripts/ship_routers.py stage5.safetensors \
+        -o first_gguf/data/smollm2-135m-instruct.routers.safetensors --force
 
 A bypass whose `up` matrix is exactly zero adds nothing (`h + up @ (...)` = `h`): the blocks training
 never skipped keep the zero they started from. Dropping them is exact (the runtime uses the identity for a
