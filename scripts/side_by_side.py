@@ -9,6 +9,11 @@ On top, a loop measure over PROMPTS + MORE_PROMPTS (24 prompts; the page shows t
 the share of a reply's word 4-grams that already occurred earlier in the same reply (0 = no repeated
 phrase; a reply stuck in a loop approaches 1), averaged over prompts, and the share of replies with more
 than 20% repeated 4-grams. None of these prompts is in any training set.
+
+    .venv/bin/python scripts/side_by_side.py --per-block -o docs/results/loops_per_block.md
+
+`--per-block`: the same loop measure with one block skipped at a time (each block that has a bypass
+adapter, adapter on): which blocks the loops come from.
 """
 from __future__ import annotations
 
@@ -65,10 +70,13 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF (default: the embedded model)")
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--max-tokens", type=int, default=80)
+    ap.add_argument("--per-block", action="store_true", help="loop measure per single skipped block instead")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
 
     m = first_gguf.load(args.model, n_ctx=2048)
+    if args.per_block:
+        return per_block(m, args)
     k = m.n_skip_for_budget(args.budget)
     configs = [("full model", dict(skip_budget=0.0), True),
                (f"router + bypass ({k} blocks skipped)", dict(skip_budget=args.budget, skip_strategy="router"), True),
@@ -104,6 +112,25 @@ def main() -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+def per_block(m, args) -> None:
+    prompts = PROMPTS + MORE_PROMPTS
+    lines = [f"# Loops with one block skipped (greedy, {args.max_tokens} tokens, bypass adapter on)", "",
+             f"Model: `{Path(m.path).name}`; `scripts/side_by_side.py --per-block`. For each block with a bypass "
+             f"adapter: the mean share of a reply's word 4-grams that repeat an earlier one in the same reply "
+             f"over {len(prompts)} everyday prompts, and the replies above 20%.", "",
+             "| skipped block | repeated 4-grams (mean) | replies > 20% repeated |", "|---|---|---|"]
+    rows = [("none (full model)", [])] + [(str(b), [b]) for b in sorted(m.info.bypass_blocks)]
+    for name, layers in rows:
+        r = [repeated_4grams(m.chat([{"role": "user", "content": p}], 0.0, max_tokens=args.max_tokens,
+                                    skip_layers=layers or None).text) for p in prompts]
+        lines.append(f"| {name} | {sum(r) / len(r):.1%} | {sum(x > 0.2 for x in r)}/{len(r)} |")
+        print(lines[-1], flush=True)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 
