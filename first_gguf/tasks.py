@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TASKS = ("summarization", "qa", "mc", "translation", "docs")
-RESERVED = ("xsum", "strategyqa", "de")
+RESERVED = ("xsum", "strategyqa")    # reserved wherever they occur in a task name
+RESERVED_WORDS = ("de",)              # reserved as a whole word of a task name (German)
 SPLITS = ("train", "dev", "test")
 
 BIGBENCH_VERSION = "1.0.0"
@@ -65,7 +66,7 @@ def is_reserved(task: str) -> bool:
     ``xsum`` / ``strategyqa`` anywhere in the name; ``de`` (German) only as a whole word ("de",
     "translation-de", "en_de"), so names like "self-student" or "decode" are not caught."""
     t = task.lower()
-    return any(r in t for r in RESERVED if len(r) > 2) or any(w in RESERVED for w in re.split(r"[^a-z0-9]+", t))
+    return any(r in t for r in RESERVED) or any(w in RESERVED_WORDS for w in re.split(r"[^a-z0-9]+", t))
 
 
 def _cache_dir() -> Path:

@@ -68,7 +68,7 @@ def _budgets(text: str) -> list[float]:
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--budgets {text!r}: expected comma-separated numbers in [0, 1)")
+        out = []
     if not out or any(not 0 <= b < 1 for b in out):
         raise argparse.ArgumentTypeError(f"--budgets {text!r}: expected comma-separated numbers in [0, 1)")
     return out
@@ -94,8 +94,9 @@ def main() -> None:
         sys.exit("--n must be >= 1 and --max-tokens >= 2")
     try:
         si, sn = (int(x) for x in a.shard.split("/"))
-        assert 0 <= si < sn
-    except (ValueError, AssertionError):
+    except ValueError:
+        si, sn = -1, 0
+    if not 0 <= si < sn:
         sys.exit(f"--shard {a.shard!r}: expected I/N with 0 <= I < N")
     sources = [s.strip() for s in a.sources.split(",") if s.strip()]
     out = Path(a.output)
