@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-         seed: int = 0, verbose: bool = False) -> Model:
+         seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None) -> Model:
     """Load a GGUF model on the patched runtime.
 
     Args:
@@ -26,6 +26,7 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
         n_threads: CPU threads (default: half the cores).
         seed: sampler seed.
         verbose: show llama.cpp's log.
+        decode_lora: a llama.cpp LoRA adapter GGUF attached only while blocks are skipped (see Model).
     """
     if model is None:
         from .default_model import default_model_path
@@ -33,7 +34,7 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
         model = default_model_path()
     elif not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path to a GGUF file or None; got {type(model).__name__}")
-    return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose)
+    return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose, decode_lora=decode_lora)
 
 
 __all__ = ["load", "Model", "Generation", "GenerationChunk", "ScoreResult", "__version__"]

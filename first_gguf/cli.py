@@ -12,13 +12,19 @@ class _UserError(click.ClickException):
     """One clear line, non-zero exit, no traceback."""
 
 
-def _load(model, n_ctx, threads, seed=0):
+def _load(model, n_ctx, threads, seed=0, decode_lora=None):
     import first_gguf
 
     try:
-        return first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed)
+        return first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed, decode_lora=decode_lora)
     except (ValueError, TypeError, RuntimeError) as e:
         raise _UserError(str(e)) from None
+
+
+decode_lora_option = click.option(
+    "--decode-lora", type=click.Path(dir_okay=False), default=None,
+    help="llama.cpp LoRA adapter GGUF applied only to tokens decoded with blocks skipped (first-gguf train "
+         "--lora-rank writes one); never to the prompt or at skip budget 0.")
 
 
 def _fmt_summary(gen) -> str:
@@ -58,8 +64,9 @@ def main():
 @click.option("--no-bypass", is_flag=True, help="Skipped blocks pass their input through even if the GGUF "
                                                  "has bypass adapters (for comparisons).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON instead of streaming.")
+@decode_lora_option
 def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens, temperature, top_p, chat,
-             system, n_ctx, threads, seed, no_bypass, as_json):
+             system, n_ctx, threads, seed, no_bypass, as_json, decode_lora):
     """Generate text for PROMPT, skipping blocks chosen from the prompt.
 
     The text streams to stdout; a one-line summary (skipped blocks,
@@ -71,7 +78,7 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
             layers = [int(x) for x in skip_layers.split(",") if x.strip()]
         except ValueError:
             raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
-    m = _load(model, n_ctx, threads, seed)
+    m = _load(model, n_ctx, threads, seed, decode_lora)
     m.bypass = not no_bypass
     kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, skip_strategy=skip_strategy,
               skip_layers=layers)
@@ -166,7 +173,8 @@ def info(model, as_json):
 @click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length for prefill.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, threads, as_json):
+@decode_lora_option
+def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, threads, as_json, decode_lora):
     """Decode/prefill tok/s per skip budget, interleaved, medians and ratios from one run."""
     from .bench import format_table, run_bench
 
@@ -174,7 +182,7 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
         values = [float(b) for b in budgets.split(",") if b.strip()]
     except ValueError:
         raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
-    m = _load(model, 4096, threads)
+    m = _load(model, 4096, threads, decode_lora=decode_lora)
     try:
         result = run_bench(m, values, skip_strategy=skip_strategy, repeats=repeats, gen_tokens=gen_tokens,
                            prompt_tokens=prompt_tokens, progress=lambda s: click.echo(s, err=True))
@@ -340,7 +348,9 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
 @click.option("--budget-max", type=float, default=0.5, show_default=True)
 @click.option("--temperature", type=float, default=0.5, show_default=True, help="Soft-gate temperature.")
 @click.option("--reg-lambda", type=float, default=0.01, show_default=True)
-@click.option("--lora-rank", type=int, default=0, show_default=True, help="Train a LoRA too (0: off).")
+@click.option("--lora-rank", type=int, default=0, show_default=True,
+              help="Train a decode-only LoRA too, active only on tokens decoded with blocks skipped; written to "
+                   "<output stem>.lora.gguf for --decode-lora (0: off).")
 @click.option("--lora-lr", type=float, default=2e-4, show_default=True)
 @click.option("--bypass-rank", type=int, default=0, show_default=True,
               help="Train a low-rank bypass per block, used in place of a skipped block (0: off; 16 is the default "
@@ -427,8 +437,9 @@ def train(ctx, config_file, **kw):
 @click.option("--no-bypass", is_flag=True, help="Evaluate plain skipping even if the GGUF has bypass adapters.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Results folder (resumable).")
+@decode_lora_option
 def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_name, random_seeds, no_bench,
-             no_bypass, threads, output):
+             no_bypass, threads, output, decode_lora):
     """Quality per task/strategy/budget (extra NLL, agreement, task metric), speed, plots."""
     from .evaluate import EvalConfig, evaluate, summary_table
 
@@ -438,7 +449,7 @@ def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_na
         raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
     if model is not None and not os.path.isfile(model):
         raise _UserError(f"model not found: {model}")
-    m = _load(model, 4096, threads)
+    m = _load(model, 4096, threads, decode_lora=decode_lora)
     m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
                      strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
@@ -459,11 +470,12 @@ def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_na
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--threads", type=int, default=None)
-def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_ctx, threads):
+@decode_lora_option
+def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_ctx, threads, decode_lora):
     """Chat in the terminal (streaming, multi-turn; /help lists the commands)."""
     from .chat import ChatSession, run
 
-    m = _load(model, n_ctx, threads)
+    m = _load(model, n_ctx, threads, decode_lora=decode_lora)
     try:
         session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,
                               max_tokens=max_tokens, temperature=temperature)
@@ -479,11 +491,12 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_c
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @click.option("--threads", type=int, default=None)
-def serve(model, host, port, api_key, n_ctx, threads):
+@decode_lora_option
+def serve(model, host, port, api_key, n_ctx, threads, decode_lora):
     """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions) with skip_budget."""
     from .server import serve as do_serve
 
-    m = _load(model, n_ctx, threads)
+    m = _load(model, n_ctx, threads, decode_lora=decode_lora)
     click.echo(f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1", err=True)
     do_serve(m, host=host, port=port, api_key=api_key)
 

@@ -144,6 +144,18 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "results.jsonl"
+    # what the resumed rows were measured with: another model file, bypass or decode-LoRA setting would mix runs
+    run = {"model": str(Path(model.path).resolve()), "bypass": model.bypass,
+           "decode_lora": None if model.decode_lora_path is None else str(model.decode_lora_path.resolve()),
+           "gen_tokens": cfg.gen_tokens, "split": cfg.split}
+    run_path = out / "run.json"
+    if done_path.exists() and run_path.exists():
+        before = json.loads(run_path.read_text())
+        diff = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{out} holds results of another run ({what}); use another --output folder")
+    run_path.write_text(json.dumps(run, indent=1) + "\n")
     done = {}
     if done_path.exists():
         for line in done_path.read_text().splitlines():

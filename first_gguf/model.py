@@ -144,10 +144,13 @@ class Model:
         n_threads: CPU threads for prefill and decode (default: llama-cpp-python's, half the cores).
         seed: seed of the sampler (temperature > 0).
         verbose: print llama.cpp's log to stderr.
+        decode_lora: a llama.cpp LoRA adapter GGUF (``first-gguf train --lora-rank`` writes one) attached
+            only while blocks are skipped: to decoded / scored tokens after the full-depth prefill, never
+            to the prompt, and not at all with skip_budget=0.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool = False) -> None:
+                 seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         self.n_ctx = _check_int("n_ctx", n_ctx, 16)
         if n_threads is not None:
@@ -185,6 +188,39 @@ class Model:
         self._cached_scores = np.zeros((0, self.n_layer), dtype=np.float32)
         self._dirty: list[int] = []
         self.routing_enabled = True  # score routers on full-depth tokens (bench turns it off)
+        self.decode_lora_path: Path | None = None
+        self._lora = None  # llama_adapter_lora_p, freed with the model
+        self._lora_on = False  # attached to the context right now
+        self.use_decode_lora = True  # attach it while skipping (off: comparisons)
+        if decode_lora is not None:
+            self._load_decode_lora(Path(decode_lora))
+
+    def _load_decode_lora(self, path: Path) -> None:
+        if not path.is_file():
+            raise ValueError(f"decode LoRA adapter not found: {path}; expected a llama.cpp LoRA GGUF file")
+        if not self.supports_skip:
+            raise ValueError(f"{self.path}: the runtime cannot skip blocks of this model, so a decode-only LoRA "
+                             f"({path}) would never be used")
+        _LOG.lines.clear()
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
+        if not adapter:
+            detail = "; ".join(line for line in _LOG.lines if line) or "llama_adapter_lora_init failed"
+            raise ValueError(f"failed to load LoRA adapter {path} for {self.path}: {detail}")
+        self._lora, self.decode_lora_path = adapter, path
+
+    def _attach_lora(self, on: bool) -> None:
+        on = on and self._lora is not None and self.use_decode_lora
+        if on == self._lora_on:
+            return
+        if on:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
+            scales = (ctypes.c_float * 1)(1.0)
+            rc = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
+        else:
+            rc = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
+        self._lora_on = on
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -251,6 +287,8 @@ class Model:
             self._cached_scores = self._cached_scores[:n]
 
     def _set_mask(self, skip: Sequence[int]) -> None:
+        """Skip these blocks for the tokens evaluated next; the decode LoRA is attached exactly while any are."""
+        self._attach_lora(bool(skip))
         if not skip:
             _lib.check(_lib.first_set_skip_mask(self._ctx, SEQ, None, 0), "first_set_skip_mask")
             return

@@ -51,11 +51,14 @@ the top-k of a static ranking instead (so "static + bypass" is a fair baseline
 for the same adapters). The full-depth model is untouched: a block that runs
 never sees its bypass.
 
-With ``lora_rank > 0`` a PEFT LoRA (q,k,v,o,gate,up,down) is trained with the
-routers: the KL of the routed set is backpropagated into the LoRA (the teacher
-pass disables it). It is saved as a
-PEFT adapter for ``first-gguf convert --lora`` (which merges it: the full-depth
-model then changes too).
+With ``lora_rank > 0`` a decode-only LoRA (DecodeLora: q,k,v,o,gate,up,down of
+every block, alpha = 2 * rank) is trained jointly: it acts only on continuation
+positions of the skipped passes (the runtime attaches it to the llama.cpp
+context only while a skip mask is set), so the prompt, the teacher and the
+full-depth model are untouched and the router scores stay those of the frozen
+model. The KL of the routed set is backpropagated into it. It is written as a
+llama.cpp LoRA adapter GGUF beside the router file (``<stem>.lora.gguf``), for
+``Model(..., decode_lora=...)`` / ``--decode-lora``.
 
 Static baselines computed here and stored in the router file: ``router_mean``
 (mean router score over the training data, lowest first: FiRST without
@@ -175,8 +178,9 @@ class TrainConfig:
         if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
             bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
         out = Path(self.output)
-        if out.exists() and not self.force and not self.resume:
-            bad(f"output file exists: {out}; pass --force to overwrite or --resume to continue")
+        for f in [out] + ([lora_path(out)] if self.lora_rank > 0 else []):
+            if f.exists() and not self.force and not self.resume:
+                bad(f"output file exists: {f}; pass --force to overwrite or --resume to continue")
         if not out.parent.is_dir():
             bad(f"output folder does not exist: {out.parent}")
 
@@ -247,6 +251,84 @@ class Bypasses:
         x = h.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x @ self.down[il].t()) @ self.up[il].t()
+
+
+LORA_TARGETS = {  # Hugging Face module -> GGUF tensor (blk.N.<name>.weight)
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+}
+
+
+class DecodeLora:
+    """A LoRA active only on positions that skip blocks (continuation tokens of a skipped pass), fp32.
+
+    W x + (alpha / r) B A x on the linear layers of LORA_TARGETS in every block, where the mask set by
+    ``active()`` is on; elsewhere (the prompt, the teacher pass, statics) the frozen model is untouched.
+    That is the runtime's rule: the adapter is attached to the llama.cpp context only while a skip mask
+    is set, i.e. for decoded / scored tokens after a full-depth prefill, never for the prompt.
+    """
+
+    def __init__(self, model, rank: int, seed: int = 0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed + 2)
+        self.rank, self.alpha = rank, float(2 * rank)
+        self.scale = self.alpha / rank
+        self.mask = None
+        self.a: dict[tuple[int, str], torch.nn.Parameter] = {}
+        self.b: dict[tuple[int, str], torch.nn.Parameter] = {}
+        self._hooks = []
+        core = _layers(model)
+        for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
+            for name, mod in layer.named_modules():
+                short = name.rsplit(".", 1)[-1]
+                if short not in LORA_TARGETS or not isinstance(mod, torch.nn.Linear):
+                    continue
+                a = torch.nn.Parameter(torch.randn(rank, mod.in_features, generator=g) / math.sqrt(mod.in_features))
+                b = torch.nn.Parameter(torch.zeros(mod.out_features, rank))
+                self.a[il, short], self.b[il, short] = a, b
+                self._hooks.append(mod.register_forward_hook(self._hook(a, b)))
+        if not self.a:
+            raise ValueError(f"decode-only LoRA: no linear layers named {sorted(LORA_TARGETS)} in the model")
+
+    def _hook(self, a, b):
+        def hook(mod, inp, out):
+            if self.mask is None:
+                return out
+            d = (inp[0].float() @ a.t()) @ b.t() * self.scale
+            return out + (self.mask * d).to(out.dtype)
+        return hook
+
+    @contextlib.contextmanager
+    def active(self, mask):
+        """mask [B, T, 1] (1: the position runs with the adapter)."""
+        self.mask = mask.float()
+        try:
+            yield
+        finally:
+            self.mask = None
+
+    def parameters(self):
+        return [p for k in self.a for p in (self.a[k], self.b[k])]
+
+    def state_dict(self) -> dict:
+        return {f"{il}.{n}.{ab}": t.detach().clone() for (il, n) in self.a
+                for ab, t in (("a", self.a[il, n]), ("b", self.b[il, n]))}
+
+    def load_state_dict(self, state: dict) -> None:
+        for (il, n) in self.a:
+            self.a[il, n].data.copy_(state[f"{il}.{n}.a"])
+            self.b[il, n].data.copy_(state[f"{il}.{n}.b"])
+
+    def save_gguf(self, path, model, provenance: dict | None = None) -> None:
+        """Write a llama.cpp LoRA adapter (general.type "adapter"), loadable by llama_adapter_lora_init."""
+        from .convert.lora_gguf import write_lora_gguf
+
+        cfg = _layers(model).config
+        pairs = {(il, LORA_TARGETS[n]): (self.a[il, n].detach().float().numpy(), self.b[il, n].detach().float().numpy())
+                 for (il, n) in self.a}
+        write_lora_gguf(path, pairs, alpha=self.alpha, n_head=cfg.num_attention_heads,
+                        n_head_kv=cfg.num_key_value_heads, provenance=provenance)
 
 
 def _layers(model):
@@ -380,8 +462,8 @@ def _seq_kl(t_logp, s_logp, pos):
     return out / pos.sum(1).clamp(min=1)
 
 
-def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Random, *, pad: int, lora: bool,
-              bypass: Bypasses | None = None):
+def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Random, *, pad: int,
+              lora: DecodeLora | None = None, bypass: Bypasses | None = None):
     """One training step's loss for a batch of sequences (see the module docstring)."""
     import torch
 
@@ -391,11 +473,9 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     head = model.get_output_embeddings()
     pos = _kl_positions(n_prompt, length, T)
-    with torch.no_grad(), ac:
-        ctx = model.disable_adapter() if lora else contextlib.nullcontext()
-        with ctx:
-            hid, inputs = gated_forward(model, ids, n_prompt, capture=True)
-            t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
+    with torch.no_grad(), ac:  # the LoRA is off outside lora.active(): the teacher is the frozen model
+        hid, inputs = gated_forward(model, ids, n_prompt, capture=True)
+        t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
         prompt_mask = torch.arange(T)[None, :] < n_prompt[:, None]
         normed = attn_normed(model, inputs[:L])
     scores = routers.scores(normed, prompt_mask)
@@ -419,11 +499,13 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
         alt[i, a], alt[i, b] = 1.0, 0.0
         a_idx[i], b_idx[i] = a, b
 
-    grad_ctx = torch.enable_grad() if lora or bypass is not None else torch.no_grad()
-    with grad_ctx, ac:
+    trained = lora is not None or bypass is not None
+    cont = (torch.arange(T)[None, :] >= n_prompt[:, None])[..., None]
+    grad_ctx = torch.enable_grad() if trained else torch.no_grad()
+    with grad_ctx, ac, (lora.active(cont) if lora is not None else contextlib.nullcontext()):
         hid_s, _ = gated_forward(model, ids, n_prompt, hard, bypass=bypass)
         kl_routed = _seq_kl(t_logp, torch.log_softmax(head(hid_s[pos]).float(), -1), pos)
-    with torch.no_grad(), ac:
+    with torch.no_grad(), ac, (lora.active(cont) if lora is not None else contextlib.nullcontext()):
         hid_a, _ = gated_forward(model, ids, n_prompt, alt, bypass=bypass)
         kl_alt = _seq_kl(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos)
 
@@ -435,7 +517,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     rank_loss = (diff.abs() * torch.nn.functional.softplus(-margin)).mean()
     reg = ((scores.mean(1) - 0.5) ** 2).mean()
     loss = rank_loss + cfg.reg_lambda * reg
-    if lora or bypass is not None:
+    if trained:
         loss = loss + kl_routed.mean()
     return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg.detach()),
                   "skip": float(1 - hard.mean())}
@@ -524,13 +606,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         raise ValueError("no training sequences (each needs a prompt and >= 2 continuation tokens)")
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
-    lora = cfg.lora_rank > 0
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    lora = DecodeLora(model, cfg.lora_rank, seed=cfg.seed) if cfg.lora_rank > 0 else None
     routers = Routers(L, E, seed=cfg.seed)
     groups = [{"params": routers.parameters(), "lr": cfg.lr}]
     bypass = None
@@ -556,8 +632,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                 bypass.up.data[il].copy_(torch.from_numpy(np.asarray(up, dtype=np.float32)))
     if cfg.static_ranking and any(not 0 <= b < L for b in cfg.static_ranking):
         raise ValueError(f"static ranking {cfg.static_ranking} names blocks outside 0..{L - 1}")
-    if lora:
-        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lora_lr})
+    if lora is not None:
+        groups.append({"params": lora.parameters(), "lr": cfg.lora_lr})
     base_lrs = [g["lr"] for g in groups]  # the schedule scales these (a resumed optimizer holds scaled ones)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     params = [p for g in groups for p in g["params"]]
@@ -576,10 +652,11 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
             bypass.down.data.copy_(state["bypass_down"])
             bypass.up.data.copy_(state["bypass_up"])
         opt.load_state_dict(state["opt"])
-        if lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, state["lora"])
+        if lora is not None:
+            if "lora" not in state:
+                raise ValueError(f"checkpoint {ckpt} has no decode-only LoRA; train without --lora-rank or start "
+                                 f"afresh")
+            lora.load_state_dict(state["lora"])
         start, history = state["step"], state["history"]
 
     rng = random.Random(cfg.seed * 1000 + rank)
@@ -618,10 +695,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                      "opt": opt.state_dict(), "step": step + 1, "history": history, "config": asdict(cfg)}
             if bypass is not None:
                 state["bypass_down"], state["bypass_up"] = bypass.down.detach().clone(), bypass.up.detach().clone()
-            if lora:
-                from peft import get_peft_model_state_dict
-
-                state["lora"] = get_peft_model_state_dict(model)
+            if lora is not None:
+                state["lora"] = lora.state_dict()
             tmp = ckpt.with_suffix(".tmp")
             torch.save(state, tmp)
             os.replace(tmp, ckpt)
@@ -651,6 +726,11 @@ def _fingerprint(cfg: TrainConfig, model) -> dict:
                                    core.config.vocab_size, core.norm.weight.detach().float().numpy())
 
 
+def lora_path(output) -> Path:
+    """Where the decode-only LoRA of a router file ``output`` is written: <stem>.lora.gguf beside it."""
+    return Path(output).with_suffix(".lora.gguf")
+
+
 def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, bypass=None) -> None:
     from .convert.router_file import RouterFile, save_router_file
 
@@ -674,8 +754,10 @@ def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, 
         down, up = bypass.down.detach().float().numpy(), bypass.up.detach().float().numpy()
         rf.bypasses = {il: (down[il], up[il]) for il in range(L)}
     save_router_file(cfg.output, rf, force=True)
-    if lora:
-        model.save_pretrained(str(Path(cfg.output).with_suffix("")) + ".lora")
+    if lora is not None:
+        lora.save_gguf(lora_path(cfg.output), model, provenance={"router_file": str(cfg.output),
+                                                                 "command": provenance["command"],
+                                                                 "rank": lora.rank, "steps": cfg.steps})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,6 +49,10 @@ def test_eval_end_to_end_on_tiny_model(tiny_gguf_model, tmp_path, monkeypatch):
     ev.evaluate(tiny_gguf_model, ev.EvalConfig(**{**cfg.__dict__, "bench": False}), tmp_path)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
     assert "| mc | router | 0.5 |" in ev.summary_table(json.loads((tmp_path / "results.json").read_text()))
+    # ... but not with rows measured otherwise (here: another generation length)
+    with pytest.raises(ValueError, match=r"holds results of another run \(gen_tokens: 4 there, 5 now\)"):
+        ev.evaluate(tiny_gguf_model, ev.EvalConfig(**{**cfg.__dict__, "bench": False, "gen_tokens": 5}), tmp_path)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
 
 
 def test_eval_bad_arguments(tiny_gguf_model, tmp_path):

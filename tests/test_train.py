@@ -235,24 +235,55 @@ def test_ddp_two_cpu_processes(tiny_gguf_model, tmp_path):
     assert rf.provenance["tasks"] == ["docs"]
 
 
-def test_lora_is_trained_and_saved_for_convert(tiny, tmp_path):
-    """--lora-rank: a PEFT adapter is trained with the routers and saved where convert --lora reads it."""
+def test_decode_lora_is_trained_and_written_as_llama_cpp_adapter(tiny, tmp_path):
+    """--lora-rank: a decode-only LoRA is trained with the routers and written as a llama.cpp adapter GGUF."""
+    import gguf
+    import torch
+
+    from first_gguf.convert.lora_gguf import rope_permute
+    from first_gguf.train import DecodeLora, gated_forward
+
     d, model = tiny
     seqs = _random_seqs(8, random.Random(1))
     out = tmp_path / "r.safetensors"
     cfg = TrainConfig(model=str(d), output=str(out), steps=3, batch_size=4, lora_rank=2, lora_lr=1e-2,
-                      bf16=False, n_static_examples=4)
+                      bypass_rank=2, bf16=False, n_static_examples=4)
     train(cfg, sequences=seqs, progress=False)
-    adapter = tmp_path / "r.lora"
-    assert (adapter / "adapter_config.json").exists()
-    import copy
+    adapter = tmp_path / "r.lora.gguf"
+    r = gguf.GGUFReader(adapter)
+    assert bytes(r.fields["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(r.fields["adapter.type"].parts[-1]).decode() == "lora"
+    assert float(r.fields["adapter.lora.alpha"].parts[-1][0]) == 4.0
+    names = {t.name for t in r.tensors}
+    n_layer = model.config.num_hidden_layers
+    assert len(names) == n_layer * 7 * 2 and "blk.0.attn_q.weight.lora_a" in names
+    b_q = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight.lora_b")
+    assert float(np.abs(b_q.data).max()) > 0  # B moved away from its zero init
+    # the checkpoint holds the HF-layout tensors; the file holds q's B rope-permuted, A as is
+    state = torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)["lora"]
+    np.testing.assert_array_equal(
+        np.asarray(b_q.data).reshape(state["0.q_proj.b"].shape),
+        rope_permute(state["0.q_proj.b"].numpy(), model.config.num_attention_heads))
+    a_v = next(t for t in r.tensors if t.name == "blk.1.attn_v.weight.lora_a")
+    np.testing.assert_array_equal(np.asarray(a_v.data).reshape(state["1.v_proj.a"].shape), state["1.v_proj.a"].numpy())
 
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(copy.deepcopy(model), adapter).merge_and_unload()
-    w0 = model.model.layers[0].self_attn.q_proj.weight
-    w1 = merged.model.layers[0].self_attn.q_proj.weight
-    assert float((w0 - w1).abs().max()) > 0  # the adapter was trained (B moved away from its zero init)
+    # decode-only: outside active() (and on prompt positions) the model is the frozen one
+    lora = DecodeLora(model, 2)
+    for p in lora.parameters():
+        torch.nn.init.normal_(p.data)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    n_prompt = torch.tensor([3])
+    cont = (torch.arange(6)[None, :] >= 3)[..., None]
+    with torch.no_grad():
+        base, _ = gated_forward(model, ids, n_prompt)
+        with lora.active(cont):
+            on, _ = gated_forward(model, ids, n_prompt)
+        off, _ = gated_forward(model, ids, n_prompt)
+    torch.testing.assert_close(off, base, rtol=0, atol=0)
+    torch.testing.assert_close(on[:, :3], base[:, :3], rtol=0, atol=0)
+    assert float((on[:, 3:] - base[:, 3:]).abs().max()) > 1e-3
+    for h in lora._hooks:
+        h.remove()
 
 
 def test_lr_schedule_task_balance_and_docs_supplement(tmp_path, tiny):
