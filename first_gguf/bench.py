@@ -10,7 +10,9 @@ ideal(k) = t(0) / (t(0) - k c). Efficiency = measured ratio / ideal ratio.
 With bypass adapters in the model, every budget is measured with them (the
 speed a user gets) and without them (plain skipping), and the floor runs
 without them: the ideal is that of plain block skipping, so the efficiency
-includes the bypasses' cost. Router overhead is the prefill time with routers
+includes the bypasses' cost. A decode-only LoRA (Model(decode_lora=...)) is
+treated the same way: on in the measured configurations, off in the plain ones
+and the floor. Router overhead is the prefill time with routers
 scored vs not scored.
 """
 from __future__ import annotations
@@ -52,10 +54,13 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
 
 
 def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int,
-                 bypass: bool = True) -> tuple[float, float]:
-    """(seconds per decoded token, prefill tok/s) for one measurement; greedy, EOS ignored."""
+                 adapters: bool = True) -> tuple[float, float]:
+    """(seconds per decoded token, prefill tok/s) for one measurement; greedy, EOS ignored.
+
+    adapters: False measures plain skipping (bypasses and decode LoRA off)."""
     model.reset()
-    model.bypass = bypass
+    before = model.bypass, model.use_decode_lora
+    model.bypass, model.use_decode_lora = before[0] and adapters, before[1] and adapters
     logits, n_eval, t_prefill = model._prefill(prompt)
     model._set_mask(skip)
     try:
@@ -67,7 +72,7 @@ def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int
     finally:
         model._set_mask(())
         model._drop_dirty()
-        model.bypass = True
+        model.bypass, model.use_decode_lora = before
     return dt / n_tokens, n_eval / t_prefill
 
 
@@ -106,7 +111,8 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
     # floor for the per-block cost: every block but block 0 skipped (blocks cost the same)
     floor_set = list(range(1, n))
     configs = [(f"{b:g}", sets[b], True) for b in budgets] + [("floor", floor_set, False)]
-    if model.n_bypasses:
+    adapted = bool(model.n_bypasses and model.bypass) or bool(model.decode_lora_path and model.use_decode_lora)
+    if adapted:
         configs += [(f"{b:g}/plain", sets[b], False) for b in budgets if sets[b]]
 
     busy = cpu_busy_fraction(1.0)
@@ -168,7 +174,8 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
         "gen_tokens": gen_tokens,
         "prompt_tokens": len(prompt),
         "skip_strategy": skip_strategy,
-        "n_bypasses": model.n_bypasses,
+        "n_bypasses": model.n_bypasses if model.bypass else 0,
+        "decode_lora": str(model.decode_lora_path) if model.decode_lora_path and model.use_decode_lora else None,
         "per_block_ms": c_block * 1e3,
         "floor_ms": (med["floor"] - c_block) * 1e3,
         "rows": rows,
@@ -181,21 +188,27 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
     return result
 
 
+def _adapters(res: dict) -> str:
+    parts = [f"{res['n_bypasses']} bypass adapters"] if res.get("n_bypasses") else []
+    if res.get("decode_lora"):
+        parts.append(f"decode LoRA {os.path.basename(res['decode_lora'])}")
+    return " + ".join(parts)
+
+
 def format_table(res: dict) -> str:
     lines = [
         f"model {res['model']}",
         f"{res['threads']} thread(s), {res['prompt_tokens']}-token prompt, {res['gen_tokens']} decode tokens, "
         f"median of {res['repeats']} interleaved rounds; per-block cost {res['per_block_ms']:.3f} ms, "
         f"floor {res['floor_ms']:.3f} ms"
-        + (f"; {res['n_bypasses']} bypass adapters: speedup and efficiency with them, the ideal without"
-           if res.get("n_bypasses") else ""),
+        + (f"; {_adapters(res)}: speedup and efficiency with them, the ideal without" if _adapters(res) else ""),
         "",
         "| skip_budget | blocks skipped | decode tok/s (min-max) | speedup | ideal | efficiency | prefill tok/s |",
         "|---|---|---|---|---|---|---|",
     ]
-    plain = bool(res.get("n_bypasses"))
+    plain = bool(_adapters(res))
     if plain:
-        lines[-2] += " speedup without bypasses | efficiency without |"
+        lines[-2] += " speedup without adapters | efficiency without |"
         lines[-1] += "---|---|"
     for r in res["rows"]:
         lines.append(

@@ -124,3 +124,24 @@ def test_bad_decode_lora_files_are_refused_by_name(tiny, tiny_gguf_model, lora_s
                                               (0, "attn_k"): (np.zeros((4, 8)), np.zeros((8, 4)))},
                         alpha=1.0, n_head=4, n_head_kv=2)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bench_and_cli_with_decode_lora(lora_setup):
+    """bench measures with the adapters (bypasses + decode LoRA) and without; the user's switches survive it."""
+    from click.testing import CliRunner
+
+    from first_gguf.bench import format_table, run_bench
+    from first_gguf.cli import main
+
+    _, _, _, m, _, d = lora_setup
+    res = run_bench(m, [0.5], skip_strategy="router", repeats=1, gen_tokens=4, prompt_tokens=16)
+    assert res["decode_lora"].endswith("tiny.lora.gguf") and "plain_decode_ratio" in res["rows"][-1]
+    assert "decode LoRA tiny.lora.gguf" in format_table(res)
+    assert m.use_decode_lora and m.bypass
+    out = CliRunner().invoke(main, ["generate", "the value of", "--model", str(d / "tiny.bypass.gguf"),
+                                    "--decode-lora", str(d / "tiny.lora.gguf"), "--skip-layers", "1,2",
+                                    "--max-tokens", "4", "--raw", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["generate", "x", "--model", str(d / "tiny.bypass.gguf"),
+                                    "--decode-lora", str(d / "nope.gguf"), "--raw"])
+    assert out.exit_code != 0 and "decode LoRA adapter not found" in out.output and "nope.gguf" in out.output
