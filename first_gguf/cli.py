@@ -29,7 +29,7 @@ decode_lora_option = click.option(
 
 def _fmt_summary(gen) -> str:
     skipped = (f"skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}"
-               f"{', bypass adapters' if gen.bypassed_layers else ''}): "
+               f"{', bypass adapters' if gen.bypassed_layers else ''}{', decode LoRA' if gen.decode_lora else ''}): "
                f"{','.join(map(str, gen.skipped_layers))}" if gen.skipped_layers else "skipped no blocks")
     return (f"[first-gguf] {skipped} | "
             f"prompt {gen.n_prompt_tokens} tok, prefill {gen.prefill_tokens_per_s:.1f} tok/s | "

@@ -49,6 +49,7 @@ class Generation:
     skip_strategy: str = "router"
     n_prefill_tokens: int = 0    # prompt tokens actually evaluated (not taken from the cache)
     bypassed_layers: list[int] = field(default_factory=list)  # skipped blocks that ran their bypass adapter
+    decode_lora: bool = False    # the decode-only LoRA was attached while decoding
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -547,6 +548,7 @@ class Model:
             skip_strategy="explicit" if layers is not None else strategy,
             n_prefill_tokens=n_eval,
             bypassed_layers=[il for il in skip if self.bypass and il in self._bypass_blocks],
+            decode_lora=bool(skip) and self._lora is not None and self.use_decode_lora,
         )
         yield GenerationChunk(text[emitted:], None, gen)
 

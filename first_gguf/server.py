@@ -122,6 +122,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
     def first_info(g) -> dict:
         return {"skipped_layers": g.skipped_layers, "skip_strategy": g.skip_strategy,
                 "prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
+                "bypassed_layers": g.bypassed_layers, "decode_lora": g.decode_lora,
                 "router_scores": None if g.router_scores is None else
                 [None if math.isnan(s) else s for s in g.router_scores]}
 

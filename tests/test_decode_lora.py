@@ -95,6 +95,7 @@ def test_greedy_decode_with_decode_lora_matches_torch(lora_setup):
             hid, _ = gated_forward(student, x, torch.tensor([len(prompt)]), gates, bypass=bp)
             ids.append(int(student.get_output_embeddings()(hid[0, -1]).argmax()))
     g = m.generate("the value of", skip_layers=[1, 2], max_tokens=10)
+    assert g.decode_lora and not m.generate("the value of", max_tokens=2).decode_lora
     assert g.tokens == ids[len(prompt):len(prompt) + len(g.tokens)] and len(g.tokens) >= 5
     m.use_decode_lora = False  # switched off: the same as the model without the adapter
     try:
@@ -142,6 +143,7 @@ def test_bench_and_cli_with_decode_lora(lora_setup):
                                     "--decode-lora", str(d / "tiny.lora.gguf"), "--skip-layers", "1,2",
                                     "--max-tokens", "4", "--raw", "--threads", "1"])
     assert out.exit_code == 0, out.output
+    assert "skipped 2 blocks (explicit, bypass adapters, decode LoRA): 1,2" in out.output
     out = CliRunner().invoke(main, ["generate", "x", "--model", str(d / "tiny.bypass.gguf"),
                                     "--decode-lora", str(d / "nope.gguf"), "--raw"])
     assert out.exit_code != 0 and "decode LoRA adapter not found" in out.output and "nope.gguf" in out.output
