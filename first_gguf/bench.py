@@ -111,8 +111,10 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
     # floor for the per-block cost: every block but block 0 skipped (blocks cost the same)
     floor_set = list(range(1, n))
     configs = [(f"{b:g}", sets[b], True) for b in budgets] + [("floor", floor_set, False)]
-    adapted = bool(model.n_bypasses and model.bypass) or bool(model.decode_lora_path and model.use_decode_lora)
-    if adapted:
+    # the adapters the measured configurations run with (the plain ones and the floor run without)
+    n_bypasses = model.n_bypasses if model.bypass else 0
+    decode_lora = str(model.decode_lora_path) if model.decode_lora_path and model.use_decode_lora else None
+    if n_bypasses or decode_lora:
         configs += [(f"{b:g}/plain", sets[b], False) for b in budgets if sets[b]]
 
     busy = cpu_busy_fraction(1.0)
@@ -174,8 +176,8 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
         "gen_tokens": gen_tokens,
         "prompt_tokens": len(prompt),
         "skip_strategy": skip_strategy,
-        "n_bypasses": model.n_bypasses if model.bypass else 0,
-        "decode_lora": str(model.decode_lora_path) if model.decode_lora_path and model.use_decode_lora else None,
+        "n_bypasses": n_bypasses,
+        "decode_lora": decode_lora,
         "per_block_ms": c_block * 1e3,
         "floor_ms": (med["floor"] - c_block) * 1e3,
         "rows": rows,

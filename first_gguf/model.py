@@ -108,6 +108,10 @@ class _LogCapture:
         self._cb = _cb
         llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
 
+    def detail(self, default: str) -> str:
+        """The captured error lines as one message (``default`` when llama.cpp logged none)."""
+        return "; ".join(line for line in self.lines if line) or default
+
 
 _LOG = _LogCapture()
 
@@ -168,8 +172,7 @@ class Model:
                                 n_threads=n_threads, n_threads_batch=n_threads, seed=self.seed,
                                 verbose=verbose)
         except ValueError as e:
-            detail = "; ".join(line for line in _LOG.lines if line) or str(e)
-            raise ValueError(f"failed to load model from {self.path}: {detail}") from None
+            raise ValueError(f"failed to load model from {self.path}: {_LOG.detail(str(e))}") from None
         self.n_threads = self._llama.n_threads
         self._ctx = self._llama._ctx.ctx
         self._model = self._llama._model.model
@@ -205,8 +208,8 @@ class Model:
         _LOG.lines.clear()
         adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
         if not adapter:
-            detail = "; ".join(line for line in _LOG.lines if line) or "llama_adapter_lora_init failed"
-            raise ValueError(f"failed to load LoRA adapter {path} for {self.path}: {detail}")
+            raise ValueError(f"failed to load LoRA adapter {path} for {self.path}: "
+                             f"{_LOG.detail('llama_adapter_lora_init failed')}")
         self._lora, self.decode_lora_path = adapter, path
 
     def _attach_lora(self, on: bool) -> None:
@@ -497,6 +500,7 @@ class Model:
         scores = self.prompt_router_scores(n_prompt)
         skip = self._choose_skip(budget, strategy, layers, scores)
         self._set_mask(skip)
+        lora_used = self._lora_on
 
         generated: list[int] = []
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -548,7 +552,7 @@ class Model:
             skip_strategy="explicit" if layers is not None else strategy,
             n_prefill_tokens=n_eval,
             bypassed_layers=[il for il in skip if self.bypass and il in self._bypass_blocks],
-            decode_lora=bool(skip) and self._lora is not None and self.use_decode_lora,
+            decode_lora=lora_used,
         )
         yield GenerationChunk(text[emitted:], None, gen)
 

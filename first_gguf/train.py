@@ -332,8 +332,14 @@ class DecodeLora:
 
 
 def _layers(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
+    return model.model
+
+
+def _cont_positions(n_prompt, T):
+    """[B, T, 1]: True at continuation positions (those that skip blocks; the prompt runs at full depth)."""
+    import torch
+
+    return (torch.arange(T)[None, :] >= n_prompt[:, None])[..., None]
 
 
 def gated_forward(model, ids, n_prompt, gates=None, *, capture=False, bypass: Bypasses | None = None):
@@ -353,7 +359,7 @@ def gated_forward(model, ids, n_prompt, gates=None, *, capture=False, bypass: By
     mask = create_causal_mask(config=core.config, inputs_embeds=h, attention_mask=None,
                               past_key_values=None, position_ids=pos)
     pe = core.rotary_emb(h, position_ids=pos)
-    cont = (torch.arange(ids.shape[1])[None, :] >= n_prompt[:, None])[..., None]  # [B, T, 1]
+    cont = _cont_positions(n_prompt, ids.shape[1])
     inputs = []
     for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
         if capture:
@@ -500,12 +506,16 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
         a_idx[i], b_idx[i] = a, b
 
     trained = lora is not None or bypass is not None
-    cont = (torch.arange(T)[None, :] >= n_prompt[:, None])[..., None]
+    cont = _cont_positions(n_prompt, T)
+
+    def student():  # the decode LoRA, if any, on the continuation positions of a skipped pass
+        return lora.active(cont) if lora is not None else contextlib.nullcontext()
+
     grad_ctx = torch.enable_grad() if trained else torch.no_grad()
-    with grad_ctx, ac, (lora.active(cont) if lora is not None else contextlib.nullcontext()):
+    with grad_ctx, ac, student():
         hid_s, _ = gated_forward(model, ids, n_prompt, hard, bypass=bypass)
         kl_routed = _seq_kl(t_logp, torch.log_softmax(head(hid_s[pos]).float(), -1), pos)
-    with torch.no_grad(), ac, (lora.active(cont) if lora is not None else contextlib.nullcontext()):
+    with torch.no_grad(), ac, student():
         hid_a, _ = gated_forward(model, ids, n_prompt, alt, bypass=bypass)
         kl_alt = _seq_kl(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos)
 
