@@ -375,6 +375,18 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="cosine: every learning rate decays to --lr-final times its start over --steps.")
 @click.option("--lr-final", type=float, default=0.1, show_default=True)
+@click.option("--onpolicy-batch", type=int, default=0, show_default=True,
+              help="On-policy distillation: prompts per step whose continuation the current student samples and "
+                   "the full model scores (0: off; --batch-size 0 trains on them alone).")
+@click.option("--onpolicy-tokens", type=int, default=48, show_default=True, help="Tokens sampled per prompt.")
+@click.option("--onpolicy-temperature", type=float, default=1.0, show_default=True,
+              help="Sampling temperature of the student (0: greedy).")
+@click.option("--onpolicy-beta", type=float, default=0.0, show_default=True,
+              help="Divergence on the samples: (1-beta) KL(student||full) + beta KL(full||student).")
+@click.option("--onpolicy-data", default="tasks,broad", show_default=True,
+              help="Prompt sources of the samples: tasks (the --data train prompts), bigbench, linux, broad (both).")
+@click.option("--set-noise", type=float, default=0.0, show_default=True,
+              help="Fraction of sequences whose routed set is moved by 1-3 swaps to nearby-ranked blocks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")
@@ -423,14 +435,34 @@ def train(ctx, config_file, **kw):
     click.echo(f"wrote {cfg.output}: {json.dumps(summary)}", err=True)
 
 
+def _parse_option(option: str, parse, value):
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise _UserError(f"{option}: {e}") from None
+
+
 @main.command(name="eval")
 @click.option("--model", type=click.Path(dir_okay=False), default=None, help="GGUF (default: the embedded model).")
-@click.option("--tasks", default="summarization,qa,mc,translation", show_default=True)
+@click.option("--tasks", default="summarization,qa,mc,translation", show_default=True,
+              help="In-distribution tasks (their test split); empty with --heldout for held-out sources only.")
+@click.option("--heldout", default="", show_default=True,
+              help="Held-out sources evaluated next to the tasks: news, de, yesno, everyday (no training set "
+                   "draws from them).")
+@click.option("--measures", default="nll", show_default=True,
+              help="nll (teacher-forced extra NLL, greedy agreement, task metric), onpolicy (KL on the skipped "
+                   "model's temperature-1 samples), repetition (repeated token 4-grams, runs of one token).")
 @click.option("--budgets", default="0,0.1,0.2,0.3", show_default=True)
 @click.option("--strategies", default="router,static,block_influence,random,last", show_default=True,
               help="full, router, static, random, last, or names of stored static rankings.")
 @click.option("--n-examples", type=int, default=20, show_default=True, help="Test examples per task.")
+@click.option("--n-heldout", type=int, default=None, help="Examples per held-out source (default: --n-examples).")
 @click.option("--gen-tokens", type=int, default=48, show_default=True)
+@click.option("--onpolicy-tokens", type=int, default=48, show_default=True,
+              help="Most tokens per sampled reply (--measures onpolicy).")
+@click.option("--greedy-tokens", type=int, default=96, show_default=True,
+              help="Most tokens per greedy reply (--measures repetition).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the on-policy samplers.")
 @click.option("--split", "split_name", type=click.Choice(["dev", "test"]), default="test", show_default=True)
 @click.option("--random-seeds", type=int, default=3, show_default=True)
 @click.option("--no-bench", is_flag=True, help="Skip the speed measurement.")
@@ -438,27 +470,37 @@ def train(ctx, config_file, **kw):
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Results folder (resumable).")
 @decode_lora_option
-def eval_cmd(model, tasks, budgets, strategies, n_examples, gen_tokens, split_name, random_seeds, no_bench,
-             no_bypass, threads, output, decode_lora):
-    """Quality per task/strategy/budget (extra NLL, agreement, task metric), speed, plots."""
-    from .evaluate import EvalConfig, evaluate, summary_table
+def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n_heldout, gen_tokens,
+             onpolicy_tokens, greedy_tokens, seed, split_name, random_seeds, no_bench, no_bypass, threads, output,
+             decode_lora):
+    """Quality per task/source, strategy and budget (extra NLL, agreement, task metric; on-policy KL and
+    repetition with --measures), speed, plots; then a table of the means per group."""
+    from .evaluate import EvalConfig, evaluate, measures_table, parse_measures, summary_table
+    from .heldout import parse_heldout
 
     try:
         bs = [float(b) for b in budgets.split(",") if b.strip()]
     except ValueError:
         raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
+    # before loading the model, so a typo fails at once
+    heldout = _parse_option("--heldout", parse_heldout, heldout)
+    measures = _parse_option("--measures", parse_measures, measures)
     if model is not None and not os.path.isfile(model):
         raise _UserError(f"model not found: {model}")
     m = _load(model, 4096, threads, decode_lora=decode_lora)
     m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
                      strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
-                     gen_tokens=gen_tokens, split=split_name, random_seeds=random_seeds, bench=not no_bench)
+                     gen_tokens=gen_tokens, split=split_name, random_seeds=random_seeds, bench=not no_bench,
+                     heldout=heldout, measures=measures, n_heldout=n_heldout, onpolicy_tokens=onpolicy_tokens,
+                     greedy_tokens=greedy_tokens, seed=seed)
     try:
         res = evaluate(m, cfg, output, progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
         raise _UserError(str(e)) from None
     click.echo(summary_table(res))
+    click.echo("")
+    click.echo(measures_table(res))
 
 
 @main.command()

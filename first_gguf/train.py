@@ -84,6 +84,7 @@ if TYPE_CHECKING:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+ONPOLICY_DATA = ("tasks", "bigbench", "linux", "broad")  # prompt sources for on-policy samples; broad = both
 
 
 def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
@@ -140,6 +141,12 @@ class TrainConfig:
     extra_data: str | None = None
     n_static_examples: int = 64
     force: bool = False
+    onpolicy_batch: int = 0
+    onpolicy_tokens: int = 48
+    onpolicy_temperature: float = 1.0
+    onpolicy_beta: float = 0.0
+    onpolicy_data: str = "tasks,broad"
+    set_noise: float = 0.0
 
     def validate(self) -> None:
         def bad(msg):
@@ -147,8 +154,22 @@ class TrainConfig:
 
         if self.steps < 1:
             bad(f"steps must be >= 1; got {self.steps}")
-        if self.batch_size < 1:
-            bad(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.onpolicy_batch < 0:
+            bad(f"onpolicy_batch must be >= 0; got {self.onpolicy_batch}")
+        if self.batch_size < 0 or (self.batch_size == 0 and self.onpolicy_batch == 0):
+            bad(f"batch_size must be >= 1 (or 0 with onpolicy_batch > 0); got {self.batch_size}")
+        if self.onpolicy_tokens < 2:
+            bad(f"onpolicy_tokens must be >= 2 (the first sampled token is never changed by skipping); got "
+                f"{self.onpolicy_tokens}")
+        if not 0 <= self.onpolicy_temperature <= 10 or math.isnan(self.onpolicy_temperature):
+            bad(f"onpolicy_temperature must be in [0, 10] (0: greedy); got {self.onpolicy_temperature}")
+        if not 0 <= self.onpolicy_beta <= 1:
+            bad(f"onpolicy_beta (weight of the forward KL) must be in [0, 1]; got {self.onpolicy_beta}")
+        srcs = [x.strip() for x in self.onpolicy_data.split(",") if x.strip()]
+        if not srcs or any(x not in ONPOLICY_DATA for x in srcs):
+            bad(f"onpolicy_data must be a comma-separated subset of {ONPOLICY_DATA}; got {self.onpolicy_data!r}")
+        if not 0 <= self.set_noise <= 1:
+            bad(f"set_noise must be in [0, 1]; got {self.set_noise}")
         if not 0 <= self.budget_min <= self.budget_max < 1:
             bad(f"need 0 <= budget_min <= budget_max < 1; got {self.budget_min}, {self.budget_max}")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -412,7 +433,8 @@ class Sequence_:
     task: str
 
 
-def encode_examples(model_path: str, examples, max_prompt: int, max_cont: int) -> list[Sequence_]:
+def encode_examples(model_path: str, examples, max_prompt: int, max_cont: int, *,
+                    keep_short: bool = False) -> list[Sequence_]:
     """Token ids exactly as the runtime produces them (llama.cpp's tokenizer and chat template)."""
     from . import load
 
@@ -435,7 +457,17 @@ def encode_examples(model_path: str, examples, max_prompt: int, max_cont: int) -
                 p = tok("\n".join(m["content"] for m in ex.messages) + "\n")["input_ids"]
             c = tok(ex.target, add_special_tokens=False)["input_ids"]
             out.append(Sequence_(list(p)[-max_prompt:], c[:max_cont], ex.task))
-    return [s for s in out if len(s.prompt) >= 1 and len(s.cont) >= 2]
+    return out if keep_short else [s for s in out if len(s.prompt) >= 1 and len(s.cont) >= 2]
+
+
+def encode_prompts(model_path: str, messages: Sequence[tuple], max_tokens: int = 4096) -> list[list[int]]:
+    """Prompt token ids (chat template applied, generation prompt added) exactly as encode_examples makes
+    them; an empty list for a prompt longer than ``max_tokens``."""
+    from .tasks import Example
+
+    seqs = encode_examples(model_path, [Example("p", tuple(m), "x x", str(i)) for i, m in enumerate(messages)],
+                           max_tokens + 1, 2, keep_short=True)
+    return [s.prompt if len(s.prompt) <= max_tokens else [] for s in seqs]
 
 
 def _batch(seqs: Sequence[Sequence_], pad: int):
@@ -468,6 +500,61 @@ def _seq_kl(t_logp, s_logp, pos):
     return out / pos.sum(1).clamp(min=1)
 
 
+def draw_sets(scores, cfg: "TrainConfig", rng: random.Random):
+    """The skip sets of a batch from the router keep-scores [B, L].
+
+    Per sequence: k drawn over [budget_min, budget_max] * L; the k lowest scores are skipped (the
+    routed set). With probability ``static_mix`` the static ranking's top k instead; with probability
+    ``set_noise`` the routed set is moved "around the routers' choice": 1-3 of its blocks are swapped for
+    kept blocks among the next lowest scores, so adapters do not learn one fixed set. Then one swap per
+    sequence for the ranking loss: a routed block a kept, a kept block b skipped instead.
+    Returns (hard [B, L] 1 = keep, alt [B, L], a_idx [B], b_idx [B]).
+    """
+    import torch
+
+    B, L = scores.shape
+    k_lo, k_hi = max(1, int(cfg.budget_min * L)), max(1, int(cfg.budget_max * L))
+    k = torch.tensor([rng.randint(k_lo, k_hi) for _ in range(B)])
+    _, hard = choose_gates(scores, k, cfg.temperature)
+    order = torch.argsort(scores.detach(), dim=1).tolist()
+    for i in range(B):
+        if cfg.static_mix > 0 and rng.random() < cfg.static_mix:  # the static ranking's set (same k)
+            hard[i] = 1.0
+            hard[i, cfg.static_ranking[: int(k[i])]] = 0.0
+        elif cfg.set_noise > 0 and rng.random() < cfg.set_noise and int(k[i]) < L - 1:
+            ki = int(k[i])
+            near = order[i][ki: min(L, 3 * ki + 2)]  # the kept blocks the routers rank next
+            for _ in range(rng.randint(1, min(3, ki, len(near)))):
+                out_blk = rng.choice((hard[i] == 0).nonzero()[:, 0].tolist())
+                cand = [b for b in near if hard[i, b] == 1]
+                if not cand:
+                    break
+                in_blk = rng.choice(cand)
+                hard[i, out_blk], hard[i, in_blk] = 1.0, 0.0
+    alt = hard.clone()
+    a_idx, b_idx = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for i in range(B):
+        skipped = (hard[i] == 0).nonzero()[:, 0].tolist()
+        kept = (hard[i] == 1).nonzero()[:, 0].tolist()
+        a, b = rng.choice(skipped), rng.choice(kept)
+        alt[i, a], alt[i, b] = 1.0, 0.0
+        a_idx[i], b_idx[i] = a, b
+    return hard, alt, a_idx, b_idx
+
+
+def rank_loss_of(scores, diff, a_idx, b_idx, cfg: "TrainConfig"):
+    """Ranking loss for the swaps (diff = cost(routed) - cost(swap) > 0: skipping b instead of a is
+    better, so a's keep-score should be above b's), and the centring regulariser."""
+    import torch
+
+    sa, sb = scores.gather(1, a_idx[:, None])[:, 0], scores.gather(1, b_idx[:, None])[:, 0]
+    temp = cfg.temperature * (scores.detach().std(dim=1) + 1e-4)
+    margin = torch.sign(diff) * (sa - sb) / temp
+    rank_loss = (diff.abs() * torch.nn.functional.softplus(-margin)).mean()
+    reg = ((scores.mean(1) - 0.5) ** 2).mean()
+    return rank_loss, reg
+
+
 def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Random, *, pad: int,
               lora: DecodeLora | None = None, bypass: Bypasses | None = None):
     """One training step's loss for a batch of sequences (see the module docstring)."""
@@ -486,24 +573,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
         normed = attn_normed(model, inputs[:L])
     scores = routers.scores(normed, prompt_mask)
 
-    # the routed set: the k lowest scores, k drawn over the budget range
-    k_lo, k_hi = max(1, int(cfg.budget_min * L)), max(1, int(cfg.budget_max * L))
-    k = torch.tensor([rng.randint(k_lo, k_hi) for _ in range(B)])
-    _, hard = choose_gates(scores, k, cfg.temperature)
-    if cfg.static_mix > 0:  # some sequences train under the static ranking's set (same k)
-        for i in range(B):
-            if rng.random() < cfg.static_mix:
-                hard[i] = 1.0
-                hard[i, cfg.static_ranking[: int(k[i])]] = 0.0
-    # a swap per sequence: one routed block a kept, one kept block b skipped instead
-    alt = hard.clone()
-    a_idx, b_idx = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    for i in range(B):
-        skipped = (hard[i] == 0).nonzero()[:, 0].tolist()
-        kept = (hard[i] == 1).nonzero()[:, 0].tolist()
-        a, b = rng.choice(skipped), rng.choice(kept)
-        alt[i, a], alt[i, b] = 1.0, 0.0
-        a_idx[i], b_idx[i] = a, b
+    hard, alt, a_idx, b_idx = draw_sets(scores, cfg, rng)
 
     trained = lora is not None or bypass is not None
     cont = _cont_positions(n_prompt, T)
@@ -519,18 +589,184 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
         hid_a, _ = gated_forward(model, ids, n_prompt, alt, bypass=bypass)
         kl_alt = _seq_kl(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos)
 
-    # ranking loss: if the swap helped (kl_alt < kl_routed), block a should score above block b
-    diff = (kl_routed.detach() - kl_alt)                     # > 0: skipping b instead of a is better
-    sa, sb = scores.gather(1, a_idx[:, None])[:, 0], scores.gather(1, b_idx[:, None])[:, 0]
-    temp = cfg.temperature * (scores.detach().std(dim=1) + 1e-4)
-    margin = torch.sign(diff) * (sa - sb) / temp
-    rank_loss = (diff.abs() * torch.nn.functional.softplus(-margin)).mean()
-    reg = ((scores.mean(1) - 0.5) ** 2).mean()
+    rank_loss, reg = rank_loss_of(scores, kl_routed.detach() - kl_alt, a_idx, b_idx, cfg)
     loss = rank_loss + cfg.reg_lambda * reg
     if trained:
         loss = loss + kl_routed.mean()
     return loss, {"kl": float(kl_routed.detach().mean()), "kl_swap": float(kl_alt.mean()), "reg": float(reg.detach()),
                   "skip": float(1 - hard.mean())}
+
+
+# ------------------------------------------------------------ on-policy
+def _cache_mask(model, valid, q_len: int):
+    """Attention mask for ``q_len`` new query positions, the last ``q_len`` of the keys ``valid`` [B, K]
+    (False: left padding). Causal among the new positions; a padding query sees only itself (its output
+    is never used; an all-masked row would give NaN). Boolean for SDPA, additive for eager attention."""
+    import torch
+
+    B, K = valid.shape
+    k_idx = torch.arange(K)
+    q_abs = torch.arange(K - q_len, K)
+    m = valid[:, None, None, :] & (k_idx[None, None, None, :] <= q_abs[None, None, :, None])
+    m = m | (k_idx[None, :] == q_abs[:, None])[None, None]
+    if _layers(model).config._attn_implementation == "sdpa":
+        return m
+    return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
+
+
+def _stop_ids(model) -> set[int]:
+    ids = set()
+    for src in (model.config, getattr(model, "generation_config", None)):
+        e = getattr(src, "eos_token_id", None)
+        ids |= set(e) if isinstance(e, (list, tuple)) else ({e} if isinstance(e, int) else set())
+    return ids
+
+
+def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: bool = True) -> dict:
+    """Full-depth prefill of a left-padded batch of prompts with a KV cache (no grad): the sampler's state,
+    with the routers' input (attn-normed block inputs [L, B, P, E]) and the prompt mask [B, P]."""
+    import torch
+    from transformers import DynamicCache
+
+    core = _layers(model)
+    L = core.config.num_hidden_layers
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    valid = torch.zeros((B, P), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(list(p))
+        valid[i, P - len(p):] = True
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # every prompt starts at position 0, as in the runtime
+    cache = DynamicCache(config=core.config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = core.embed_tokens(ids)
+        pe, mask = core.rotary_emb(h, position_ids=pos), _cache_mask(model, valid, P)
+        inputs = []
+        for layer in core.layers[:L]:
+            inputs.append(h)
+            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe)
+        normed = attn_normed(model, inputs)
+        logits = model.get_output_embeddings()(core.norm(h[:, -1:])).float()
+    return {"cache": cache, "valid": valid, "next_pos": pos[:, -1:] + 1, "logits": logits, "normed": normed,
+            "prompt_mask": valid, "bf16": bf16}
+
+
+def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float, generator, stop_ids: set[int],
+                  pad: int, bypass: Bypasses | None = None, lora: DecodeLora | None = None) -> list[list[int]]:
+    """Sample continuations after ``sample_prefill`` with the blocks of ``gates`` [B, L] (0: skipped)
+    skipped for every new token, as the runtime decodes: a skipped block passes h (+ its bypass), a block
+    every sequence skips is not run, the decode LoRA is active for every new token. Temperature 0: greedy.
+    Returns each sequence's tokens, up to and including the first stop token."""
+    import torch
+
+    core = _layers(model)
+    L = core.config.num_hidden_layers
+    cache, valid, next_pos, logits = state["cache"], state["valid"], state["next_pos"].clone(), state["logits"]
+    B = valid.shape[0]
+    keep = gates.detach() > 0.5
+    run_block = keep.any(0).tolist()
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    head = model.get_output_embeddings()
+    lora_ctx = (lambda: lora.active(torch.ones(B, 1, 1))) if lora is not None else contextlib.nullcontext
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=state["bf16"]):
+        for step in range(max_new):
+            lg = logits[:, -1].float()
+            if temperature > 0:
+                tok = torch.multinomial(torch.softmax(lg / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                tok = lg.argmax(-1)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            for i in range(B):
+                if not done[i]:
+                    out[i].append(int(tok[i]))
+                    done[i] = int(tok[i]) in stop_ids
+            if bool(done.all()) or step == max_new - 1:
+                break
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+            h = core.embed_tokens(tok[:, None])
+            pe, mask = core.rotary_emb(h, position_ids=next_pos), _cache_mask(model, valid, 1)
+            with lora_ctx():
+                for il, layer in enumerate(core.layers[:L]):
+                    # a block that every sequence skips is not run: its KV cells are never read again
+                    o = layer(h, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True,
+                              position_embeddings=pe) if run_block[il] else h
+                    if not bool(keep[:, il].all()):
+                        skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
+                        o = torch.where(keep[:, il][:, None, None], o, skipped)
+                    h = o
+            next_pos = next_pos + 1
+            logits = head(core.norm(h)).float()
+    return out
+
+
+def _seq_div(t_logp, s_logp, pos, beta: float):
+    """Per-sequence mean of (1 - beta) KL(student || teacher) + beta KL(teacher || student) over ``pos``."""
+    import torch
+
+    rkl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    tok = rkl if beta == 0 else (1 - beta) * rkl + beta * (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    owner = pos.nonzero()[:, 0]
+    out = torch.zeros(pos.shape[0]).index_add_(0, owner, tok.float())
+    return out / pos.sum(1).clamp(min=1)
+
+
+def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg: "TrainConfig",
+                  rng: random.Random, generator, *, pad: int, stop_ids: set[int],
+                  lora: DecodeLora | None = None, bypass: Bypasses | None = None):
+    """On-policy distillation (GKD / MiniLLM style) for one batch of prompts.
+
+    The current student (routers' sets as in ``draw_sets``, bypasses, decode LoRA) samples a
+    continuation of each prompt at ``onpolicy_temperature`` with its current weights (every step, so
+    the samples are always on-policy); the teacher is the same model at full depth. Loss on those tokens:
+    (1 - beta) KL(student || teacher) + beta KL(teacher || student), exact over the vocabulary, at every
+    continuation position whose prediction skipping changes (the first sampled token comes from the
+    full-depth prompt and is excluded). The swap comparison for the routers uses the same divergence on
+    the same sampled tokens, so the routers rank blocks by what the student's own text costs.
+    """
+    import torch
+
+    L = _layers(model).config.num_hidden_layers
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    state = sample_prefill(model, prompts, pad=pad, bf16=cfg.bf16)
+    scores = routers.scores(state["normed"], state["prompt_mask"])
+    hard, alt, a_idx, b_idx = draw_sets(scores, cfg, rng)
+    conts = sample_decode(model, state, hard, max_new=cfg.onpolicy_tokens, temperature=cfg.onpolicy_temperature,
+                          generator=generator, stop_ids=stop_ids, pad=pad, bypass=bypass, lora=lora)
+    del state
+    rows = [i for i, c in enumerate(conts) if len(c) >= 2]
+    if not rows:  # every sample stopped at once: nothing that skipping changed
+        zero = scores.sum() * 0.0
+        return zero, {"okl": 0.0, "okl_swap": 0.0, "otokens": 0.0}
+    seqs = [Sequence_(list(prompts[i]), conts[i], "onpolicy") for i in rows]
+    idx = torch.tensor(rows)
+    hard, alt, a_idx, b_idx, scores = hard[idx], alt[idx], a_idx[idx], b_idx[idx], scores[idx]
+    ids, n_prompt, length = _batch(seqs, pad)
+    T = ids.shape[1]
+    head = model.get_output_embeddings()
+    pos = _kl_positions(n_prompt, length, T)
+    cont = _cont_positions(n_prompt, T)
+
+    def student():
+        return lora.active(cont) if lora is not None else contextlib.nullcontext()
+
+    with torch.no_grad(), ac:
+        hid, _ = gated_forward(model, ids, n_prompt)
+        t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
+    trained = lora is not None or bypass is not None
+    with (torch.enable_grad() if trained else torch.no_grad()), ac, student():
+        hid_s, _ = gated_forward(model, ids, n_prompt, hard, bypass=bypass)
+        div = _seq_div(t_logp, torch.log_softmax(head(hid_s[pos]).float(), -1), pos, cfg.onpolicy_beta)
+    with torch.no_grad(), ac, student():
+        hid_a, _ = gated_forward(model, ids, n_prompt, alt, bypass=bypass)
+        div_alt = _seq_div(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos, cfg.onpolicy_beta)
+    rank_loss, reg = rank_loss_of(scores, div.detach() - div_alt, a_idx, b_idx, cfg)
+    loss = rank_loss + cfg.reg_lambda * reg
+    if trained:
+        loss = loss + div.mean()
+    return loss, {"okl": float(div.detach().mean()), "okl_swap": float(div_alt.mean()),
+                  "otokens": float(np.mean([len(conts[i]) for i in rows])), "oskip": float(1 - hard.mean())}
 
 
 # ------------------------------------------------------------- statics
@@ -577,10 +813,39 @@ def _dist():
     return world, rank
 
 
-def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progress: bool = True) -> dict:
+def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_]) -> list[Sequence_]:
+    """The prompts on-policy samples start from (``cfg.onpolicy_data``), as Sequence_s without continuation:
+    ``tasks``: the training sequences' prompts; ``bigbench`` / ``linux`` / ``broad`` (both): first_gguf.broad.
+    Prompts longer than max_prompt_tokens are dropped (not cut: a cut chat prompt loses its header)."""
+    srcs = {x.strip() for x in cfg.onpolicy_data.split(",") if x.strip()}
+    out, seen = [], set()
+    if "tasks" in srcs:
+        for s in sequences:
+            if tuple(s.prompt) not in seen:
+                seen.add(tuple(s.prompt))
+                out.append(Sequence_(list(s.prompt), [], "tasks"))
+    broad = sorted({"bigbench", "linux"} & srcs | ({"bigbench", "linux"} if "broad" in srcs else set()))
+    if broad:
+        from .broad import broad_prompts
+
+        recs = broad_prompts(tuple(broad), seed=cfg.seed)
+        toks = encode_prompts(cfg.model, [({"role": "user", "content": r["prompt"]},) for r in recs])
+        for r, p in zip(recs, toks):
+            if 1 <= len(p) <= cfg.max_prompt_tokens and tuple(p) not in seen:
+                seen.add(tuple(p))
+                out.append(Sequence_(p, [], r["source"]))
+    if not out:
+        raise ValueError(f"no on-policy prompts from {cfg.onpolicy_data!r} within {cfg.max_prompt_tokens} tokens")
+    return out
+
+
+def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progress: bool = True,
+          onpolicy_prompts: list[Sequence_] | None = None) -> dict:
     """Train routers (and LoRA); write the router file (and adapter). Returns a summary dict.
 
     ``sequences``: pre-tokenized training data (tests, synthetic tasks); default: cfg.tasks' train splits.
+    ``onpolicy_prompts``: prompts for on-policy samples (Sequence_s; their ``task`` groups the balanced
+    draw); default: ``onpolicy_prompt_pool(cfg, sequences)`` when ``cfg.onpolicy_batch > 0``.
     """
     import torch
 
@@ -672,6 +937,11 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     rng = random.Random(cfg.seed * 1000 + rank)
     order = [i for i in range(len(sequences)) if i % world == rank]
     draw = task_sampler([sequences[i].task for i in order], cfg.balance_tasks)
+    if cfg.onpolicy_batch:
+        pool = onpolicy_prompts if onpolicy_prompts is not None else onpolicy_prompt_pool(cfg, sequences)
+        pool = [pool[i] for i in range(len(pool)) if i % world == rank] or pool
+        draw_prompt = task_sampler([p.task for p in pool], True)  # balanced over the prompt sources
+        stop_ids = _stop_ids(model)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -683,7 +953,14 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         f = lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.lr_final)
         for g, lr0 in zip(opt.param_groups, base_lrs):
             g["lr"] = lr0 * f
-        loss, info = step_loss(model, routers, batch, cfg, rng, pad=pad, lora=lora, bypass=bypass)
+        loss, info = (step_loss(model, routers, batch, cfg, rng, pad=pad, lora=lora, bypass=bypass)
+                      if cfg.batch_size else (0.0, {}))
+        if cfg.onpolicy_batch:
+            prompts = [pool[draw_prompt(brng)].prompt for _ in range(cfg.onpolicy_batch)]
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + rank)
+            oloss, oinfo = onpolicy_loss(model, routers, prompts, cfg, rng, gen, pad=pad, stop_ids=stop_ids,
+                                         lora=lora, bypass=bypass)
+            loss, info = loss + oloss, {**info, **oinfo}
         opt.zero_grad()
         loss.backward()
         if world > 1:
@@ -698,7 +975,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         info["loss"] = float(loss.detach())
         history.append({"step": step + 1, **{k: round(v, 5) for k, v in info.items()}})
         if bar:
-            bar.set_postfix(loss=f"{info['loss']:.4f}", kl=f"{info['kl']:.4f}", skip=f"{info['skip']:.2f}")
+            bar.set_postfix({k: f"{info[k]:.4f}" for k in ("loss", "kl", "okl", "skip", "oskip") if k in info})
             bar.update(1)
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             state = {"weight": routers.weight.detach().clone(), "bias": routers.bias.detach().clone(),

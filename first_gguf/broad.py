@@ -1,0 +1,122 @@
+"""Broad prompts for on-policy distillation: many kinds of instructions, no references needed.
+
+On-policy training (``first-gguf train --onpolicy-batch``) only needs prompts: the student writes the
+continuation and the full-depth model scores it. Adapters trained on five tasks learn those tasks'
+distributions, not the model (RESEARCH.md section 7: +0.56 extra NLL on held-out sources vs +0.00 in
+distribution), so these prompts aim at diversity over volume:
+
+- ``bigbench``: the inputs of every English JSON task of the BIG-bench 1.0.0 sdist (the same sdist
+  the tasks come from, sha256-checked), at most ``per_task`` per (sub)task and 3 * ``per_task`` per
+  top-level task: reasoning, QA, dialogue,
+  commonsense, code, arithmetic, text editing, data-to-text, story and question generation, ...
+  Excluded: the reserved evaluation sources (``gem/xsum``, ``strategyqa``, anything German), the
+  tasks the ``summarization``, ``qa`` and ``mc`` tasks are built from (their test splits stay
+  unseen), and non-ASCII inputs (other languages, ASCII-art images are filtered by name).
+- ``linux``: open questions about the installed commands' manual pages (``apropos -s 1 .``), long
+  free-form replies like a chat's.
+
+Every prompt becomes one user message (the chat template is applied by the caller). The list is
+deterministic (sorted sources, seeded shuffle) and cached as JSON Lines in the data cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .tasks import BIGBENCH_MEMBERS, BIGBENCH_SDIST, BIGBENCH_SHA256, _cache_dir, _download_sdist, is_reserved
+
+BROAD_SOURCES = ("bigbench", "linux")
+# tasks whose examples are not English prose prompts, or that other tasks / evaluation own
+_SKIP_NAME = re.compile(r"(xsum|strategyqa|german|_de\b|mlsum|russian|hindi|hinglish|kannada|persian|parsinlu|"
+                        r"swahili|polish|multiemo|spanish|_es\b|_ru\b|multilingual|cs_restaurants|ascii|mnist|cifar|"
+                        r"kanji|conlang|language_identification|international_phonetic)")
+_OWNED = {m.split("benchmark_tasks/")[1].rsplit("/", 1)[0] for ms in BIGBENCH_MEMBERS.values() for m in ms}
+
+
+def _bigbench_prompts(per_task: int, seed: int) -> list[dict]:
+    sdist_dir = _cache_dir() / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    sdist = _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
+    by_task: dict[str, list[str]] = {}
+    with tarfile.open(sdist) as tar:
+        for ti in tar:
+            if not (ti.isfile() and ti.name.endswith("/task.json") and "benchmark_tasks/" in ti.name):
+                continue
+            name = ti.name.split("benchmark_tasks/")[1].rsplit("/", 1)[0]
+            if name in _OWNED or is_reserved(name) or _SKIP_NAME.search(name):
+                continue
+            try:
+                data = json.loads(tar.extractfile(ti).read())
+            except ValueError:
+                continue
+            prefix = str(data.get("task_prefix", "")).strip()
+            inputs = []
+            for ex in data.get("examples", []) if isinstance(data, dict) else []:
+                inp = ex.get("input") if isinstance(ex, dict) else None
+                if not isinstance(inp, str):
+                    continue
+                text = f"{prefix}\n{inp.strip()}".strip() if prefix and len(prefix) < 600 else inp.strip()
+                if 20 <= len(text) <= 1500 and text.isascii():
+                    inputs.append(text)
+            random.Random(f"{seed}:{name}").shuffle(inputs)
+            by_task[name] = inputs[:per_task]
+    # a task with many subtasks (list_functions has 250) gets at most 3 * per_task prompts in all
+    out = []
+    for top in sorted({n.split("/")[0] for n in by_task}):
+        subs = sorted(n for n in by_task if n.split("/")[0] == top)
+        picks = [{"source": "bigbench", "task": n, "prompt": t} for n in subs for t in by_task[n]]
+        random.Random(f"{seed}:{top}").shuffle(picks)
+        out += picks[: 3 * per_task]
+    return out
+
+
+def linux_prompts() -> list[dict]:
+    """Questions about the commands of section 1 of the installed manual pages (``apropos -s 1 .``)."""
+    try:
+        res = subprocess.run(["apropos", "-s", "1", "."], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # no man-db: the source is simply absent
+    out, seen = [], set()
+    for line in sorted(set(res.stdout.splitlines())):
+        m = re.match(r"^([a-z][\w.+-]*) \(1\)\s+- (.+)$", line)
+        if (not m or "_" in m[1] or m[1].startswith("gcloud") or not m[2][:1].isalpha()
+                or m[2].endswith("...") or not 12 <= len(m[2]) <= 80 or m[2] in seen):
+            continue  # generated command families (gcloud_*), placeholders, truncated or repeated lines
+        seen.add(m[2])
+        cmd, desc = m[1], m[2].rstrip(".")
+        if len(out) % 2:
+            q = f"What is the Linux command {cmd} used for?"
+        else:
+            q = f"Explain in a few sentences what {cmd} ({desc[0].lower() + desc[1:]}) does."
+        out.append({"source": "linux", "task": "linux", "prompt": q})
+    return out
+
+
+def broad_prompts(sources=BROAD_SOURCES, *, per_task: int = 40, seed: int = 0) -> list[dict]:
+    """``[{"source", "task", "prompt"}]`` from ``sources`` (see the module docstring), cached."""
+    bad = [s for s in sources if s not in BROAD_SOURCES]
+    if bad or not sources:
+        raise ValueError(f"unknown broad prompt source(s) {bad or sources!r}; expected some of {BROAD_SOURCES}")
+    cache = _cache_dir() / f"broad-{'-'.join(sorted(sources))}-{per_task}-{seed}.jsonl"
+    if cache.exists():
+        return [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    out = []
+    for s in sorted(sources):
+        out += _bigbench_prompts(per_task, seed) if s == "bigbench" else linux_prompts()
+    if not out:
+        raise ValueError(f"no broad prompts found for {list(sources)}")
+    random.Random(seed).shuffle(out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=cache.parent, suffix=".part", delete=False) as tmp:
+        tmp.write("".join(json.dumps(r) + "\n" for r in out))
+    os.replace(tmp.name, cache)
+    return out
+
+
+__all__ = ["BROAD_SOURCES", "broad_prompts", "linux_prompts"]
