@@ -16,7 +16,9 @@ no dataset text is stored in this repository:
 - ``mc``: BIG-bench ``social_iqa`` multiple choice, answered with the option text.
 
 Reserved for external evaluation and refused here: BIG-bench ``gem/xsum``,
-``strategyqa`` and the German (``de``) catalogues.
+``strategyqa``, the German (``de``) catalogues and the held-out source names of
+``first_gguf.heldout`` (``news``, ``de``, ``yesno``, ``everyday``), which only
+``first-gguf eval --heldout`` loads.
 
 Splits are deterministic: each task's examples are shuffled with a fixed seed
 and cut into train (80%), dev (10%) and test (10%).
@@ -36,8 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TASKS = ("summarization", "qa", "mc", "translation", "docs")
+# Held-out-by-source prompt sets (first_gguf/heldout.py), decided before any training that measures on them:
+# news (BIG-bench gem/xsum), de (German catalogues), yesno (BIG-bench strategyqa), everyday (chat prompts).
+HELDOUT_SOURCES = ("news", "de", "yesno", "everyday")
 RESERVED = ("xsum", "strategyqa")    # reserved wherever they occur in a task name
-RESERVED_WORDS = ("de",)              # reserved as a whole word of a task name (German)
+RESERVED_WORDS = HELDOUT_SOURCES     # reserved as a whole word of a task name ("de": German)
 SPLITS = ("train", "dev", "test")
 
 BIGBENCH_VERSION = "1.0.0"
@@ -49,6 +54,11 @@ BIGBENCH_MEMBERS = {
         "subtask024_cosmosqa_answer_generation", "subtask061_ropes_answer_generation",
         "subtask058_multirc_question_answering")],
     "mc": ["bigbench/benchmark_tasks/social_iqa/task.json"],
+}
+# extracted in the same pass, read only by first_gguf.heldout (never by load_task)
+BIGBENCH_HELDOUT_MEMBERS = {
+    "news": "bigbench/benchmark_tasks/gem/xsum/task.json",
+    "yesno": "bigbench/benchmark_tasks/strategyqa/task.json",
 }
 
 
@@ -63,8 +73,9 @@ class Example:
 def is_reserved(task: str) -> bool:
     """Whether ``task`` names data kept for external evaluation (never trained or tuned on).
 
-    ``xsum`` / ``strategyqa`` anywhere in the name; ``de`` (German) only as a whole word ("de",
-    "translation-de", "en_de"), so names like "self-student" or "decode" are not caught."""
+    ``xsum`` / ``strategyqa`` anywhere in the name; the held-out source names (``de``: German,
+    ``news``, ``yesno``, ``everyday``) only as a whole word ("de", "translation-de", "en_de"), so
+    names like "self-student" or "decode" are not caught."""
     t = task.lower()
     return any(r in t for r in RESERVED) or any(w in RESERVED_WORDS for w in re.split(r"[^a-z0-9]+", t))
 
@@ -85,27 +96,32 @@ def _user(text: str) -> tuple:
 
 # ------------------------------------------------------------------ sources
 def _translation(max_chars: int = 160) -> list[Example]:
-    out = []
-    for lang, name in (("fr", "French"), ("es", "Spanish")):
-        d = Path(f"/usr/share/locale/{lang}/LC_MESSAGES")
-        if not d.is_dir():
+    return [ex for lang, name in (("fr", "French"), ("es", "Spanish"))
+            for ex in catalogue_examples(lang, name, "translation", max_chars=max_chars)]
+
+
+def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160) -> list[Example]:
+    """English -> ``name`` software messages from the Debian gettext catalogues of ``lang``
+    (``/usr/share/locale/<lang>/LC_MESSAGES/*.mo``), one example per distinct English message."""
+    d = Path(f"/usr/share/locale/{lang}/LC_MESSAGES")
+    if not d.is_dir():
+        return []
+    out, seen = [], set()
+    for mo in sorted(d.glob("*.mo")):
+        try:
+            with open(mo, "rb") as f:
+                cat = gettext.GNUTranslations(f)._catalog
+        except Exception:  # a damaged catalogue is skipped, not fatal
             continue
-        seen = set()
-        for mo in sorted(d.glob("*.mo")):
-            try:
-                with open(mo, "rb") as f:
-                    cat = gettext.GNUTranslations(f)._catalog
-            except Exception:  # a damaged catalogue is skipped, not fatal
+        for src, dst in cat.items():
+            if not isinstance(src, str) or not src or not dst or src in seen:
                 continue
-            for src, dst in cat.items():
-                if not isinstance(src, str) or not src or not dst or src in seen:
-                    continue
-                if not (15 <= len(src) <= max_chars) or "\n" in src or "%" in src or not src.isascii():
-                    continue
-                if not any(c.isalpha() for c in src) or src.upper() == src:
-                    continue
-                seen.add(src)
-                out.append(Example("translation", _user(f"Translate to {name}:\n{src}"), dst, _uid(lang, src)))
+            if not (15 <= len(src) <= max_chars) or "\n" in src or "%" in src or not src.isascii():
+                continue
+            if not any(c.isalpha() for c in src) or src.upper() == src:
+                continue
+            seen.add(src)
+            out.append(Example(task, _user(f"Translate to {name}:\n{src}"), dst, _uid(lang, src)))
     return out
 
 
@@ -209,7 +225,7 @@ def _bigbench_file(member: str) -> Path:
     sdist_dir = _cache_dir() / "sdist"
     sdist_dir.mkdir(parents=True, exist_ok=True)
     sdist = _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
-    wanted = {m for ms in BIGBENCH_MEMBERS.values() for m in ms}
+    wanted = {m for ms in BIGBENCH_MEMBERS.values() for m in ms} | set(BIGBENCH_HELDOUT_MEMBERS.values())
     with tarfile.open(sdist) as tar:
         for ti in tar:
             rel = ti.name.split("/", 1)[1] if "/" in ti.name else ti.name
@@ -324,10 +340,11 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
         raise ValueError("no tasks given")
     for t in names:
         if is_reserved(t):
-            raise ValueError(f"task {t!r} is reserved for external evaluation")
+            hint = "; evaluate it with first-gguf eval --heldout" if t in HELDOUT_SOURCES else ""
+            raise ValueError(f"task {t!r} is reserved for external evaluation{hint}")
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; expected one of {', '.join(TASKS)}")
     return names
 
 
-__all__ = ["TASKS", "Example", "load_task", "split", "parse_tasks"]
+__all__ = ["TASKS", "HELDOUT_SOURCES", "Example", "is_reserved", "load_task", "split", "parse_tasks"]

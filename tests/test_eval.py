@@ -70,3 +70,80 @@ def test_eval_bad_arguments(tiny_gguf_model, tmp_path):
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_gguf_model.path), "--budgets", "0,x",
                                     "-o", str(tmp_path / "o")])
     assert res.exit_code != 0 and "--budgets" in res.output
+
+
+def test_eval_measures_heldout_and_resume(tiny_gguf_model, tmp_path, monkeypatch):
+    """nll + on-policy KL + repetition on an in-distribution task and the everyday source, then resume."""
+    monkeypatch.setattr(ev, "load_task", _examples)
+    cfg = ev.EvalConfig(tasks=["qa"], heldout=["everyday"], budgets=[0, 0.5], strategies=["router", "random"],
+                        measures=["nll", "onpolicy", "repetition"], n_examples=2, n_heldout=3, gen_tokens=4,
+                        onpolicy_tokens=5, greedy_tokens=6, random_seeds=2, bench=False)
+    res = ev.evaluate(tiny_gguf_model, cfg, tmp_path)
+    rows = {(r["task"], r["strategy"]): r for r in res["rows"]}
+    assert len(rows) == 2 * 3
+    assert {r["group"] for r in res["rows"] if r["task"] == "qa"} == {"in-distribution"}
+    assert {r["group"] for r in res["rows"] if r["task"] == "everyday"} == {"held-out source"}
+    full, router = rows["everyday", "full"], rows["everyday", "router"]
+    assert full["nll"] is None and full["extra_nll"] is None and router["extra_nll"] is None  # no references
+    assert full["onpolicy_kl"] == 0.0 and full["repetition"]["n"] == 3 and len(full["repetition"]["replies"]) == 3
+    op = router["onpolicy"]
+    assert router["onpolicy_kl"] == op["kl"] and len(op["replies"]) == 3 and op["n_tokens"] > 0
+    assert all(len(s) == 2 for s in router["skipped"])
+    assert rows["qa", "router"]["extra_nll"] is not None and rows["qa", "router"]["repetition"]["n"] == 1
+    rnd = rows["qa", "random"]  # 2 seeds: on-policy tokens pooled, replies of both
+    assert rnd["n_seeds"] == 2 and len(rnd["onpolicy"]["replies"]) == 2 and rnd["repetition"]["n"] == 2
+    # the same numbers as the measure functions give directly
+    from first_gguf.measures import onpolicy_kl
+
+    prompts = [list(e.messages) for e in ev.load_heldout("everyday", 3)]
+    assert onpolicy_kl(tiny_gguf_model, prompts, 0.5, max_tokens=5).kl == pytest.approx(router["onpolicy_kl"])
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["task", "group", "strategy"] and {"onpolicy_kl", "rep_token_4gram", "rep_long_runs",
+                                                            "rep_word_4gram"} <= set(header)
+    table = ev.measures_table(res)
+    assert "| 0.5 | router | in-distribution | 1 |" in table and "| 0.5 | router | held-out source | 1 |" in table
+    assert "| 0 | full | held-out source | 1 | " in table
+    # resumable: nothing is measured again
+    n_lines = len((tmp_path / "results.jsonl").read_text().splitlines())
+    ev.evaluate(tiny_gguf_model, ev.EvalConfig(**cfg.__dict__), tmp_path)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
+    # ... but not with other measures or another sample length
+    for kw, what in ((dict(measures=["nll"]), r"measures: \['nll', 'onpolicy', 'repetition'\] there, \['nll'\] now"),
+                     (dict(onpolicy_tokens=7), "onpolicy_tokens: 5 there, 7 now")):
+        with pytest.raises(ValueError, match=what):
+            ev.evaluate(tiny_gguf_model, ev.EvalConfig(**{**cfg.__dict__, **kw}), tmp_path)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
+
+
+def test_eval_cli_heldout_only(tiny_gguf_model, tmp_path):
+    from first_gguf.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "--model", str(tiny_gguf_model.path), "--tasks", "", "--heldout",
+                                    "everyday", "--measures", "onpolicy,repetition", "--budgets", "0,0.25",
+                                    "--strategies", "router", "--n-heldout", "2", "--onpolicy-tokens", "4",
+                                    "--greedy-tokens", "5", "--no-bench", "--threads", "1", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "| 0.25 | router | held-out source | 1 |" in res.output and "repeated token 4-grams" in res.output
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["task"], r["strategy"]) for r in rows} == {("everyday", "full"), ("everyday", "router")}
+    assert all("agreement" not in r for r in rows)  # nll not asked for
+
+
+def test_eval_new_options_bad_values(tiny_gguf_model, tmp_path):
+    from first_gguf.cli import main
+
+    base = ["eval", "--model", str(tiny_gguf_model.path), "--strategies", "router", "--no-bench", "--threads", "1",
+            "-o", str(tmp_path / "o")]
+    for extra, msg in ((["--heldout", "news,cooking"], "--heldout: unknown held-out source 'cooking'; expected some "
+                                                       "of news, de, yesno, everyday"),
+                       (["--measures", "nll,speed"], "--measures: unknown measure 'speed'; expected some of nll, "
+                                                     "onpolicy, repetition"),
+                       (["--measures", ","], "--measures: no measures given"),
+                       (["--tasks", "news"], "task 'news' is reserved for external evaluation; evaluate it with "
+                                             "first-gguf eval --heldout"),
+                       (["--tasks", "", "--heldout", ""], "no tasks and no held-out sources given"),
+                       (["--onpolicy-tokens", "0"], "onpolicy_tokens must be an integer >= 1; got 0"),
+                       (["--n-heldout", "-2", "--heldout", "everyday"], "n_heldout must be an integer >= 1; got -2")):
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code != 0 and msg in res.output, (extra, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output

@@ -1,0 +1,150 @@
+"""Held-out-by-source prompt sets: evaluation only, never training data.
+
+Decided before any training that is measured on them; no training set of the
+project draws from these sources, and ``tasks.load_task`` / ``parse_tasks`` /
+``read_examples_jsonl`` refuse their names (``tasks.is_reserved``). Only
+``first-gguf eval --heldout`` loads them, through ``load_heldout``.
+
+- ``news``: BIG-bench ``gem/xsum``, a BBC article (cut to ~2,000 characters at a
+  line or word boundary) -> its one-sentence reference summary.
+- ``de``: English -> German software messages from the Debian gettext catalogues
+  (``/usr/share/locale/de/LC_MESSAGES/*.mo``), in the ``translation`` task's format.
+- ``yesno``: BIG-bench ``strategyqa``, a yes/no question -> the reference answer
+  with its reason ("No. The density of a raw pear is ..."), a multi-token target
+  (a one-token answer would be predicted by the full-depth prefill and never
+  change with skipping).
+- ``everyday``: everyday chat requests (advice, how-to, explanations, short
+  creative requests) with no reference (target ""): measured by what the model
+  generates (on-policy KL, repetition), not by a reference likelihood.
+
+Each source's examples come in a fixed order (sorted by id, shuffled with seed 0),
+so the first N are the same subset on every machine.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+from .tasks import (BIGBENCH_HELDOUT_MEMBERS, HELDOUT_SOURCES, Example, _bigbench_file, _uid, _user,
+                    catalogue_examples)
+
+NEWS_MAX_CHARS = 2000
+
+# The 24 prompts of the project's first loop measure (scripts/side_by_side.py shows the first 8 in full) ...
+EVERYDAY_PROMPTS = (
+    "Explain why the sky is blue.",
+    "Give me three tips for sleeping better.",
+    "What is the capital of France, and what is it famous for?",
+    "Write a short email asking my landlord to fix the heating.",
+    "How do I boil an egg?",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest a name for a small coffee shop.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "How can I save money on groceries?",
+    "Why do cats purr?",
+    "Write a haiku about autumn.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain what a computer virus is to a child.",
+    "How do plants make their food?",
+    "Give me a simple recipe for pancakes.",
+    "What are the benefits of regular exercise?",
+    "How do I write a good cover letter?",
+    "Why is the ocean salty?",
+    "Describe a typical day of a nurse.",
+    "What is the difference between weather and climate?",
+    "How do I start learning to play the guitar?",
+    "Tell me a fun fact about octopuses.",
+    "What causes earthquakes?",
+    "How can I be more productive when working from home?",
+    # ... and 16 more of the same kind
+    "How do I get a coffee stain out of a white shirt?",
+    "Give me some advice for my first day at a new job.",
+    "Explain how a rainbow forms.",
+    "Write a short poem about the sea.",
+    "What is a good way to learn a new language as an adult?",
+    "Why do leaves change color in the fall?",
+    "How can I keep my houseplants healthy?",
+    "Write a birthday message for my grandmother.",
+    "What should I do when I can't fall asleep?",
+    "Explain what inflation is in simple terms.",
+    "How do I fix a flat tire on a bicycle?",
+    "Tell me a short story about a lost dog who finds its way home.",
+    "What are some healthy snacks for children?",
+    "How does a refrigerator keep food cold?",
+    "Give me tips for a job interview.",
+    "Why do we need to drink water every day?",
+)
+
+
+def _cut(text: str, n: int = NEWS_MAX_CHARS) -> str:
+    """``text`` cut to at most ``n`` characters: at the last line break (a sentence in these articles)
+    when that keeps more than half, else at the last space."""
+    if len(text) <= n:
+        return text
+    cut = text.rfind("\n", 0, n)
+    if cut <= n // 2:
+        cut = text.rfind(" ", 0, n)
+    return text[:cut if cut > 0 else n].rstrip()
+
+
+def _news() -> list[Example]:
+    member = BIGBENCH_HELDOUT_MEMBERS["news"]
+    out = []
+    for ex in json.loads(_bigbench_file(member).read_text())["examples"]:
+        article, summary = ex.get("input", "").strip(), str(ex.get("target") or "").strip()
+        if not article or not summary:
+            continue
+        out.append(Example("news", _user(f"Summarize this news article in one sentence:\n{_cut(article)}"), summary,
+                           _uid(member, ex["input"])))
+    return out
+
+
+def _yesno() -> list[Example]:
+    member = BIGBENCH_HELDOUT_MEMBERS["yesno"]
+    out = []
+    for ex in json.loads(_bigbench_file(member).read_text())["examples"]:
+        question, answer = ex.get("input", "").strip(), str(ex.get("target") or "").strip()
+        if not question or not answer:
+            continue
+        out.append(Example("yesno", _user(f"Answer yes or no, and say why:\n{question}"), answer,
+                           _uid(member, question)))
+    return out
+
+
+def _everyday() -> list[Example]:
+    return [Example("everyday", _user(p), "", _uid("everyday", p)) for p in EVERYDAY_PROMPTS]
+
+
+def parse_heldout(spec: str | list[str]) -> list[str]:
+    """Held-out source names from "news,de" or a list (empty: none); unknown names raise ValueError."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    for s in names:
+        if s not in HELDOUT_SOURCES:
+            raise ValueError(f"unknown held-out source {s!r}; expected some of {', '.join(HELDOUT_SOURCES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"held-out sources repeat a name: {','.join(names)}")
+    return names
+
+
+def load_heldout(source: str, n: int | None = None) -> list[Example]:
+    """The examples of one held-out source, in a fixed order (sorted by id, shuffled with seed 0);
+    the first ``n`` when given. Evaluation only: no training code path calls this."""
+    parse_heldout([source])
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive integer or None; got {n!r}")
+    if source == "news":
+        ex = _news()
+    elif source == "yesno":
+        ex = _yesno()
+    elif source == "de":
+        ex = catalogue_examples("de", "German", "de")
+    else:
+        ex = _everyday()
+    if not ex:
+        raise ValueError(f"no data found for held-out source {source!r}")
+    ex.sort(key=lambda e: e.uid)
+    random.Random(0).shuffle(ex)
+    return ex[:n]
+
+
+__all__ = ["HELDOUT_SOURCES", "EVERYDAY_PROMPTS", "load_heldout", "parse_heldout"]

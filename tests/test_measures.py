@@ -1,0 +1,183 @@
+"""Measures users feel (first_gguf.measures) and the held-out sources (first_gguf.heldout).
+
+Repetition on hand-made token lists; on-policy KL on the tiny random model against an independent
+computation from Model.score_tokens; the held-out loader, and that no training path can load it.
+None of these needs the BIG-bench download (news / yesno are read from hand-made task files).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from first_gguf import heldout
+from first_gguf.measures import (greedy_repetition, longest_run, onpolicy_kl, repeated_ngram_share,
+                                 repeated_word_ngram_share, repetition_stats)
+from first_gguf.tasks import HELDOUT_SOURCES, is_reserved, load_task, parse_tasks, read_examples_jsonl
+
+PROMPTS = ["The quick brown fox", "Return the sum of the values", "Open the file and read"]
+
+
+@pytest.fixture(scope="module")
+def tiny1(tiny_gguf_model):
+    """The tiny random model with routers, on one thread."""
+    import first_gguf
+
+    m = first_gguf.load(tiny_gguf_model.path, n_ctx=1024, n_threads=1)
+    yield m
+    m.close()
+
+
+# ------------------------------------------------------------ repetition
+def test_repeated_token_4grams_on_hand_made_lists():
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6, 7]) == 0.0
+    assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)  # 5 grams, the last repeats
+    assert repeated_ngram_share([1, 2, 3, 4]) == 0.0  # one 4-gram: nothing to repeat
+    assert repeated_ngram_share([]) == 0.0
+    assert repeated_ngram_share([5, 6] * 10) == pytest.approx(15 / 17)  # a two-token loop: all but 2 of 17
+    assert longest_run([]) == 0 and longest_run([3]) == 1
+    assert longest_run([1, 2, 2, 3, 3, 3, 1]) == 3
+
+
+def test_one_token_run_caught_by_tokens_missed_by_words():
+    # "Basoooooooooooo...": one word, many tokens ("Bas" then one "o" token over and over)
+    tokens, text = [101, 102] + [7] * 14, "Bas" + "o" * 14
+    assert repeated_word_ngram_share(text) == 0.0 and repeated_word_ngram_share(text + " and more words") == 0.0
+    assert repeated_ngram_share(tokens) == pytest.approx(10 / 13) and longest_run(tokens) == 14
+    r = repetition_stats([tokens, [1, 2, 3, 4, 5, 6]], [text, "a fine reply of words"])
+    assert (r.token_4gram, r.looping, r.long_runs, r.longest_run) == (pytest.approx(5 / 13), 0.5, 0.5, 7.5)
+    assert r.word_4gram == 0.0 and r.n == 2 and r.per_reply[0]["longest_run"] == 14
+    # word-level: the definition of the earlier side-by-side loop measure
+    assert repeated_word_ngram_share("A b c d a b c d") == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match="as many texts as token lists"):
+        repetition_stats([[1, 2]], [])
+
+
+def test_greedy_repetition_on_tiny_model(tiny1):
+    full = greedy_repetition(tiny1, PROMPTS, 0.0, max_tokens=12)
+    assert full.n == 3 and all(s == [] for s in full.skipped) and len(full.replies) == 3
+    skipped = greedy_repetition(tiny1, PROMPTS, 0.5, max_tokens=12)
+    assert all(len(s) == 2 for s in skipped.skipped)
+    g = tiny1.generate(PROMPTS[0] + "\n", 0.5, max_tokens=12)  # the same reply through the public API (raw text)
+    assert skipped.replies[0] == g.text and skipped.per_reply[0]["token_4gram"] == repeated_ngram_share(g.tokens)
+
+
+# ---------------------------------------------------------- on-policy KL
+def test_onpolicy_kl_is_zero_at_budget_zero(tiny1):
+    r = onpolicy_kl(tiny1, PROMPTS, 0.0, max_tokens=10)
+    assert r.kl == 0.0 and r.n_tokens > 0 and all(v in (0.0, None) for v in r.per_prompt)
+    assert all(s == [] for s in r.skipped)
+
+
+def test_onpolicy_kl_equals_an_independent_computation(tiny1):
+    r = onpolicy_kl(tiny1, PROMPTS, 0.5, max_tokens=10, seed=3)
+    assert all(len(s) == 2 for s in r.skipped) and r.kl > 0
+    total, n, first = 0.0, 0, []
+    for prompt, toks in zip(PROMPTS, r.reply_tokens):
+        p = tiny1.tokenize(prompt + "\n")  # the tiny model has no chat template: the raw text
+        skip, full = tiny1.score_tokens(p, toks, 0.5), tiny1.score_tokens(p, toks, 0.0)
+        first.append(skip.logprobs[0] - full.logprobs[0])
+        total += sum(a - b for a, b in zip(skip.logprobs[1:], full.logprobs[1:]))
+        n += len(toks) - 1
+    # token 0 comes from the full-depth prefill for both models (equal up to the rounding of the prefill's
+    # batch shape), so it is excluded from the count
+    assert r.n_tokens == n and first == pytest.approx([0.0] * 3, abs=1e-5)
+    assert r.kl == pytest.approx(total / n, abs=1e-12)
+    assert [t == tiny1.detokenize(k) for t, k in zip(r.replies, r.reply_tokens)] == [True] * 3
+
+
+def test_onpolicy_kl_reproducible_and_seeded_per_prompt(tiny1):
+    a = onpolicy_kl(tiny1, PROMPTS, 0.5, max_tokens=10, seed=3)
+    tiny1.generate("something else", 0.0, max_tokens=5, temperature=1.0)  # moves the model's own sampler
+    b = onpolicy_kl(tiny1, PROMPTS, 0.5, max_tokens=10, seed=3)
+    assert (a.reply_tokens, a.kl) == (b.reply_tokens, b.kl)
+    rev = onpolicy_kl(tiny1, PROMPTS[::-1], 0.5, max_tokens=10, seed=3)  # a prompt's sample ignores the order
+    assert rev.reply_tokens == a.reply_tokens[::-1]
+    other = onpolicy_kl(tiny1, PROMPTS, 0.5, max_tokens=10, seed=4)
+    assert other.reply_tokens != a.reply_tokens
+    with pytest.raises(ValueError, match="seed must be a non-negative integer; got -1"):
+        onpolicy_kl(tiny1, PROMPTS, 0.5, seed=-1)
+    with pytest.raises(TypeError, match="prompts must be a non-empty list"):
+        onpolicy_kl(tiny1, "one prompt", 0.5)
+
+
+# ------------------------------------------------------------- held out
+def test_heldout_sources_are_refused_for_training(tmp_path):
+    assert all(is_reserved(s) for s in HELDOUT_SOURCES)
+    for name in ("news", "de", "yesno", "everyday", "xsum", "strategyqa"):
+        with pytest.raises(ValueError, match=f"task '{name}' is reserved"):
+            load_task(name)
+        with pytest.raises(ValueError, match=f"task '{name}' is reserved"):
+            parse_tasks(f"qa,{name}")
+    with pytest.raises(ValueError, match="eval --heldout"):
+        parse_tasks("news")
+    for name in ("xsum", "news", "everyday"):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}], "target": "a", "task": name}) + "\n")
+        with pytest.raises(ValueError, match=f"task '{name}' is reserved"):
+            read_examples_jsonl(p)
+
+
+def test_train_refuses_a_heldout_source(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from first_gguf.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--model", str(tiny[0]), "-o", str(tmp_path / "r.safetensors"),
+                                    "--data", "qa,everyday", "--steps", "1", "--threads", "1"])
+    assert res.exit_code != 0 and "'everyday' is reserved" in res.output
+
+
+def test_load_heldout_everyday_and_de():
+    ex = heldout.load_heldout("everyday")
+    assert len(ex) == len(heldout.EVERYDAY_PROMPTS) == 40 and len(set(heldout.EVERYDAY_PROMPTS)) == 40
+    assert all(e.task == "everyday" and e.target == "" for e in ex)
+    assert heldout.load_heldout("everyday", 5) == ex[:5] == heldout.load_heldout("everyday")[:5]
+    assert {e.messages[0]["content"] for e in ex} == set(heldout.EVERYDAY_PROMPTS)
+    de = heldout.load_heldout("de", 20)
+    if not de:
+        pytest.skip("no German catalogues on this machine")
+    assert all(e.task == "de" and e.messages[0]["content"].startswith("Translate to German:\n") and e.target
+               for e in de)
+    with pytest.raises(ValueError, match="unknown held-out source 'cooking'; expected some of news, de"):
+        heldout.load_heldout("cooking")
+    with pytest.raises(ValueError, match="n must be a positive integer or None; got 0"):
+        heldout.load_heldout("everyday", 0)
+    with pytest.raises(ValueError, match="repeat a name"):
+        heldout.parse_heldout("news,news")
+    assert heldout.parse_heldout("") == [] and heldout.parse_heldout(" news , de") == ["news", "de"]
+
+
+def test_load_heldout_news_and_yesno_from_task_files(tmp_path, monkeypatch):
+    article = "\n".join(f"Sentence number {i} of a long article about the town council." for i in range(60))
+    files = {
+        "news": {"examples": [{"input": article, "target": "The council met.", "comment": ""},
+                              {"input": "Short article.", "target": "", "comment": ""}]},
+        "yesno": {"examples": [{"input": "Would a pear sink in water?", "target_scores": {"Yes": 0, "No": 1},
+                                "target": "No. The density of a raw pear is about 0.59 g/cm^3."}]},
+    }
+    members = {v: k for k, v in heldout.BIGBENCH_HELDOUT_MEMBERS.items()}
+
+    def fake_file(member):
+        p = tmp_path / members[member]
+        p.write_text(json.dumps(files[members[member]]))
+        return p
+
+    monkeypatch.setattr(heldout, "_bigbench_file", fake_file)
+    (news,) = heldout.load_heldout("news")  # the example without a summary is dropped
+    body = news.messages[0]["content"]
+    assert body.startswith("Summarize this news article in one sentence:\nSentence number 0 ")
+    text = body.split("\n", 1)[1]
+    assert len(text) <= heldout.NEWS_MAX_CHARS and text.endswith("town council.") and article.startswith(text)
+    assert news.target == "The council met."
+    (yn,) = heldout.load_heldout("yesno")
+    assert yn.messages[0]["content"] == "Answer yes or no, and say why:\nWould a pear sink in water?"
+    assert yn.target.startswith("No. The density") and yn.task == "yesno"
+
+
+def test_news_cut_falls_back_to_words():
+    one_line = " ".join(["word"] * 1000)
+    cut = heldout._cut(one_line)
+    assert len(cut) <= heldout.NEWS_MAX_CHARS and cut.endswith("word") and one_line.startswith(cut)
+    assert heldout._cut("short") == "short" and np.isscalar(len(heldout._cut("x" * 3000)))
