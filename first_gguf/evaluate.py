@@ -50,7 +50,8 @@ from typing import Callable
 import numpy as np
 
 from .heldout import load_heldout, parse_heldout
-from .measures import complete, greedy_repetition, onpolicy_kl
+from .measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
+                       pool_repetition)
 from .model import Model
 from .tasks import TASKS, Example, load_task, parse_tasks, split
 
@@ -334,98 +335,91 @@ def _append(path: Path, row: dict) -> None:
 
 def _run(model: Model, task: str, group: str, enc, strategy: str | None, budget: float, cfg: EvalConfig,
          full: dict | None) -> dict:
-    """One row: the configured measures of one (task or source, strategy run, budget)."""
+    """One row: the configured measures of one (task or source, strategy run, budget).
+
+    Prompt by prompt, every measure in turn, so a prompt is prefilled once per row (the measures after
+    the first reuse its KV cache; a 500-token news article costs seconds to prefill on a CPU)."""
+    kw = {"skip_strategy": strategy or "router"}
+    ref, ops, reps = [], [], []
+    for i, item in enumerate(enc):
+        prompt = [list(item[0].messages)]
+        if "nll" in cfg.measures:
+            ref.append(_reference_one(model, task, item, strategy, budget, cfg,
+                                      None if full is None else full["greedy"][i]))
+        if "onpolicy" in cfg.measures and strategy is not None:
+            ops.append(onpolicy_kl(model, prompt, budget, max_tokens=cfg.onpolicy_tokens, seed=cfg.seed, **kw))
+        if "repetition" in cfg.measures:
+            reps.append(greedy_repetition(model, prompt, budget, max_tokens=cfg.greedy_tokens, **kw))
     row = {"task": task, "group": group, "strategy": strategy.split(":")[0] if strategy else "full",
            "budget": budget, "n": len(enc)}
-    skip_kw = {"skip_strategy": strategy or "router"}
-    prompts = [list(ex.messages) for ex, *_ in enc]
-    skipped = None
-    if "nll" in cfg.measures:
-        row.update(_reference_measures(model, task, enc, strategy, budget, cfg, full))
-        skipped = row["skipped"]
-    if "onpolicy" in cfg.measures:
-        if strategy is None:
-            row["onpolicy"] = None  # the full model against itself: 0 by definition, not sampled
-            row["onpolicy_kl"] = 0.0
-        else:
-            kl = onpolicy_kl(model, prompts, budget, max_tokens=cfg.onpolicy_tokens, seed=cfg.seed, **skip_kw)
-            row["onpolicy"] = asdict(kl)
-            row["onpolicy_kl"] = kl.kl
-            skipped = skipped or kl.skipped
-    if "repetition" in cfg.measures:
-        rep = greedy_repetition(model, prompts, budget, max_tokens=cfg.greedy_tokens, **skip_kw)
-        row["repetition"] = asdict(rep)
-        skipped = skipped or rep.skipped
-    row["skipped"] = skipped
+    if ref:
+        row.update(_reference_row(ref, full))
+    if "onpolicy" in cfg.measures:  # the full model against itself: 0 by definition, not sampled
+        op = pool_onpolicy(ops) if ops else None
+        row["onpolicy"], row["onpolicy_kl"] = (asdict(op), op.kl) if op else (None, 0.0)
+    if reps:
+        row["repetition"] = asdict(pool_repetition(reps))
+    row["skipped"] = ([r["skipped"] for r in ref] or (row.get("onpolicy") or {}).get("skipped")
+                      or (row.get("repetition") or {}).get("skipped") or [])
     return row
 
 
-def _reference_measures(model: Model, task: str, enc, strategy: str | None, budget: float, cfg: EvalConfig,
-                        full: dict | None) -> dict:
-    """Extra NLL of the references (where there are any), greedy agreement with the full model, task metric."""
-    nll, agree, metrics, skipped = [], [], [], []
-    greedy = []
+def _reference_one(model: Model, task: str, item: tuple, strategy: str | None, budget: float, cfg: EvalConfig,
+                   full_greedy: list[int] | None) -> dict:
+    """One example's reference NLL (None without a reference), greedy tokens, agreement with the full
+    model's greedy tokens (None for the full model itself) and task metric (None: not defined)."""
+    ex, p, c, stops = item
     kw = {"skip_strategy": strategy} if strategy else {}
-    for i, (ex, p, c, stops) in enumerate(enc):
-        if c:
-            sres = model.score_tokens(p, c, budget, **kw)
-            nll.append(-float(np.mean(sres.logprobs)))
-        g = complete(model, p, stops, budget, temperature=0.0, max_tokens=cfg.gen_tokens, skip_strategy=strategy)
-        skipped.append(g.skipped_layers)
-        greedy.append(g.tokens)
-        if full is not None:
-            ref = full["greedy"][i]
-            n = max(len(ref), 1)
-            agree.append(sum(1 for a, b in zip(ref, g.tokens) if a == b) / n)
-        if task == "mc":
-            opts = _mc_options(ex)
-            lls = [float(np.sum(model.score_tokens(p, model.tokenize(o, add_bos=False), budget, **kw).logprobs))
-                   for o in opts]
-            metrics.append({"accuracy": float(opts[int(np.argmax(lls))] == ex.target)})
-        elif ex.target:
-            metrics.append(task_metrics(task, g.text.strip(), ex.target))
-    agg = {k: float(np.mean([m[k] for m in metrics])) for k in (metrics[0] if metrics else {})}
-    row = {"nll": float(np.mean(nll)) if nll else None, "metrics": agg,
-           "agreement": float(np.mean(agree)) if agree else 1.0, "skipped": skipped, "greedy": greedy}
+    nll = -float(np.mean(model.score_tokens(p, c, budget, **kw).logprobs)) if c else None
+    g = complete(model, p, stops, budget, temperature=0.0, max_tokens=cfg.gen_tokens, skip_strategy=strategy)
+    agree = None
+    if full_greedy is not None:
+        agree = sum(1 for a, b in zip(full_greedy, g.tokens) if a == b) / max(len(full_greedy), 1)
+    metric = None
+    if task == "mc":
+        opts = _mc_options(ex)
+        lls = [float(np.sum(model.score_tokens(p, model.tokenize(o, add_bos=False), budget, **kw).logprobs))
+               for o in opts]
+        metric = {"accuracy": float(opts[int(np.argmax(lls))] == ex.target)}
+    elif ex.target:
+        metric = task_metrics(task, g.text.strip(), ex.target)
+    return {"nll": nll, "agree": agree, "metric": metric, "skipped": g.skipped_layers, "greedy": g.tokens}
+
+
+def _reference_row(parts: list[dict], full: dict | None) -> dict:
+    """The ``nll`` measures of a row: means over its examples; extra NLL against the full model's row."""
+    nll = [x["nll"] for x in parts if x["nll"] is not None]
+    agree = [x["agree"] for x in parts if x["agree"] is not None]
+    metrics = [x["metric"] for x in parts if x["metric"] is not None]
+    row = {"nll": float(np.mean(nll)) if nll else None,
+           "metrics": {k: float(np.mean([m[k] for m in metrics])) for k in (metrics[0] if metrics else {})},
+           "agreement": float(np.mean(agree)) if agree else 1.0, "skipped": [x["skipped"] for x in parts],
+           "greedy": [x["greedy"] for x in parts]}
     row["extra_nll"] = (None if row["nll"] is None else
                         row["nll"] - full["nll"] if full is not None else 0.0)
     return row
 
 
 def _merge(runs: list[dict], strategy: str) -> dict:
-    """One row from the runs of a strategy drawn with several seeds (random): means of the figures."""
+    """One row from the runs of a strategy drawn with several seeds (random): means of the figures,
+    on-policy KL and repetition pooled over the replies of all runs."""
     r = dict(runs[0])
     r["strategy"] = strategy
     if len(runs) == 1:
         return r
-    for k in ("nll", "extra_nll", "agreement", "onpolicy_kl"):
+    for k in ("nll", "extra_nll", "agreement"):
         if r.get(k) is not None:
             r[k] = float(np.mean([x[k] for x in runs]))
     if "metrics" in r:
         r["metrics"] = {k: float(np.mean([x["metrics"][k] for x in runs])) for k in runs[0]["metrics"]}
-    for k in ("onpolicy", "repetition"):
-        if r.get(k) is not None:
-            r[k] = _merge_measure([x[k] for x in runs])
     if r.get("onpolicy") is not None:
+        r["onpolicy"] = asdict(pool_onpolicy([OnPolicyKL(**x["onpolicy"]) for x in runs]))
         r["onpolicy_kl"] = r["onpolicy"]["kl"]
+    if r.get("repetition") is not None:
+        r["repetition"] = asdict(pool_repetition([Repetition(**x["repetition"]) for x in runs]))
     r["skipped"] = [s for x in runs for s in x["skipped"]]
     r["n_seeds"] = len(runs)
     return r
-
-
-def _merge_measure(parts: list[dict]) -> dict:
-    """Seed runs of one measure: on-policy KL pooled over all their tokens, repetition averaged over all
-    their replies; per-reply lists concatenated."""
-    m = {k: [v for p in parts for v in p[k]] if isinstance(v0, list) else v0 for k, v0 in parts[0].items()}
-    if "kl" in m:  # OnPolicyKL
-        m["n_tokens"] = sum(p["n_tokens"] for p in parts)
-        m["kl"] = (sum(p["kl"] * p["n_tokens"] for p in parts if p["n_tokens"]) / m["n_tokens"]
-                   if m["n_tokens"] else float("nan"))
-    else:  # Repetition
-        m["n"] = sum(p["n"] for p in parts)
-        for k in ("token_4gram", "looping", "longest_run", "long_runs", "word_4gram"):
-            m[k] = sum(p[k] * p["n"] for p in parts) / m["n"]
-    return m
 
 
 CSV_MEASURES = (  # (column, row -> value)

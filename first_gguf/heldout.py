@@ -87,28 +87,25 @@ def _cut(text: str, n: int = NEWS_MAX_CHARS) -> str:
     return text[:cut if cut > 0 else n].rstrip()
 
 
-def _news() -> list[Example]:
-    member = BIGBENCH_HELDOUT_MEMBERS["news"]
+def _bigbench_pairs(source: str) -> list[tuple[str, str, str]]:
+    """(input, target, id) of the examples of a BIG-bench held-out source that have both."""
+    member = BIGBENCH_HELDOUT_MEMBERS[source]
     out = []
     for ex in json.loads(_bigbench_file(member).read_text())["examples"]:
-        article, summary = ex.get("input", "").strip(), str(ex.get("target") or "").strip()
-        if not article or not summary:
-            continue
-        out.append(Example("news", _user(f"Summarize this news article in one sentence:\n{_cut(article)}"), summary,
-                           _uid(member, ex["input"])))
+        inp, target = ex.get("input", "").strip(), str(ex.get("target") or "").strip()
+        if inp and target:
+            out.append((inp, target, _uid(member, inp)))
     return out
+
+
+def _news() -> list[Example]:
+    return [Example("news", _user(f"Summarize this news article in one sentence:\n{_cut(article)}"), summary, uid)
+            for article, summary, uid in _bigbench_pairs("news")]
 
 
 def _yesno() -> list[Example]:
-    member = BIGBENCH_HELDOUT_MEMBERS["yesno"]
-    out = []
-    for ex in json.loads(_bigbench_file(member).read_text())["examples"]:
-        question, answer = ex.get("input", "").strip(), str(ex.get("target") or "").strip()
-        if not question or not answer:
-            continue
-        out.append(Example("yesno", _user(f"Answer yes or no, and say why:\n{question}"), answer,
-                           _uid(member, question)))
-    return out
+    return [Example("yesno", _user(f"Answer yes or no, and say why:\n{question}"), answer, uid)
+            for question, answer, uid in _bigbench_pairs("yesno")]
 
 
 def _everyday() -> list[Example]:

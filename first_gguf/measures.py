@@ -82,12 +82,24 @@ def repetition_stats(tokens: Sequence[Sequence[int]], texts: Sequence[str]) -> R
                          f"and {len(texts)} texts")
     per = [{"token_4gram": repeated_ngram_share(list(t)), "longest_run": longest_run(list(t)),
             "word_4gram": repeated_word_ngram_share(x)} for t, x in zip(tokens, texts)]
+    return _summarize(per, list(texts), [])
+
+
+def _summarize(per: list[dict], replies: list[str], skipped: list[list[int]]) -> Repetition:
     mean = lambda k: float(np.mean([p[k] for p in per]))  # noqa: E731
     return Repetition(token_4gram=mean("token_4gram"),
                       looping=float(np.mean([p["token_4gram"] > LOOP_SHARE for p in per])),
                       longest_run=mean("longest_run"),
                       long_runs=float(np.mean([p["longest_run"] >= LONG_RUN for p in per])),
-                      word_4gram=mean("word_4gram"), n=len(per), per_reply=per, replies=list(texts))
+                      word_4gram=mean("word_4gram"), n=len(per), per_reply=per, replies=replies, skipped=skipped)
+
+
+def pool_repetition(parts: Sequence[Repetition]) -> Repetition:
+    """One Repetition over all replies of ``parts`` (the same as measuring them together)."""
+    if not parts:
+        raise ValueError("pool_repetition: no parts given")
+    return _summarize([p for r in parts for p in r.per_reply], [x for r in parts for x in r.replies],
+                      [s for r in parts for s in r.skipped])
 
 
 def greedy_repetition(model: Model, prompts: Sequence[Prompt], skip_budget: float = 0.0, *,
@@ -116,6 +128,7 @@ class OnPolicyKL:
     kl: float            # pooled: mean of log p_skip - log p_full over the scored tokens of all replies
     n_tokens: int        # scored tokens (each reply's tokens after its token 0)
     per_prompt: list[float | None]  # the same mean per reply (None: fewer than 2 tokens)
+    per_prompt_tokens: list[int]    # scored tokens per reply
     replies: list[str]
     reply_tokens: list[list[int]]
     skipped: list[list[int]]  # blocks skipped for each reply
@@ -142,29 +155,38 @@ def onpolicy_kl(model: Model, prompts: Sequence[Prompt], skip_budget: float, *, 
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-    diffs, per_prompt, replies, reply_tokens, skipped = [], [], [], [], []
-    for prompt in _check_prompts(prompts):
-        p, stops = prompt_tokens(model, prompt)
-        with _sampler_seed(model, prompt_seed(seed, p)):
-            g = complete(model, p, stops, skip_budget, temperature=1.0, max_tokens=max_tokens,
-                         skip_strategy=skip_strategy, skip_layers=skip_layers)
-        replies.append(g.text)
-        reply_tokens.append(g.tokens)
-        skipped.append(g.skipped_layers)
-        if len(g.tokens) < 2:
-            per_prompt.append(None)
-            continue
-        skip = model.score_tokens(p, g.tokens, skip_budget, skip_strategy=skip_strategy, skip_layers=skip_layers)
-        full = model.score_tokens(p, g.tokens, 0.0)
-        if skip.skipped_layers != g.skipped_layers:
-            raise RuntimeError(f"onpolicy_kl: scoring skipped blocks {skip.skipped_layers}, sampling skipped "
-                               f"{g.skipped_layers} for the same prompt")
-        d = np.asarray(skip.logprobs[1:], dtype=np.float64) - np.asarray(full.logprobs[1:], dtype=np.float64)
-        diffs.append(d)
-        per_prompt.append(float(d.mean()))
-    n = int(sum(len(d) for d in diffs))
-    kl = float(np.concatenate(diffs).sum() / n) if n else float("nan")
-    return OnPolicyKL(kl, n, per_prompt, replies, reply_tokens, skipped, seed)
+    return pool_onpolicy([_onpolicy_one(model, prompt, skip_budget, skip_strategy=skip_strategy,
+                                        skip_layers=skip_layers, max_tokens=max_tokens, seed=seed)
+                          for prompt in _check_prompts(prompts)])
+
+
+def _onpolicy_one(model: Model, prompt: Prompt, skip_budget: float, *, skip_strategy: str,
+                  skip_layers: Sequence[int] | None, max_tokens: int, seed: int) -> OnPolicyKL:
+    p, stops = prompt_tokens(model, prompt)
+    with _sampler_seed(model, prompt_seed(seed, p)):
+        g = complete(model, p, stops, skip_budget, temperature=1.0, max_tokens=max_tokens,
+                     skip_strategy=skip_strategy, skip_layers=skip_layers)
+    if len(g.tokens) < 2:
+        return OnPolicyKL(float("nan"), 0, [None], [0], [g.text], [g.tokens], [g.skipped_layers], seed)
+    skip = model.score_tokens(p, g.tokens, skip_budget, skip_strategy=skip_strategy, skip_layers=skip_layers)
+    full = model.score_tokens(p, g.tokens, 0.0)
+    if skip.skipped_layers != g.skipped_layers:
+        raise RuntimeError(f"onpolicy_kl: scoring skipped blocks {skip.skipped_layers}, sampling skipped "
+                           f"{g.skipped_layers} for the same prompt")
+    d = np.asarray(skip.logprobs[1:], dtype=np.float64) - np.asarray(full.logprobs[1:], dtype=np.float64)
+    kl = float(d.mean())
+    return OnPolicyKL(kl, len(d), [kl], [len(d)], [g.text], [g.tokens], [g.skipped_layers], seed)
+
+
+def pool_onpolicy(parts: Sequence[OnPolicyKL]) -> OnPolicyKL:
+    """One OnPolicyKL over all replies of ``parts``: the mean over all their scored tokens."""
+    if not parts:
+        raise ValueError("pool_onpolicy: no parts given")
+    per, counts = [v for r in parts for v in r.per_prompt], [n for r in parts for n in r.per_prompt_tokens]
+    n = sum(counts)
+    kl = float(sum(v * c for v, c in zip(per, counts) if c) / n) if n else float("nan")
+    return OnPolicyKL(kl, n, per, counts, [x for r in parts for x in r.replies],
+                      [t for r in parts for t in r.reply_tokens], [s for r in parts for s in r.skipped], parts[0].seed)
 
 
 def prompt_seed(seed: int, tokens: Sequence[int]) -> list[int]:
@@ -211,4 +233,5 @@ def complete(model: Model, tokens: list[int], stops: list[str], skip_budget: flo
 
 
 __all__ = ["LOOP_SHARE", "LONG_RUN", "OnPolicyKL", "Repetition", "greedy_repetition", "longest_run", "onpolicy_kl",
-           "repeated_ngram_share", "repeated_word_ngram_share", "repetition_stats"]
+           "pool_onpolicy", "pool_repetition", "repeated_ngram_share", "repeated_word_ngram_share",
+           "repetition_stats"]

@@ -138,3 +138,14 @@ def tiny_gguf_model(tiny, tiny_routers, tmp_path_factory):
     m = first_gguf.load(out, n_ctx=1024, n_threads=2)
     yield m
     m.close()
+
+
+@pytest.fixture(scope="session")
+def tiny1(tiny_gguf_model):
+    """The same tiny model (routers, no chat template) on one thread: llama.cpp's threads spin, so two of
+    them on a machine whose other core is busy make a test many times slower."""
+    import first_gguf
+
+    m = first_gguf.load(tiny_gguf_model.path, n_ctx=1024, n_threads=1)
+    yield m
+    m.close()

@@ -72,13 +72,13 @@ def test_eval_bad_arguments(tiny_gguf_model, tmp_path):
     assert res.exit_code != 0 and "--budgets" in res.output
 
 
-def test_eval_measures_heldout_and_resume(tiny_gguf_model, tmp_path, monkeypatch):
+def test_eval_measures_heldout_and_resume(tiny1, tmp_path, monkeypatch):
     """nll + on-policy KL + repetition on an in-distribution task and the everyday source, then resume."""
     monkeypatch.setattr(ev, "load_task", _examples)
     cfg = ev.EvalConfig(tasks=["qa"], heldout=["everyday"], budgets=[0, 0.5], strategies=["router", "random"],
                         measures=["nll", "onpolicy", "repetition"], n_examples=2, n_heldout=3, gen_tokens=4,
                         onpolicy_tokens=5, greedy_tokens=6, random_seeds=2, bench=False)
-    res = ev.evaluate(tiny_gguf_model, cfg, tmp_path)
+    res = ev.evaluate(tiny1, cfg, tmp_path)
     rows = {(r["task"], r["strategy"]): r for r in res["rows"]}
     assert len(rows) == 2 * 3
     assert {r["group"] for r in res["rows"] if r["task"] == "qa"} == {"in-distribution"}
@@ -96,7 +96,7 @@ def test_eval_measures_heldout_and_resume(tiny_gguf_model, tmp_path, monkeypatch
     from first_gguf.measures import onpolicy_kl
 
     prompts = [list(e.messages) for e in ev.load_heldout("everyday", 3)]
-    assert onpolicy_kl(tiny_gguf_model, prompts, 0.5, max_tokens=5).kl == pytest.approx(router["onpolicy_kl"])
+    assert onpolicy_kl(tiny1, prompts, 0.5, max_tokens=5).kl == pytest.approx(router["onpolicy_kl"])
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["task", "group", "strategy"] and {"onpolicy_kl", "rep_token_4gram", "rep_long_runs",
                                                             "rep_word_4gram"} <= set(header)
@@ -105,20 +105,20 @@ def test_eval_measures_heldout_and_resume(tiny_gguf_model, tmp_path, monkeypatch
     assert "| 0 | full | held-out source | 1 | " in table
     # resumable: nothing is measured again
     n_lines = len((tmp_path / "results.jsonl").read_text().splitlines())
-    ev.evaluate(tiny_gguf_model, ev.EvalConfig(**cfg.__dict__), tmp_path)
+    ev.evaluate(tiny1, ev.EvalConfig(**cfg.__dict__), tmp_path)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
     # ... but not with other measures or another sample length
     for kw, what in ((dict(measures=["nll"]), r"measures: \['nll', 'onpolicy', 'repetition'\] there, \['nll'\] now"),
                      (dict(onpolicy_tokens=7), "onpolicy_tokens: 5 there, 7 now")):
         with pytest.raises(ValueError, match=what):
-            ev.evaluate(tiny_gguf_model, ev.EvalConfig(**{**cfg.__dict__, **kw}), tmp_path)
+            ev.evaluate(tiny1, ev.EvalConfig(**{**cfg.__dict__, **kw}), tmp_path)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
 
 
-def test_eval_cli_heldout_only(tiny_gguf_model, tmp_path):
+def test_eval_cli_heldout_only(tiny1, tmp_path):
     from first_gguf.cli import main
 
-    res = CliRunner().invoke(main, ["eval", "--model", str(tiny_gguf_model.path), "--tasks", "", "--heldout",
+    res = CliRunner().invoke(main, ["eval", "--model", str(tiny1.path), "--tasks", "", "--heldout",
                                     "everyday", "--measures", "onpolicy,repetition", "--budgets", "0,0.25",
                                     "--strategies", "router", "--n-heldout", "2", "--onpolicy-tokens", "4",
                                     "--greedy-tokens", "5", "--no-bench", "--threads", "1", "-o", str(tmp_path)])
@@ -129,10 +129,10 @@ def test_eval_cli_heldout_only(tiny_gguf_model, tmp_path):
     assert all("agreement" not in r for r in rows)  # nll not asked for
 
 
-def test_eval_new_options_bad_values(tiny_gguf_model, tmp_path):
+def test_eval_new_options_bad_values(tiny1, tmp_path):
     from first_gguf.cli import main
 
-    base = ["eval", "--model", str(tiny_gguf_model.path), "--strategies", "router", "--no-bench", "--threads", "1",
+    base = ["eval", "--model", str(tiny1.path), "--strategies", "router", "--no-bench", "--threads", "1",
             "-o", str(tmp_path / "o")]
     for extra, msg in ((["--heldout", "news,cooking"], "--heldout: unknown held-out source 'cooking'; expected some "
                                                        "of news, de, yesno, everyday"),

@@ -19,16 +19,6 @@ from first_gguf.tasks import HELDOUT_SOURCES, is_reserved, load_task, parse_task
 PROMPTS = ["The quick brown fox", "Return the sum of the values", "Open the file and read"]
 
 
-@pytest.fixture(scope="module")
-def tiny1(tiny_gguf_model):
-    """The tiny random model with routers, on one thread."""
-    import first_gguf
-
-    m = first_gguf.load(tiny_gguf_model.path, n_ctx=1024, n_threads=1)
-    yield m
-    m.close()
-
-
 # ------------------------------------------------------------ repetition
 def test_repeated_token_4grams_on_hand_made_lists():
     assert repeated_ngram_share([1, 2, 3, 4, 5, 6, 7]) == 0.0
