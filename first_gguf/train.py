@@ -68,6 +68,7 @@ over tokens, lowest first).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -648,8 +649,41 @@ def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: b
                       position_embeddings=pe)
         normed = attn_normed(model, inputs)
         logits = model.get_output_embeddings()(core.norm(h[:, -1:])).float()
-    return {"cache": cache, "valid": valid, "next_pos": pos[:, -1:] + 1, "logits": logits, "normed": normed,
-            "prompt_mask": valid, "bf16": bf16}
+    return {"cache": cache, "prefix_cache": copy.deepcopy(cache), "valid": valid, "next_pos": pos[:, -1:] + 1,
+            "logits": logits, "normed": normed, "prompt_mask": valid, "bf16": bf16, "pad": pad}
+
+
+def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=None, *,
+                   bypass: Bypasses | None = None, lora: DecodeLora | None = None):
+    """Final hidden states (after the output norm) [B, C, E] of the continuations ``conts`` (right-padded)
+    after the full-depth prompt cached by ``sample_prefill``: the continuation half of ``gated_forward``
+    (blocks of ``gates`` [B, L] skipped, bypasses, the decode LoRA on every continuation position; None:
+    full depth, the teacher), without recomputing the prompt. Differentiable in the bypasses and LoRA."""
+    import torch
+
+    core = _layers(model)
+    L = core.config.num_hidden_layers
+    cache = copy.deepcopy(state["prefix_cache"])
+    B, C = len(conts), max(len(c) for c in conts)
+    ids = torch.full((B, C), state["pad"], dtype=torch.long)
+    for i, c in enumerate(conts):
+        ids[i, : len(c)] = torch.tensor(list(c))
+    valid = torch.cat([state["valid"], torch.ones(B, C, dtype=torch.bool)], 1)
+    pos = state["next_pos"] + torch.arange(C)[None, :]
+    h = core.embed_tokens(ids)
+    pe, mask = core.rotary_emb(h, position_ids=pos), _cache_mask(model, valid, C)
+    keep = None if gates is None else gates.detach() > 0.5
+    run_block = [True] * L if keep is None else keep.any(0).tolist()
+    ctx = lora.active(torch.ones(B, C, 1)) if lora is not None and keep is not None else contextlib.nullcontext()
+    with ctx:
+        for il, layer in enumerate(core.layers[:L]):
+            o = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe) if run_block[il] else h
+            if keep is not None and not bool(keep[:, il].all()):
+                skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
+                o = torch.where(keep[:, il][:, None, None], o, skipped)
+            h = o
+    return core.norm(h)
 
 
 def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float, generator, stop_ids: set[int],
@@ -727,40 +761,33 @@ def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg
     """
     import torch
 
-    L = _layers(model).config.num_hidden_layers
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     state = sample_prefill(model, prompts, pad=pad, bf16=cfg.bf16)
     scores = routers.scores(state["normed"], state["prompt_mask"])
     hard, alt, a_idx, b_idx = draw_sets(scores, cfg, rng)
     conts = sample_decode(model, state, hard, max_new=cfg.onpolicy_tokens, temperature=cfg.onpolicy_temperature,
                           generator=generator, stop_ids=stop_ids, pad=pad, bypass=bypass, lora=lora)
-    del state
     rows = [i for i, c in enumerate(conts) if len(c) >= 2]
     if not rows:  # every sample stopped at once: nothing that skipping changed
         zero = scores.sum() * 0.0
         return zero, {"okl": 0.0, "okl_swap": 0.0, "otokens": 0.0}
-    seqs = [Sequence_(list(prompts[i]), conts[i], "onpolicy") for i in rows]
-    idx = torch.tensor(rows)
-    hard, alt, a_idx, b_idx, scores = hard[idx], alt[idx], a_idx[idx], b_idx[idx], scores[idx]
-    ids, n_prompt, length = _batch(seqs, pad)
-    T = ids.shape[1]
+    # positions whose prediction skipping changes: every sampled token but the last (which predicts nothing)
+    C = max(len(c) for c in conts)
+    lens = torch.tensor([len(c) for c in conts])
+    pos = (torch.arange(C)[None, :] < (lens - 1)[:, None])
     head = model.get_output_embeddings()
-    pos = _kl_positions(n_prompt, length, T)
-    cont = _cont_positions(n_prompt, T)
-
-    def student():
-        return lora.active(cont) if lora is not None else contextlib.nullcontext()
-
     with torch.no_grad(), ac:
-        hid, _ = gated_forward(model, ids, n_prompt)
-        t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
+        t_logp = torch.log_softmax(head(prefix_forward(model, state, conts)[pos]).float(), -1)
     trained = lora is not None or bypass is not None
-    with (torch.enable_grad() if trained else torch.no_grad()), ac, student():
-        hid_s, _ = gated_forward(model, ids, n_prompt, hard, bypass=bypass)
+    with (torch.enable_grad() if trained else torch.no_grad()), ac:
+        hid_s = prefix_forward(model, state, conts, hard, bypass=bypass, lora=lora)
         div = _seq_div(t_logp, torch.log_softmax(head(hid_s[pos]).float(), -1), pos, cfg.onpolicy_beta)
-    with torch.no_grad(), ac, student():
-        hid_a, _ = gated_forward(model, ids, n_prompt, alt, bypass=bypass)
+    with torch.no_grad(), ac:
+        hid_a = prefix_forward(model, state, conts, alt, bypass=bypass, lora=lora)
         div_alt = _seq_div(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos, cfg.onpolicy_beta)
+    idx = torch.tensor(rows)  # sequences that stopped after one token carry no signal
+    div, div_alt, hard = div[idx], div_alt[idx], hard[idx]
+    scores, a_idx, b_idx = scores[idx], a_idx[idx], b_idx[idx]
     rank_loss, reg = rank_loss_of(scores, div.detach() - div_alt, a_idx, b_idx, cfg)
     loss = rank_loss + cfg.reg_lambda * reg
     if trained:

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 from conftest import N_EMBD, N_LAYER  # noqa: E402
 
 from first_gguf.train import (Bypasses, DecodeLora, Routers, Sequence_, TrainConfig, draw_sets,  # noqa: E402
-                              gated_forward, onpolicy_loss, sample_decode, sample_prefill, train)
+                              gated_forward, onpolicy_loss, prefix_forward, sample_decode, sample_prefill,
+                              train)
 
 PROMPTS = [[1, 17, 45, 99, 120, 33, 8, 76, 201, 150, 64, 12], [1, 40, 41, 42], [1, 250, 9, 31, 77, 5, 6]]
 
@@ -57,6 +58,37 @@ def test_cached_sampler_equals_recomputed_greedy(tiny, skip):
                             bypass=bypass, lora=lora)
         for i, p in enumerate(PROMPTS):
             assert got[i] == _greedy_by_recompute(model, p, gates[i:i + 1], 10, bypass, lora), f"sequence {i}"
+    finally:
+        for h in lora._hooks:
+            h.remove()
+
+
+def test_prefix_forward_equals_gated_forward(tiny):
+    """The continuation-only passes of on-policy training (prompt from the prefill cache) give the log-probs
+    of the full gated forward over prompt + continuation, teacher and skipped, with bypasses and LoRA."""
+    _, model = tiny
+    g = torch.Generator().manual_seed(4)
+    bypass = Bypasses(N_LAYER, N_EMBD, 4, 1e-5, seed=1)
+    bypass.up.data = torch.randn(bypass.up.shape, generator=g) * 0.5
+    lora = DecodeLora(model, 2, seed=1)
+    for k in lora.b:
+        lora.b[k].data = torch.randn(lora.b[k].shape, generator=g) * 0.05
+    conts = [[5, 9, 200, 31, 7], [60, 61], [300, 12, 12, 90]]
+    gates = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
+    head = model.get_output_embeddings()
+    try:
+        state = sample_prefill(model, PROMPTS, pad=0, bf16=False)
+        for gt in (None, gates):
+            with torch.no_grad():
+                ours = torch.log_softmax(head(prefix_forward(model, state, conts, gt, bypass=bypass, lora=lora)), -1)
+            for i, (p, c) in enumerate(zip(PROMPTS, conts)):
+                ids = torch.tensor([p + c])
+                ctx = lora.active((torch.arange(ids.shape[1]) >= len(p))[None, :, None]) if gt is not None else _null()
+                with torch.no_grad(), ctx:
+                    hid, _ = gated_forward(model, ids, torch.tensor([len(p)]), None if gt is None else gt[i:i + 1],
+                                           bypass=bypass)
+                    ref = torch.log_softmax(head(hid[0, len(p):]), -1)
+                assert torch.allclose(ours[i, : len(c)], ref, atol=1e-4), (i, gt is None)
     finally:
         for h in lora._hooks:
             h.remove()
@@ -137,7 +169,7 @@ def test_onpolicy_training_lowers_the_student_kl(tiny, tmp_path):
     # resume continues from the checkpoint
     s2 = train(TrainConfig(**{**cfg.__dict__, "steps": 27, "resume": True}), sequences=seqs, progress=False,
                onpolicy_prompts=pool)
-    assert s2["steps_this_run"] == 3
+    assert s2["steps_this_run"] == 2 and s2["steps"] == 27
 
 
 @pytest.mark.parametrize("kw, msg", [
