@@ -233,6 +233,7 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
         if key_full not in done:
             done[key_full] = _run(model, task, group, enc, None, 0.0, cfg, None)
             _append(done_path, done[key_full])
+            progress(f"eval {task:13s} {'full':15s} budget 0    {_fmt_row(done[key_full])}")
         full = done[key_full]
         for strategy in strategies:
             for b in budgets:
