@@ -201,9 +201,13 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
 @click.option("--n-candidates", type=int, default=10, show_default=True,
               help="Blocks tried per greedy step (the cheapest by single-block cost).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
+@click.option("--criterion", type=click.Choice(["nll", "onpolicy"]), default="nll", show_default=True,
+              help="nll: extra NLL of reference text (teacher-forced); onpolicy: KL(skipped || full) on the skipped "
+                   "model's own temperature-1 samples of broad prompts (uses the GGUF's bypass adapters).")
+@click.option("--onpolicy-tokens", type=int, default=32, show_default=True, help="Sampled tokens per prompt.")
 @click.option("--threads", type=int, default=None)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def rank(model, output, n_examples, max_set, n_candidates, seed, threads, force):
+def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpolicy_tokens, threads, force):
     """Compute a static skip ranking by greedy loss calibration on local text."""
     from pathlib import Path
 
@@ -219,6 +223,7 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, threads, force)
     m = _load(model, 4096, threads)
     try:
         result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set, n_candidates=n_candidates, seed=seed,
+                                        criterion=criterion, onpolicy_tokens=onpolicy_tokens,
                                         progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
         raise _UserError(str(e)) from None

@@ -99,24 +99,59 @@ def calibration_examples(model: Model, n_examples: int, *, seed: int = 0, reply_
     return examples
 
 
+CRITERIA = ("nll", "onpolicy")
+
+
+def onpolicy_calibration_prompts(n: int, seed: int = 0) -> list[str]:
+    """Calibration prompts for the on-policy criterion: drawn from the broad training prompts
+    (first_gguf.broad: BIG-bench tasks, manual-page questions), never from the held-out evaluation sources."""
+    from .broad import broad_prompts
+
+    pool = [r["prompt"] for r in broad_prompts(seed=0) if len(r["prompt"]) <= 600]
+    if len(pool) < n:
+        raise ValueError(f"only {len(pool)} broad prompts found; asked for {n}")
+    return random.Random(seed).sample(pool, n)
+
+
 def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int = 15, n_candidates: int = 10,
-                           seed: int = 0, progress: Callable[[str], None] = lambda s: None) -> dict:
+                           seed: int = 0, criterion: str = "nll", onpolicy_tokens: int = 32,
+                           progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Greedy forward selection of skip sets by cost (see the module docstring).
+
+    ``criterion``: ``nll``: extra NLL per token of reference continuations (teacher-forced, docstrings);
+    ``onpolicy``: KL(p_skip || p_full) on temperature-1 samples of the skipped model itself
+    (first_gguf.measures.onpolicy_kl, ``onpolicy_tokens`` per reply, the same per-prompt seeds for every
+    candidate set), on ``n_examples`` broad prompts: the cost of a set as the user's generated text sees it.
+    The model's bypass adapters (and decode LoRA) apply, so the ranking fits them.
+    """
     if n_examples < 2:
         raise ValueError(f"n_examples must be >= 2; got {n_examples}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     n = model.n_layer
     max_set = min(max_set, n - 1)
     t_start = time.time()
-    examples = calibration_examples(model, n_examples, seed=seed)
-    progress(f"rank: {len(examples)} calibration examples")
-    full = [np.array(model.score(p, c)) for _, p, c in examples]
+    if criterion == "onpolicy":
+        from .measures import onpolicy_kl
 
-    def costs(configs: list[list[int]]) -> list[float]:
-        # example-outer: the prompt stays in the KV cache across the configurations
-        extra = np.zeros((len(examples), len(configs)))
-        for i, ((_, p, c), base) in enumerate(zip(examples, full)):
-            for j, skip in enumerate(configs):
-                extra[i, j] = float(np.mean(base - np.array(model.score(p, c, skip_layers=skip))))
-        return [float(x) for x in extra.mean(axis=0)]
+        prompts = onpolicy_calibration_prompts(n_examples, seed)
+        progress(f"rank: {len(prompts)} on-policy calibration prompts")
+
+        def costs(configs: list[list[int]]) -> list[float]:
+            return [onpolicy_kl(model, prompts, 0.0, skip_layers=skip, max_tokens=onpolicy_tokens, seed=seed).kl
+                    for skip in configs]
+    else:
+        examples = calibration_examples(model, n_examples, seed=seed)
+        progress(f"rank: {len(examples)} calibration examples")
+        full = [np.array(model.score(p, c)) for _, p, c in examples]
+
+        def costs(configs: list[list[int]]) -> list[float]:
+            # example-outer: the prompt stays in the KV cache across the configurations
+            extra = np.zeros((len(examples), len(configs)))
+            for i, ((_, p, c), base) in enumerate(zip(examples, full)):
+                for j, skip in enumerate(configs):
+                    extra[i, j] = float(np.mean(base - np.array(model.score(p, c, skip_layers=skip))))
+            return [float(x) for x in extra.mean(axis=0)]
 
     single = dict(enumerate(costs([[il] for il in range(n)])))
     progress("rank: single-block costs " + " ".join(f"{il}:+{v:.2f}" for il, v in single.items()))
@@ -133,6 +168,19 @@ def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int =
     path = str(model.path)
     with open(path, "rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    if criterion == "onpolicy":
+        return {
+            "name": "greedy_onpolicy",
+            "method": "greedy forward selection on on-policy KL(p_skip || p_full) per token (temperature-1 samples "
+                      "of the skipped model, prompt at full depth, token 0 excluded)",
+            "ranking": chosen + tail, "greedy_steps": steps, "single_block_cost": {str(k): v for k, v in single.items()},
+            "data": f"{n_examples} broad prompts (BIG-bench tasks, manual-page questions), {onpolicy_tokens} sampled "
+                    f"tokens each, seed {seed}",
+            "bypass": model.bypass and model.n_bypasses > 0,
+            "model_file": str(model.path).rsplit("/", 1)[-1], "n_candidates": n_candidates,
+            "command": "first-gguf rank " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "compute_static_ranking()",
+            "seconds": round(time.time() - t_start, 1),
+        }
     return {
         "name": "greedy_nll",
         "method": "greedy forward selection on extra NLL/token (teacher-forced, prompt at full depth)",

@@ -40,3 +40,27 @@ def test_bench_reports_every_budget(tiny_gguf_model):
     assert "router_prefill_overhead" in res
     table = format_table(res)
     assert "| 0.5 | 2 |" in table
+
+
+def test_rank_onpolicy_criterion_costs_are_onpolicy_kl(tiny_gguf_model, monkeypatch):
+    """--criterion onpolicy: every greedy step's cost is the on-policy KL of that set, measured independently
+    (first_gguf.measures.onpolicy_kl, same prompts and seeds)."""
+    import pytest
+
+    from first_gguf import ranking
+    from first_gguf.measures import onpolicy_kl
+
+    prompts = ["hello there", "tell me a story", "what is this", "one two three"]
+    monkeypatch.setattr(ranking, "onpolicy_calibration_prompts", lambda n, seed=0: prompts[:n])
+    m = tiny_gguf_model
+    res = compute_static_ranking(m, n_examples=4, max_set=2, n_candidates=3, criterion="onpolicy",
+                                 onpolicy_tokens=6)
+    assert res["name"] == "greedy_onpolicy" and sorted(res["ranking"]) == list(range(m.n_layer))
+    chosen = []
+    for st in res["greedy_steps"]:
+        chosen.append(st["block"])
+        ref = onpolicy_kl(m, prompts, 0.0, skip_layers=sorted(chosen), max_tokens=6, seed=0).kl
+        assert st["set_cost"] == pytest.approx(ref, abs=1e-9)
+        assert st["set_cost"] > 0  # a skipped block changes the model: the measure is not blind
+    with pytest.raises(ValueError, match="unknown criterion 'kl'"):
+        compute_static_ranking(m, n_examples=4, criterion="kl")
