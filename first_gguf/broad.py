@@ -9,9 +9,10 @@ distribution), so these prompts aim at diversity over volume:
   the tasks come from, sha256-checked), at most ``per_task`` per (sub)task and 3 * ``per_task`` per
   top-level task: reasoning, QA, dialogue,
   commonsense, code, arithmetic, text editing, data-to-text, story and question generation, ...
-  Excluded: the reserved evaluation sources (``gem/xsum``, ``strategyqa``, anything German), the
-  tasks the ``summarization``, ``qa`` and ``mc`` tasks are built from (their test splits stay
-  unseen), and non-ASCII inputs (other languages, ASCII-art images are filtered by name).
+  Excluded: the reserved evaluation sources (``gem/xsum``, ``strategyqa``, anything with German
+  text), the tasks the ``summarization``, ``qa`` and ``mc`` tasks are built from and every other
+  subtask over the qa task's passages (CosmosQA, MultiRC, ROPES, MC-TACO), so their test splits stay
+  unseen, and non-ASCII inputs (other languages; ASCII-art images are filtered by name).
 - ``linux``: open questions about the installed commands' manual pages (``apropos -s 1 .``), long
   free-form replies like a chat's.
 
@@ -32,11 +33,20 @@ from pathlib import Path
 from .tasks import BIGBENCH_MEMBERS, BIGBENCH_SDIST, BIGBENCH_SHA256, _cache_dir, _download_sdist, is_reserved
 
 BROAD_SOURCES = ("bigbench", "linux")
-# tasks whose examples are not English prose prompts, or that other tasks / evaluation own
+# tasks whose examples are not English prose prompts (German text counts as held-out material: the `de`
+# evaluation source), or that share passages with the qa task's sources (CosmosQA, MultiRC, ROPES, and
+# MC-TACO, built on MultiRC passages): the qa test split must stay unseen
 _SKIP_NAME = re.compile(r"(xsum|strategyqa|german|_de\b|mlsum|russian|hindi|hinglish|kannada|persian|parsinlu|"
                         r"swahili|polish|multiemo|spanish|_es\b|_ru\b|multilingual|cs_restaurants|ascii|mnist|cifar|"
-                        r"kanji|conlang|language_identification|international_phonetic)")
+                        r"kanji|conlang|language_identification|international_phonetic|salient_translation|"
+                        r"cosmosqa|multirc|ropes|mctaco)")
 _OWNED = {m.split("benchmark_tasks/")[1].rsplit("/", 1)[0] for ms in BIGBENCH_MEMBERS.values() for m in ms}
+FILTER_VERSION = 2  # part of the cache name: a changed filter never reuses an older cached list
+
+
+def excluded(name: str) -> bool:
+    """Whether the BIG-bench task ``name`` (e.g. ``natural_instructions/subtask025_cosmosqa_...``) is left out."""
+    return name in _OWNED or is_reserved(name) or bool(_SKIP_NAME.search(name))
 
 
 def _bigbench_prompts(per_task: int, seed: int) -> list[dict]:
@@ -49,7 +59,7 @@ def _bigbench_prompts(per_task: int, seed: int) -> list[dict]:
             if not (ti.isfile() and ti.name.endswith("/task.json") and "benchmark_tasks/" in ti.name):
                 continue
             name = ti.name.split("benchmark_tasks/")[1].rsplit("/", 1)[0]
-            if name in _OWNED or is_reserved(name) or _SKIP_NAME.search(name):
+            if excluded(name):
                 continue
             try:
                 data = json.loads(tar.extractfile(ti).read())
@@ -103,7 +113,7 @@ def broad_prompts(sources=BROAD_SOURCES, *, per_task: int = 40, seed: int = 0) -
     bad = [s for s in sources if s not in BROAD_SOURCES]
     if bad or not sources:
         raise ValueError(f"unknown broad prompt source(s) {bad or sources!r}; expected some of {BROAD_SOURCES}")
-    cache = _cache_dir() / f"broad-{'-'.join(sorted(sources))}-{per_task}-{seed}.jsonl"
+    cache = _cache_dir() / f"broad-v{FILTER_VERSION}-{'-'.join(sorted(sources))}-{per_task}-{seed}.jsonl"
     if cache.exists():
         return [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
     out = []

@@ -391,7 +391,8 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
 @click.option("--onpolicy-data", default="tasks,broad", show_default=True,
               help="Prompt sources of the samples: tasks (the --data train prompts), bigbench, linux, broad (both).")
 @click.option("--set-noise", type=float, default=0.0, show_default=True,
-              help="Fraction of sequences whose routed set is moved by 1-3 swaps to nearby-ranked blocks.")
+              help="Fraction of the routed (non --static-mix) sequences whose set is moved by 1-3 swaps to "
+                   "nearby-ranked blocks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")

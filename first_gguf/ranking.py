@@ -177,7 +177,7 @@ def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int =
             "data": f"{n_examples} broad prompts (BIG-bench tasks, manual-page questions), {onpolicy_tokens} sampled "
                     f"tokens each, seed {seed}",
             "bypass": model.bypass and model.n_bypasses > 0,
-            "model_file": str(model.path).rsplit("/", 1)[-1], "n_candidates": n_candidates,
+            "model_file": path.rsplit("/", 1)[-1], "model_sha256_first_mib": head, "n_candidates": n_candidates,
             "command": "first-gguf rank " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "compute_static_ranking()",
             "seconds": round(time.time() - t_start, 1),
         }

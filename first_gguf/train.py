@@ -623,6 +623,29 @@ def _stop_ids(model) -> set[int]:
     return ids
 
 
+def eog_token_ids(model_path: str) -> set[int]:
+    """The tokens that end a generation in the runtime (llama.cpp's ``llama_vocab_is_eog``) for a GGUF;
+    for a Hugging Face checkpoint, the tokenizer's and config's end-of-sequence ids."""
+    if str(model_path).endswith(".gguf"):
+        import llama_cpp
+
+        from . import load
+
+        with load(model_path, n_ctx=64) as m:
+            vocab = m._vocab
+            return {t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = set()
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+        out |= {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    except (OSError, ValueError):
+        pass
+    e = getattr(AutoConfig.from_pretrained(model_path), "eos_token_id", None)
+    return out | (set(e) if isinstance(e, (list, tuple)) else ({e} if isinstance(e, int) else set()))
+
+
 def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: bool = True) -> dict:
     """Full-depth prefill of a left-padded batch of prompts with a KV cache (no grad): the sampler's state,
     with the routers' input (attn-normed block inputs [L, B, P, E]) and the prompt mask [B, P]."""
@@ -840,17 +863,26 @@ def _dist():
     return world, rank
 
 
-def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_]) -> list[Sequence_]:
+def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=None) -> list[Sequence_]:
     """The prompts on-policy samples start from (``cfg.onpolicy_data``), as Sequence_s without continuation:
-    ``tasks``: the training sequences' prompts; ``bigbench`` / ``linux`` / ``broad`` (both): first_gguf.broad.
+    ``tasks``: the training examples' prompts (``examples``, re-encoded whole; without them the training
+    sequences' prompts as given); ``bigbench`` / ``linux`` / ``broad`` (both): first_gguf.broad.
     Prompts longer than max_prompt_tokens are dropped (not cut: a cut chat prompt loses its header)."""
     srcs = {x.strip() for x in cfg.onpolicy_data.split(",") if x.strip()}
     out, seen = [], set()
+
+    def add(p, source):
+        if 1 <= len(p) <= cfg.max_prompt_tokens and tuple(p) not in seen:
+            seen.add(tuple(p))
+            out.append(Sequence_(list(p), [], source))
+
     if "tasks" in srcs:
-        for s in sequences:
-            if tuple(s.prompt) not in seen:
-                seen.add(tuple(s.prompt))
-                out.append(Sequence_(list(s.prompt), [], "tasks"))
+        if examples is not None:
+            for p in encode_prompts(cfg.model, [ex.messages for ex in examples], cfg.max_prompt_tokens):
+                add(p, "tasks")
+        else:
+            for s in sequences:
+                add(s.prompt, "tasks")
     broad = sorted({"bigbench", "linux"} & srcs | ({"bigbench", "linux"} if "broad" in srcs else set()))
     if broad:
         from .broad import broad_prompts
@@ -858,9 +890,7 @@ def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_]) -> list[S
         recs = broad_prompts(tuple(broad), seed=cfg.seed)
         toks = encode_prompts(cfg.model, [({"role": "user", "content": r["prompt"]},) for r in recs])
         for r, p in zip(recs, toks):
-            if 1 <= len(p) <= cfg.max_prompt_tokens and tuple(p) not in seen:
-                seen.add(tuple(p))
-                out.append(Sequence_(p, [], r["source"]))
+            add(p, r["source"])
     if not out:
         raise ValueError(f"no on-policy prompts from {cfg.onpolicy_data!r} within {cfg.max_prompt_tokens} tokens")
     return out
@@ -884,6 +914,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     t0 = time.time()
     model = load_frozen_model(cfg.model)
     L, E = model.config.num_hidden_layers, model.config.hidden_size
+    examples = None
     if sequences is None:
         from .tasks import load_task, parse_tasks, split
 
@@ -965,10 +996,10 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     order = [i for i in range(len(sequences)) if i % world == rank]
     draw = task_sampler([sequences[i].task for i in order], cfg.balance_tasks)
     if cfg.onpolicy_batch:
-        pool = onpolicy_prompts if onpolicy_prompts is not None else onpolicy_prompt_pool(cfg, sequences)
+        pool = onpolicy_prompts if onpolicy_prompts is not None else onpolicy_prompt_pool(cfg, sequences, examples)
         pool = [pool[i] for i in range(len(pool)) if i % world == rank] or pool
         draw_prompt = task_sampler([p.task for p in pool], True)  # balanced over the prompt sources
-        stop_ids = _stop_ids(model)
+        stop_ids = _stop_ids(model) | eog_token_ids(cfg.model)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm

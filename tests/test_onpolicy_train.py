@@ -185,3 +185,21 @@ def test_onpolicy_config_errors(tmp_path, kw, msg):
     cfg = TrainConfig(model="m", output=str(tmp_path / "r.safetensors"), **kw)
     with pytest.raises(ValueError, match=msg):
         cfg.validate()
+
+
+def test_broad_prompts_leave_out_heldout_and_task_sources():
+    """No broad prompt comes from a held-out evaluation source (news = xsum, yesno = strategyqa, German
+    text), from a task's own source, or from another subtask over the qa task's passages."""
+    from first_gguf.broad import excluded
+
+    for name in ("gem/xsum", "strategyqa", "gem/mlsum_de", "gender_inclusive_sentences_german",
+                 "salient_translation_error_detection", "social_iqa", "gem/wikilingua_en",
+                 "natural_instructions/subtask024_cosmosqa_answer_generation",
+                 "natural_instructions/subtask025_cosmosqa_incorrect_answer_generation",
+                 "natural_instructions/subtask050_multirc_answerability",
+                 "natural_instructions/subtask059_ropes_story_generation",
+                 "natural_instructions/subtask004_mctaco_answer_generation_event_duration"):
+        assert excluded(name), name
+    for name in ("implicatures", "anachronisms", "natural_instructions/subtask001_quoref_question_generation",
+                 "gem/common_gen", "timedial"):
+        assert not excluded(name), name
