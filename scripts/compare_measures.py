@@ -87,18 +87,22 @@ def main() -> None:
                           and r.get("group", "in-distribution") == group]
                     cells.append(_fmt(_mean([_get(r, key) for r in rs]), key))
             lines.append(f"| {budget:g} | {strategy} | {group} | " + " | ".join(cells) + " |")
-    lines += ["", "Per task / source (on-policy KL, then repeated token 4-grams):", "",
+    lines += ["", "Per task / source (on-policy KL, repeated token 4-grams, distinct skip sets over the prompts):", "",
               "| budget | strategy | task/source | " + " | ".join(f"KL: {lab}" for lab in labels) + " | "
-              + " | ".join(f"rep: {lab}" for lab in labels) + " |",
-              "|---|---|---|" + "---|" * (2 * len(labels))]
+              + " | ".join(f"rep: {lab}" for lab in labels) + " | " + " | ".join(f"sets: {lab}" for lab in labels)
+              + " |", "|---|---|---|" + "---|" * (3 * len(labels))]
     tasks = sorted({r["task"] for x in runs.values() for r in x["rows"]})
     for budget, strategy in keys:
         for t in tasks:
             def one(lab, key):
                 rs = [r for r in runs[lab]["rows"] if (r["budget"], r["strategy"], r["task"]) == (budget, strategy, t)]
                 return _fmt(_mean([_get(r, key) for r in rs]), key)
+            def sets(lab):
+                rs = [r for r in runs[lab]["rows"] if (r["budget"], r["strategy"], r["task"]) == (budget, strategy, t)]
+                return str(len({tuple(x) for r in rs for x in r.get("skipped", [])})) if rs else ""
             lines.append(f"| {budget:g} | {strategy} | {t} | " + " | ".join(one(lab, "onpolicy_kl") for lab in labels)
-                         + " | " + " | ".join(one(lab, "token_4gram") for lab in labels) + " |")
+                         + " | " + " | ".join(one(lab, "token_4gram") for lab in labels) + " | "
+                         + " | ".join(sets(lab) for lab in labels) + " |")
     text = "\n".join(lines) + "\n"
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
