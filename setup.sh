@@ -30,5 +30,5 @@ fi
 
 # 4. the default model (download, verify, attach the static ranking) and the main job
 if [ "$run_main" = 1 ]; then
-    .venv/bin/first-gguf generate "Explain why the sky is blue." --skip-budget 0.3 --max-tokens 96
+    .venv/bin/first-gguf generate "Explain why the sky is blue." --skip-budget 0.1 --max-tokens 96
 fi
