@@ -38,29 +38,12 @@ SOURCES = ("summarization", "qa", "mc", "docs", "translation")
 
 
 def linux_prompts() -> list[tuple[dict, ...]]:
-    """Questions about the commands of section 1 of the installed manual pages (`apropos -s 1 .`)."""
-    import re
-    import subprocess
+    """Questions about the commands of section 1 of the installed manual pages (first_gguf.broad)."""
+    from first_gguf.broad import linux_prompts as questions
 
-    try:
-        res = subprocess.run(["apropos", "-s", "1", "."], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        sys.exit(f"source linux: cannot run apropos ({e}); it needs man-db and installed manual pages")
-    out, seen = [], set()
-    for line in sorted(set(res.stdout.splitlines())):
-        m = re.match(r"^([a-z][\w.+-]*) \(1\)\s+- (.+)$", line)
-        if (not m or "_" in m[1] or m[1].startswith("gcloud") or not m[2][:1].isalpha()
-                or m[2].endswith("...") or not 12 <= len(m[2]) <= 80 or m[2] in seen):
-            continue  # generated command families (gcloud_*), placeholders, truncated or repeated lines
-        seen.add(m[2])
-        cmd, desc = m[1], m[2].rstrip(".")
-        if len(out) % 2:
-            q = f"What is the Linux command {cmd} used for?"
-        else:
-            q = f"Explain in a few sentences what {cmd} ({desc[0].lower() + desc[1:]}) does."
-        out.append(({"role": "user", "content": q},))
+    out = [({"role": "user", "content": r["prompt"]},) for r in questions()]
     if not out:
-        sys.exit("source linux: apropos listed no section-1 manual pages")
+        sys.exit("source linux: apropos listed no section-1 manual pages (needs man-db and installed manual pages)")
     return out
 
 

@@ -32,6 +32,17 @@ def _greedy_by_recompute(model, prompt, gates, n, bypass=None, lora=None):
     return toks
 
 
+def _random_adapters(model, seed):
+    """Bypasses and a decode LoRA that change the model (random non-zero up / B matrices)."""
+    g = torch.Generator().manual_seed(seed)
+    bypass = Bypasses(N_LAYER, N_EMBD, 4, 1e-5, seed=1)
+    bypass.up.data = torch.randn(bypass.up.shape, generator=g) * 0.5
+    lora = DecodeLora(model, 2, seed=1)
+    for k in lora.b:
+        lora.b[k].data = torch.randn(lora.b[k].shape, generator=g) * 0.05
+    return bypass, lora
+
+
 class _null:
     def __enter__(self):
         return self
@@ -45,12 +56,7 @@ def test_cached_sampler_equals_recomputed_greedy(tiny, skip):
     """Left-padded batch, per-sequence sets (a block skipped by all, by some, by none), bypasses and a
     decode LoRA: the KV-cached greedy sampler gives the tokens of a full recompute per sequence."""
     _, model = tiny
-    g = torch.Generator().manual_seed(3)
-    bypass = Bypasses(N_LAYER, N_EMBD, 4, 1e-5, seed=1)
-    bypass.up.data = torch.randn(bypass.up.shape, generator=g) * 0.5
-    lora = DecodeLora(model, 2, seed=1)
-    for k in lora.b:
-        lora.b[k].data = torch.randn(lora.b[k].shape, generator=g) * 0.05
+    bypass, lora = _random_adapters(model, 3)
     gates = torch.tensor([[0.0 if il in s else 1.0 for il in range(N_LAYER)] for s in skip])
     try:
         state = sample_prefill(model, PROMPTS, pad=0, bf16=False)
@@ -67,12 +73,7 @@ def test_prefix_forward_equals_gated_forward(tiny):
     """The continuation-only passes of on-policy training (prompt from the prefill cache) give the log-probs
     of the full gated forward over prompt + continuation, teacher and skipped, with bypasses and LoRA."""
     _, model = tiny
-    g = torch.Generator().manual_seed(4)
-    bypass = Bypasses(N_LAYER, N_EMBD, 4, 1e-5, seed=1)
-    bypass.up.data = torch.randn(bypass.up.shape, generator=g) * 0.5
-    lora = DecodeLora(model, 2, seed=1)
-    for k in lora.b:
-        lora.b[k].data = torch.randn(lora.b[k].shape, generator=g) * 0.05
+    bypass, lora = _random_adapters(model, 4)
     conts = [[5, 9, 200, 31, 7], [60, 61], [300, 12, 12, 90]]
     gates = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
     head = model.get_output_embeddings()
