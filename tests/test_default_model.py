@@ -39,10 +39,10 @@ def test_default_model_is_verified_and_carries_routers_and_rankings():
 
 
 def test_main_command_streams_and_summarises():
-    res = CliRunner().invoke(main, ["generate", "Explain why the sky is blue.", "--skip-budget", "0.3",
+    res = CliRunner().invoke(main, ["generate", "Explain why the sky is blue.", "--skip-budget", "0.1",
                                     "--max-tokens", "12"])
     assert res.exit_code == 0, res.output
-    assert "[first-gguf] skipped 9 blocks (router, bypass adapters):" in res.output
+    assert "[first-gguf] skipped 3 blocks (router, bypass adapters): 12,13,16" in res.output
     assert "decode" in res.output and "tok/s" in res.output
     res = CliRunner().invoke(main, ["generate", "Hi", "--skip-budget", "0.2", "--max-tokens", "4", "--json"])
     d = json.loads(res.output)
