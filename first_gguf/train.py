@@ -648,7 +648,7 @@ def eog_token_ids(model_path: str) -> set[int]:
 
 def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: bool = True) -> dict:
     """Full-depth prefill of a left-padded batch of prompts with a KV cache (no grad): the sampler's state,
-    with the routers' input (attn-normed block inputs [L, B, P, E]) and the prompt mask [B, P]."""
+    with the routers' input (attn-normed block inputs [L, B, P, E]) and the prompt mask ``valid`` [B, P]."""
     import torch
     from transformers import DynamicCache
 
@@ -673,7 +673,7 @@ def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: b
         normed = attn_normed(model, inputs)
         logits = model.get_output_embeddings()(core.norm(h[:, -1:])).float()
     return {"cache": cache, "prefix_cache": copy.deepcopy(cache), "valid": valid, "next_pos": pos[:, -1:] + 1,
-            "logits": logits, "normed": normed, "prompt_mask": valid, "bf16": bf16, "pad": pad}
+            "logits": logits, "normed": normed, "bf16": bf16, "pad": pad}
 
 
 def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=None, *,
@@ -685,7 +685,6 @@ def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=Non
     import torch
 
     core = _layers(model)
-    L = core.config.num_hidden_layers
     cache = copy.deepcopy(state["prefix_cache"])
     B, C = len(conts), max(len(c) for c in conts)
     ids = torch.full((B, C), state["pad"], dtype=torch.long)
@@ -696,17 +695,27 @@ def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=Non
     h = core.embed_tokens(ids)
     pe, mask = core.rotary_emb(h, position_ids=pos), _cache_mask(model, valid, C)
     keep = None if gates is None else gates.detach() > 0.5
-    run_block = [True] * L if keep is None else keep.any(0).tolist()
     ctx = lora.active(torch.ones(B, C, 1)) if lora is not None and keep is not None else contextlib.nullcontext()
     with ctx:
-        for il, layer in enumerate(core.layers[:L]):
-            o = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                      position_embeddings=pe) if run_block[il] else h
-            if keep is not None and not bool(keep[:, il].all()):
-                skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
-                o = torch.where(keep[:, il][:, None, None], o, skipped)
-            h = o
+        h = _cached_blocks(model, h, keep, mask=mask, pos=pos, pe=pe, cache=cache, bypass=bypass)
     return core.norm(h)
+
+
+def _cached_blocks(model, h, keep, *, mask, pos, pe, cache, bypass: Bypasses | None):
+    """The blocks over new positions ``h`` [B, C, E] with a KV cache; ``keep`` [B, L] (None: every block
+    runs). A skipped block passes h (+ its bypass); a block every sequence skips is not run at all (its
+    KV cells would never be read again), as in the runtime."""
+    import torch
+
+    core = _layers(model)
+    for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
+        o = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                  position_embeddings=pe) if keep is None or bool(keep[:, il].any()) else h
+        if keep is not None and not bool(keep[:, il].all()):
+            skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
+            o = torch.where(keep[:, il][:, None, None], o, skipped)
+        h = o
+    return h
 
 
 def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float, generator, stop_ids: set[int],
@@ -718,11 +727,9 @@ def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float
     import torch
 
     core = _layers(model)
-    L = core.config.num_hidden_layers
     cache, valid, next_pos, logits = state["cache"], state["valid"], state["next_pos"].clone(), state["logits"]
     B = valid.shape[0]
     keep = gates.detach() > 0.5
-    run_block = keep.any(0).tolist()
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     head = model.get_output_embeddings()
@@ -745,14 +752,7 @@ def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float
             h = core.embed_tokens(tok[:, None])
             pe, mask = core.rotary_emb(h, position_ids=next_pos), _cache_mask(model, valid, 1)
             with lora_ctx():
-                for il, layer in enumerate(core.layers[:L]):
-                    # a block that every sequence skips is not run: its KV cells are never read again
-                    o = layer(h, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True,
-                              position_embeddings=pe) if run_block[il] else h
-                    if not bool(keep[:, il].all()):
-                        skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
-                        o = torch.where(keep[:, il][:, None, None], o, skipped)
-                    h = o
+                h = _cached_blocks(model, h, keep, mask=mask, pos=next_pos, pe=pe, cache=cache, bypass=bypass)
             next_pos = next_pos + 1
             logits = head(core.norm(h)).float()
     return out
@@ -786,7 +786,7 @@ def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg
 
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     state = sample_prefill(model, prompts, pad=pad, bf16=cfg.bf16)
-    scores = routers.scores(state["normed"], state["prompt_mask"])
+    scores = routers.scores(state["normed"], state["valid"])  # valid: the prompt positions
     hard, alt, a_idx, b_idx = draw_sets(scores, cfg, rng)
     conts = sample_decode(model, state, hard, max_new=cfg.onpolicy_tokens, temperature=cfg.onpolicy_temperature,
                           generator=generator, stop_ids=stop_ids, pad=pad, bypass=bypass, lora=lora)
