@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .tasks import BIGBENCH_MEMBERS, BIGBENCH_SDIST, BIGBENCH_SHA256, _cache_dir, _download_sdist, is_reserved
+from .tasks import BIGBENCH_MEMBERS, _cache_dir, bigbench_sdist, is_reserved
 
 BROAD_SOURCES = ("bigbench", "linux")
 # tasks whose examples are not English prose prompts (German text counts as held-out material: the `de`
@@ -50,11 +50,8 @@ def excluded(name: str) -> bool:
 
 
 def _bigbench_prompts(per_task: int, seed: int) -> list[dict]:
-    sdist_dir = _cache_dir() / "sdist"
-    sdist_dir.mkdir(parents=True, exist_ok=True)
-    sdist = _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
     by_task: dict[str, list[str]] = {}
-    with tarfile.open(sdist) as tar:
+    with tarfile.open(bigbench_sdist()) as tar:
         for ti in tar:
             if not (ti.isfile() and ti.name.endswith("/task.json") and "benchmark_tasks/" in ti.name):
                 continue

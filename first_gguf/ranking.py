@@ -169,26 +169,24 @@ def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int =
     with open(path, "rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()
     if criterion == "onpolicy":
-        return {
-            "name": "greedy_onpolicy",
-            "method": "greedy forward selection on on-policy KL(p_skip || p_full) per token (temperature-1 samples "
-                      "of the skipped model, prompt at full depth, token 0 excluded)",
-            "ranking": chosen + tail, "greedy_steps": steps, "single_block_cost": {str(k): v for k, v in single.items()},
-            "data": f"{n_examples} broad prompts (BIG-bench tasks, manual-page questions), {onpolicy_tokens} sampled "
-                    f"tokens each, seed {seed}",
-            "bypass": model.bypass and model.n_bypasses > 0,
-            "model_file": path.rsplit("/", 1)[-1], "model_sha256_first_mib": head, "n_candidates": n_candidates,
-            "command": "first-gguf rank " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "compute_static_ranking()",
-            "seconds": round(time.time() - t_start, 1),
-        }
+        name, extra = "greedy_onpolicy", {"bypass": model.bypass and model.n_bypasses > 0}
+        method = ("greedy forward selection on on-policy KL(p_skip || p_full) per token (temperature-1 samples of "
+                  "the skipped model, prompt at full depth, token 0 excluded)")
+        data = (f"{n_examples} broad prompts (BIG-bench tasks, manual-page questions), {onpolicy_tokens} sampled "
+                f"tokens each, seed {seed}")
+    else:
+        name, extra = "greedy_nll", {}
+        method = "greedy forward selection on extra NLL/token (teacher-forced, prompt at full depth)"
+        data = (f"{len(examples)} examples from Python {platform.python_version()} stdlib docstrings "
+                f"(text continuation + chat replies of the full model), seed {seed}")
     return {
-        "name": "greedy_nll",
-        "method": "greedy forward selection on extra NLL/token (teacher-forced, prompt at full depth)",
+        "name": name,
+        "method": method,
         "ranking": chosen + tail,
         "greedy_steps": steps,
         "single_block_cost": {str(k): v for k, v in single.items()},
-        "data": f"{len(examples)} examples from Python {platform.python_version()} stdlib docstrings "
-                f"(text continuation + chat replies of the full model), seed {seed}",
+        "data": data,
+        **extra,
         "model_file": path.rsplit("/", 1)[-1],
         "model_sha256_first_mib": head,
         "n_candidates": n_candidates,

@@ -217,14 +217,19 @@ def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Pa
     return dest
 
 
+def bigbench_sdist() -> Path:
+    """The verified bigbench sdist in the data cache (downloaded once)."""
+    sdist_dir = _cache_dir() / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    return _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
+
+
 def _bigbench_file(member: str) -> Path:
     """Extract one member of the bigbench sdist into the cache (downloading the sdist once)."""
     dest = _cache_dir() / "bigbench" / member
     if dest.exists():
         return dest
-    sdist_dir = _cache_dir() / "sdist"
-    sdist_dir.mkdir(parents=True, exist_ok=True)
-    sdist = _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
+    sdist = bigbench_sdist()
     wanted = {m for ms in BIGBENCH_MEMBERS.values() for m in ms} | set(BIGBENCH_HELDOUT_MEMBERS.values())
     with tarfile.open(sdist) as tar:
         for ti in tar:
