@@ -15,6 +15,13 @@ distribution), so these prompts aim at diversity over volume:
   unseen, and non-ASCII inputs (other languages; ASCII-art images are filtered by name).
 - ``linux``: open questions about the installed commands' manual pages (``apropos -s 1 .``), long
   free-form replies like a chat's.
+- ``chat`` (not part of the default ``broad`` pair): everyday chat requests, written here as
+  instruction templates over topics and how-to tasks (explain, list facts, pros and cons, a poem, a
+  story, tips, ...). The held-out ``everyday`` evaluation prompts (first_gguf.heldout) are the same
+  *kind* of request, so this source is kept apart from them by construction: none of its topics or
+  tasks is the subject of an ``everyday`` prompt (tests/test_onpolicy_train.py checks that no content
+  word of a topic appears in them), so an improvement measured on ``everyday`` is one that carries
+  over to new subjects, not a memorised reply.
 
 Every prompt becomes one user message (the chat template is applied by the caller). The list is
 deterministic (sorted sources, seeded shuffle) and cached as JSON Lines in the data cache.
@@ -105,6 +112,70 @@ def linux_prompts() -> list[dict]:
     return out
 
 
+# subjects chosen to avoid every subject of heldout.EVERYDAY_PROMPTS (no sky, sleep, eggs, cats, coffee,
+# plants, exercise, the sea, language learning, money saving, dogs, birthdays, ...)
+CHAT_TOPICS = (
+    "volcanoes", "the Moon", "honeybees", "the Roman Empire", "electric cars", "solar panels", "black holes",
+    "the internet", "chess", "jazz music", "the Great Wall of China", "tea", "chocolate", "recycling",
+    "glaciers", "the human heart", "dinosaurs", "penguins", "elephants", "the printing press", "airplanes",
+    "tides", "thunderstorms", "deserts", "coral reefs", "the Olympic Games", "democracy", "libraries",
+    "mountains", "rivers", "trains", "bridges", "the stock market", "credit cards", "wind turbines",
+    "nuclear power", "Mars", "comets", "the Sun", "magnets", "electricity", "batteries", "smartphones",
+    "video games", "board games", "basketball", "yoga", "meditation", "rice", "pizza", "cheese", "museums",
+    "opera", "painting", "photography", "the piano", "movies", "social media", "public speaking",
+    "time management", "friendship", "teamwork", "volunteering", "honesty", "ancient Egypt", "the pyramids",
+    "the Vikings", "castles", "pirates", "the Amazon rainforest", "the Arctic", "polar bears", "whales",
+    "sharks", "owls", "frogs", "butterflies", "ants", "spiders", "horses", "snow", "winter", "weddings",
+    "city life", "public transport", "robots", "artificial intelligence", "programming", "the alphabet",
+    "fractions", "prime numbers", "gravity", "sound", "atoms", "DNA", "the immune system", "bones",
+    "the brain", "vitamins", "first aid", "fire safety", "maps", "clocks", "calendars", "banks", "taxes",
+    "bread", "the violin", "the Renaissance", "the Industrial Revolution", "submarines",
+    "lighthouses", "kites", "skateboarding", "tennis", "marathons", "sunscreen", "umbrellas",
+    "newspapers", "podcasts", "the metric system", "volcanic islands", "fossils", "crystals", "tornadoes",
+)
+CHAT_TEMPLATES = (
+    "Explain {t} in simple terms.",
+    "Give me three interesting facts about {t}.",
+    "Write a short paragraph about {t}.",
+    "Write a short poem about {t}.",
+    "What are the pros and cons of {t}?",
+    "How would you explain {t} to a ten-year-old?",
+    "Tell me a short story that involves {t}.",
+    "What are common misconceptions about {t}?",
+    "Why do people find {t} interesting?",
+    "Summarize what everyone should know about {t} in three sentences.",
+    "Write a short quiz with three questions about {t}.",
+    "What is the history of {t}, briefly?",
+)
+CHAT_TASKS = (
+    "make a monthly budget", "clean a cast iron pan", "plant tomatoes", "change a light bulb safely",
+    "prepare for a marathon", "train a puppy to sit", "organize a small closet", "write a thank-you note",
+    "make homemade bread", "memorize a speech", "tie a tie", "choose a good laptop", "read a train timetable",
+    "host a dinner party", "start journaling", "make a paper airplane", "sharpen a kitchen knife",
+    "set up an aquarium", "float on my back in a pool", "paint a room", "make a smoothie",
+    "back up my photos", "choose a good password", "read a map", "write a short speech for a wedding",
+    "fold a fitted sheet", "keep a conversation going", "prepare for an exam", "make friends in a new city",
+    "wash a wool sweater", "build a birdhouse", "teach my nephew to play checkers", "make vegetable soup",
+    "care for a goldfish", "plan a picnic", "stop procrastinating", "write a good product review",
+    "sew on a button", "make a snowman", "stay safe during a thunderstorm",
+)
+CHAT_TASK_TEMPLATES = (
+    "How do I {t}?",
+    "Give me step-by-step instructions to {t}.",
+    "What mistakes should I avoid when I {t}?",
+)
+
+
+def chat_prompts() -> list[dict]:
+    """Everyday chat requests (the ``chat`` source, see the module docstring): every template over every
+    topic and how-to task, in a fixed order."""
+    out = [{"source": "chat", "task": "chat", "prompt": tpl.format(t=t)}
+           for t in CHAT_TOPICS for tpl in CHAT_TEMPLATES]
+    out += [{"source": "chat", "task": "chat", "prompt": tpl.format(t=t)}
+            for t in CHAT_TASKS for tpl in CHAT_TASK_TEMPLATES]
+    return out
+
+
 def broad_prompts(sources=BROAD_SOURCES, *, per_task: int = 40, seed: int = 0) -> list[dict]:
     """``[{"source", "task", "prompt"}]`` from ``sources`` (see the module docstring), cached."""
     bad = [s for s in sources if s not in BROAD_SOURCES]
@@ -126,4 +197,4 @@ def broad_prompts(sources=BROAD_SOURCES, *, per_task: int = 40, seed: int = 0) -
     return out
 
 
-__all__ = ["BROAD_SOURCES", "broad_prompts", "linux_prompts"]
+__all__ = ["BROAD_SOURCES", "broad_prompts", "chat_prompts", "linux_prompts"]

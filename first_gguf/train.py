@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 
 
 LR_SCHEDULES = ("constant", "cosine")
-ONPOLICY_DATA = ("tasks", "bigbench", "linux", "broad")  # prompt sources for on-policy samples; broad = both
+ONPOLICY_DATA = ("tasks", "bigbench", "linux", "broad", "chat")  # on-policy prompt sources; broad = bigbench,linux
 
 
 def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
@@ -866,7 +866,7 @@ def _dist():
 def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=None) -> list[Sequence_]:
     """The prompts on-policy samples start from (``cfg.onpolicy_data``), as Sequence_s without continuation:
     ``tasks``: the training examples' prompts (``examples``, re-encoded whole; without them the training
-    sequences' prompts as given); ``bigbench`` / ``linux`` / ``broad`` (both): first_gguf.broad.
+    sequences' prompts as given); ``bigbench`` / ``linux`` / ``broad`` (both) / ``chat``: first_gguf.broad.
     Prompts longer than max_prompt_tokens are dropped (not cut: a cut chat prompt loses its header)."""
     srcs = {x.strip() for x in cfg.onpolicy_data.split(",") if x.strip()}
     out, seen = [], set()
@@ -891,6 +891,12 @@ def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=
         toks = encode_prompts(cfg.model, [({"role": "user", "content": r["prompt"]},) for r in recs])
         for r, p in zip(recs, toks):
             add(p, r["source"])
+    if "chat" in srcs:
+        from .broad import chat_prompts
+
+        recs = chat_prompts()
+        for r, p in zip(recs, encode_prompts(cfg.model, [({"role": "user", "content": r["prompt"]},) for r in recs])):
+            add(p, "chat")
     if not out:
         raise ValueError(f"no on-policy prompts from {cfg.onpolicy_data!r} within {cfg.max_prompt_tokens} tokens")
     return out

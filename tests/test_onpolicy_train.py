@@ -188,6 +188,28 @@ def test_onpolicy_config_errors(tmp_path, kw, msg):
         cfg.validate()
 
 
+def test_chat_prompts_kept_apart_from_everyday():
+    """The chat training source shares no subject with the held-out everyday prompts: no content word of
+    a topic or how-to task appears in any everyday prompt (instruction words such as make / write / good
+    aside), and no prompt is an everyday prompt."""
+    import re
+
+    from first_gguf.broad import CHAT_TASKS, CHAT_TOPICS, chat_prompts
+    from first_gguf.heldout import EVERYDAY_PROMPTS
+
+    def words(s):
+        return {w for w in re.findall(r"[a-z]+", s.lower()) if len(w) > 3}
+
+    generic = {"make", "write", "short", "good", "first", "change", "small", "start", "keep", "play"}
+    everyday = set().union(*(words(p) for p in EVERYDAY_PROMPTS))
+    shared = {t: words(t) & everyday - generic for t in CHAT_TOPICS + CHAT_TASKS}
+    assert not {t: w for t, w in shared.items() if w}
+    prompts = [r["prompt"] for r in chat_prompts()]
+    assert len(prompts) == len(set(prompts)) > 1000
+    assert not set(prompts) & set(EVERYDAY_PROMPTS)
+    assert {r["source"] for r in chat_prompts()} == {"chat"}
+
+
 def test_broad_prompts_leave_out_heldout_and_task_sources():
     """No broad prompt comes from a held-out evaluation source (news = xsum, yesno = strategyqa, German
     text), from a task's own source, or from another subtask over the qa task's passages."""
