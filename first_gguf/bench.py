@@ -53,38 +53,41 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
     return toks[:n]
 
 
-def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int,
-                 adapters: bool = True) -> tuple[float, float]:
-    """(seconds per decoded token, prefill tok/s) for one measurement; greedy, EOS ignored.
+# the sampled configuration: llama.cpp's chat defaults, a fixed seed
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=0)
 
-    adapters: False measures plain skipping (bypasses and decode LoRA off)."""
+
+def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int,
+                 adapters: bool = True, sampled: bool = False) -> tuple[float, float]:
+    """(seconds per decoded token, prefill tok/s) for one measurement; EOS ignored.
+
+    Greedy (the argmax, as generate() at temperature 0) or, with ``sampled``, llama.cpp's sampler chain
+    with SAMPLED. adapters: False measures plain skipping (bypasses and decode LoRA off)."""
     model.reset()
-    before = model.bypass, model.use_decode_lora
-    model.bypass, model.use_decode_lora = before[0] and adapters, before[1] and adapters
-    logits, n_eval, t_prefill = model._prefill(prompt)
-    model._set_mask(skip)
+    sampler = model.make_sampler(**SAMPLED) if sampled else None
     try:
-        tok = int(logits.argmax())
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            tok = int(model._eval([tok], masked=bool(skip), logits="last")[-1].argmax())
-        dt = time.perf_counter() - t0
+        with model.decoding(prompt, skip_layers=skip, adapters=adapters) as d:
+            t0 = time.perf_counter()
+            if sampler is None:
+                tok = int(d.logits.argmax())
+                for _ in range(n_tokens):
+                    tok = int(d.step(tok).argmax())
+            else:
+                tok = d.sample(sampler)
+                for _ in range(n_tokens):
+                    d.step(tok)
+                    tok = d.sample(sampler)
+            dt = time.perf_counter() - t0
     finally:
-        model._set_mask(())
-        model._drop_dirty()
-        model.bypass, model.use_decode_lora = before
-    return dt / n_tokens, n_eval / t_prefill
+        if sampler is not None:
+            sampler.close()
+    return dt / n_tokens, d.n_prefill_tokens / d.prefill_seconds
 
 
 def _prefill_time(model: Model, prompt: list[int], routing: bool) -> float:
     model.reset()
-    model.routing_enabled = routing
-    try:
-        t0 = time.perf_counter()
-        model._eval(prompt, masked=False, logits="last")
-        return time.perf_counter() - t0
-    finally:
-        model.routing_enabled = True
+    with model.decoding(prompt, routing=routing) as d:
+        return d.prefill_seconds
 
 
 def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "static", repeats: int = 5,
@@ -92,30 +95,31 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
               progress: Callable[[str], None] = lambda s: None) -> dict:
     if not budgets:
         raise ValueError("no budgets given")
-    if repeats < 1 or gen_tokens < 1 or prompt_tokens < 2:
-        raise ValueError("repeats and gen_tokens must be >= 1, prompt_tokens >= 2")
+    for name, v, lo in (("repeats", repeats, 1), ("gen_tokens", gen_tokens, 1), ("prompt_tokens", prompt_tokens, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
     budgets = sorted(set(float(b) for b in budgets) | {0.0})
     prompt = _prompt_tokens(model, prompt_tokens)
     if len(prompt) + gen_tokens + 1 > model.n_ctx:
-        raise ValueError(f"prompt_tokens + gen_tokens exceed n_ctx={model.n_ctx}")
+        raise ValueError(f"prompt_tokens + gen_tokens = {len(prompt) + gen_tokens + 1} exceed n_ctx={model.n_ctx}")
 
     # skip sets: same for every round; chosen by the strategy from the bench prompt
     sets: dict[float, list[int]] = {}
-    model.reset()
-    model._prefill(prompt)
-    scores = model.prompt_router_scores(len(prompt))
     for b in budgets:
-        _, strategy, _ = model._check_skip_args(b, skip_strategy, None)
-        sets[b] = model._choose_skip(b, strategy, None, scores)
+        model.reset()
+        with model.decoding(prompt, b, skip_strategy=skip_strategy) as d:
+            sets[b] = d.skipped_layers
     n = model.n_layer
     # floor for the per-block cost: every block but block 0 skipped (blocks cost the same)
     floor_set = list(range(1, n))
-    configs = [(f"{b:g}", sets[b], True) for b in budgets] + [("floor", floor_set, False)]
+    configs = [(f"{b:g}", sets[b], True, False) for b in budgets] + [("floor", floor_set, False, False)]
     # the adapters the measured configurations run with (the plain ones and the floor run without)
     n_bypasses = model.n_bypasses if model.bypass else 0
     decode_lora = str(model.decode_lora_path) if model.decode_lora_path and model.use_decode_lora else None
     if n_bypasses or decode_lora:
-        configs += [(f"{b:g}/plain", sets[b], False) for b in budgets if sets[b]]
+        configs += [(f"{b:g}/plain", sets[b], False, False) for b in budgets if sets[b]]
+    # sampled decoding beside greedy: at 0 and at the largest budget
+    configs += [(f"{b:g}/sampled", sets[b], True, True) for b in sorted({0.0, budgets[-1]})]
 
     busy = cpu_busy_fraction(1.0)
     warn = []
@@ -125,16 +129,16 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
              f"{len(prompt)}-token prompt, {model.n_threads} thread(s)")
 
     # warm-up (page in weights, build graphs)
-    for _, skip, bp in configs:
-        _decode_time(model, prompt, skip, min(8, gen_tokens), bp)
+    for _, skip, bp, sm in configs:
+        _decode_time(model, prompt, skip, min(8, gen_tokens), bp, sm)
 
-    per_tok: dict[str, list[float]] = {name: [] for name, _, _ in configs}
-    prefill: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    per_tok: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    prefill: dict[str, list[float]] = {name: [] for name, *_ in configs}
     router_on, router_off = [], []
     for r in range(repeats):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
-        for name, skip, bp in order:
-            t, pf = _decode_time(model, prompt, skip, gen_tokens, bp)
+        for name, skip, bp, sm in order:
+            t, pf = _decode_time(model, prompt, skip, gen_tokens, bp, sm)
             per_tok[name].append(t)
             prefill[name].append(pf)
         if model.n_routers:
@@ -169,6 +173,9 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
         if f"{name}/plain" in med:
             rows[-1]["plain_decode_ratio"] = t0 / med[f"{name}/plain"]
             rows[-1]["plain_efficiency"] = rows[-1]["plain_decode_ratio"] / ideal
+        if f"{name}/sampled" in med:  # time per token sampled / greedy - 1, same skip set, same run
+            rows[-1]["sampled_decode_tok_s"] = 1.0 / med[f"{name}/sampled"]
+            rows[-1]["sampling_overhead"] = med[f"{name}/sampled"] / med[name] - 1.0
     result = {
         "model": str(model.path),
         "threads": model.n_threads,
@@ -181,6 +188,7 @@ def run_bench(model: Model, budgets: Sequence[float], *, skip_strategy: str = "s
         "per_block_ms": c_block * 1e3,
         "floor_ms": (med["floor"] - c_block) * 1e3,
         "rows": rows,
+        "sampled": SAMPLED,
         "warnings": warn,
         "cpu_count": os.cpu_count(),
     }
@@ -218,6 +226,13 @@ def format_table(res: dict) -> str:
             f"({r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}) | {r['decode_ratio']:.3f}x | "
             f"{r['ideal_ratio']:.3f}x | {r['efficiency']:.1%} | {r['prefill_tok_s']:.1f} |"
             + (f" {r.get('plain_decode_ratio', 1.0):.3f}x | {r.get('plain_efficiency', 1.0):.1%} |" if plain else ""))
+    sampled = [r for r in res["rows"] if "sampling_overhead" in r]
+    if sampled:
+        lines.append("")
+        lines.append("sampled decoding (llama.cpp sampler chain, " + ", ".join(
+            f"{k} {v:g}" for k, v in res.get("sampled", SAMPLED).items()) + ") vs greedy: " + "; ".join(
+            f"skip_budget {r['skip_budget']:g}: {r['sampled_decode_tok_s']:.1f} tok/s, "
+            f"{r['sampling_overhead']:+.1%} time per token" for r in sampled))
     if "router_prefill_overhead" in res:
         lines.append("")
         lines.append(f"router scoring overhead on prefill: {res['router_prefill_overhead']:+.2%}")

@@ -18,9 +18,8 @@
 from __future__ import annotations
 
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
@@ -163,9 +162,8 @@ def onpolicy_kl(model: Model, prompts: Sequence[Prompt], skip_budget: float, *, 
 def _onpolicy_one(model: Model, prompt: Prompt, skip_budget: float, *, skip_strategy: str,
                   skip_layers: Sequence[int] | None, max_tokens: int, seed: int) -> OnPolicyKL:
     p, stops = prompt_tokens(model, prompt)
-    with _sampler_seed(model, prompt_seed(seed, p)):
-        g = complete(model, p, stops, skip_budget, temperature=1.0, max_tokens=max_tokens,
-                     skip_strategy=skip_strategy, skip_layers=skip_layers)
+    g = complete(model, p, stops, skip_budget, temperature=1.0, max_tokens=max_tokens,
+                 skip_strategy=skip_strategy, skip_layers=skip_layers, entropy=prompt_seed(seed, p))
     if len(g.tokens) < 2:
         return OnPolicyKL(float("nan"), 0, [None], [0], [g.text], [g.tokens], [g.skipped_layers], seed)
     skip = model.score_tokens(p, g.tokens, skip_budget, skip_strategy=skip_strategy, skip_layers=skip_layers)
@@ -194,16 +192,19 @@ def prompt_seed(seed: int, tokens: Sequence[int]) -> list[int]:
     return [seed, zlib.crc32(np.asarray(tokens, dtype=np.int64).tobytes())]
 
 
-@contextmanager
-def _sampler_seed(model: Model, entropy: list[int]) -> Iterator[None]:
-    # Model samples from one generator seeded at load time (Model._sample); a per-prompt stream needs
-    # its own generator for the duration of one reply. Model has no per-call seed option yet.
-    saved = model._rng
-    model._rng = np.random.default_rng(entropy)
-    try:
-        yield
-    finally:
-        model._rng = saved
+def _numpy_sampler(entropy: list[int]) -> Callable[[np.ndarray], int]:
+    """Softmax sampling at temperature 1 from a numpy generator of its own (the measure's sampler since its
+    first results; kept, not llama.cpp's chain, so that reruns reproduce the published replies)."""
+    rng = np.random.default_rng(entropy)
+
+    def sample(logits: np.ndarray) -> int:
+        x = logits.astype(np.float64)
+        x -= x.max()
+        p = np.exp(x)
+        p /= p.sum()
+        return int(rng.choice(len(p), p=p))
+
+    return sample
 
 
 # -------------------------------------------------------------- helpers
@@ -221,15 +222,15 @@ def prompt_tokens(model: Model, prompt: Prompt) -> tuple[list[int], list[str]]:
 
 
 def complete(model: Model, tokens: list[int], stops: list[str], skip_budget: float, *, temperature: float,
-             max_tokens: int, skip_strategy: str | None = "router",
-             skip_layers: Sequence[int] | None = None) -> Generation:
-    """One reply to prompt ``tokens`` (the model's streaming loop, run to the end)."""
-    last = None
-    for last in model._stream(tokens, skip_budget, max_tokens=max_tokens, temperature=temperature, top_p=1.0,
-                              stop=stops or None, skip_strategy=skip_strategy or "router",
-                              skip_layers=skip_layers):
-        pass
-    return last.generation
+             max_tokens: int, skip_strategy: str | None = "router", skip_layers: Sequence[int] | None = None,
+             entropy: list[int] | None = None) -> Generation:
+    """One reply to prompt ``tokens``: greedy at temperature 0, else sampled at temperature 1 from a numpy
+    generator seeded by ``entropy``."""
+    if temperature not in (0.0, 1.0) or (temperature == 1.0 and entropy is None):
+        raise ValueError(f"complete: temperature 0, or 1 with entropy; got {temperature!r}")
+    return model.generate_tokens(tokens, skip_budget, max_tokens=max_tokens, stop=stops or None,
+                                 skip_strategy=skip_strategy or "router", skip_layers=skip_layers,
+                                 sampler=_numpy_sampler(entropy) if temperature else None)
 
 
 __all__ = ["LOOP_SHARE", "LONG_RUN", "OnPolicyKL", "Repetition", "greedy_repetition", "longest_run", "onpolicy_kl",

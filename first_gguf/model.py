@@ -16,22 +16,41 @@ model computes. Without a mask, generated tokens are clean and stay cached.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
+import functools
 import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _lib
 from ._lib import llama_cpp
-from .gguf_info import GGUFInfo, read_info
+from .gguf_info import GGUFInfo, read_info, read_with_sidecar
+from .sampling import SEED_MAX, Sampler, SamplingParams, top_logprobs
+
+# the sampling keywords of generate / chat / their streaming forms (llama-cpp-python's create_completion names)
+SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "seed", "logit_bias", "grammar", "logprobs")
 
 SEQ = 0  # Model drives a single sequence
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a generated token and the ``logprobs`` most likely tokens at that step.
+
+    From the model's raw logits (log-softmax), before penalties, bias, grammar or temperature."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, log-probability), most likely first
 
 
 @dataclass
@@ -50,6 +69,10 @@ class Generation:
     n_prefill_tokens: int = 0    # prompt tokens actually evaluated (not taken from the cache)
     bypassed_layers: list[int] = field(default_factory=list)  # skipped blocks that ran their bypass adapter
     decode_lora: bool = False    # the decode-only LoRA was attached while decoding
+    n_skip_requested: int = 0    # blocks the budget asked for; more than len(skipped_layers) when the
+                                 # strategy has fewer candidates (routers on some blocks, a short ranking)
+    seed: int | None = None      # the sampler's seed (None: greedy, no random draw)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when logprobs= was given
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,6 +92,7 @@ class GenerationChunk:
     text: str
     token: int | None
     generation: Generation | None = None
+    logprob: TokenLogprob | None = None  # of ``token``, when logprobs= was given
 
 
 @dataclass
@@ -126,12 +150,43 @@ def _check_number(name: str, value, lo: float, hi: float, *, hi_open: bool) -> f
     return v
 
 
-def _check_int(name: str, value, lo: int) -> int:
+def _check_int(name: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}; got {value}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}{why}; got {value}")
     return int(value)
+
+
+def max_threads() -> int:
+    """Most threads a Model accepts: 4x the logical CPUs (llama.cpp hangs or crashes far above that)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_stop(stop) -> list[str]:
+    """``stop`` (None, a str or a list of str) as a list; the error shows the value given."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, Sequence) and not isinstance(stop, bytes) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise TypeError(f"stop must be a str or a list of str; got {stop!r:.200}")
+    if any(s == "" for s in stops):
+        raise ValueError(f"stop strings must not be empty; got {stop!r:.200}")
+    return stops
+
+
+def _open(method):
+    """Public Model methods refuse to run on a closed model (llama.cpp would crash on freed memory)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._llama is None:
+            raise ValueError(f"model is closed ({self.path}); load it again")
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -140,28 +195,110 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+class SkipRequest(NamedTuple):
+    """Checked skip options (Model.check_skip): the budget, the resolved strategy, explicit blocks or None."""
+
+    budget: float
+    strategy: str
+    layers: list[int] | None
+
+
+def _random_seed(strategy: str) -> int | None:
+    """The seed of a "random:<seed>" strategy; None for any other name."""
+    return int(strategy[7:]) if strategy.startswith("random:") and strategy[7:].isdigit() else None
+
+
+class Decoding:
+    """A prompt prefilled at full depth, then decoded one token at a time with the chosen blocks skipped.
+
+    Made by Model.decoding() (a context manager). ``logits`` holds the next token's logits
+    (float32 [n_vocab]); ``step(token)`` evaluates a token and updates them.
+    """
+
+    def __init__(self, model: "Model", prompt: list[int], logits: np.ndarray, skipped: list[int], n_requested: int,
+                 scores: np.ndarray | None, n_prefill: int, prefill_s: float, strategy: str) -> None:
+        self._model = model
+        self.prompt_tokens = prompt
+        self.logits = logits
+        self.skipped_layers = list(skipped)
+        self.n_skip_requested = n_requested
+        self.router_scores = scores       # aggregated keep-score per block; None without routers
+        self.skip_strategy = strategy
+        self.n_prefill_tokens = n_prefill  # prompt tokens evaluated (a cached prefix is reused)
+        self.prefill_seconds = prefill_s
+        self.decode_seconds = 0.0          # over step() calls (one llama_decode each)
+        self.n_decoded = 0
+        self.decode_lora = model._lora_on
+        self.bypassed_layers = [il for il in skipped if model.bypass and il in model._bypass_blocks]
+
+    def step(self, token: int) -> np.ndarray:
+        """Evaluate ``token`` (blocks skipped) and return the next token's logits."""
+        t0 = time.perf_counter()
+        self.logits = self._model._eval([token], masked=bool(self.skipped_layers), logits="last")[-1]
+        self.decode_seconds += time.perf_counter() - t0
+        self.n_decoded += 1
+        return self.logits
+
+    def sample(self, sampler: Sampler) -> int:
+        """A token drawn by a llama.cpp sampler chain from the current logits (as llama.cpp holds them)."""
+        return sampler.sample(self._model._ctx)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    skip: SkipRequest
+    max_tokens: int
+    stops: list[str]
+    params: SamplingParams
+    seed: int | None
+    sampler: Sampler | Callable[[np.ndarray], int] | None  # None: argmax
+
+
+def _last(stream: Iterator[GenerationChunk]) -> Generation:
+    last = None
+    for last in stream:
+        pass
+    return last.generation
+
+
 class Model:
     """A GGUF model on the patched llama.cpp, with prompt-decided layer skipping.
 
     Args:
         path: GGUF file.
         n_ctx: context length in tokens.
-        n_threads: CPU threads for prefill and decode (default: llama-cpp-python's, half the cores).
-        seed: seed of the sampler (temperature > 0).
+        n_threads: CPU threads for prefill and decode, 1 to 4x the logical CPUs (default: llama-cpp-python's,
+            half the cores).
+        seed: seeds the generator that gives each sampled generation without its own ``seed`` its seed
+            (a fresh Model makes the same sequence of calls reproducible).
         verbose: print llama.cpp's log to stderr.
         decode_lora: a llama.cpp LoRA adapter GGUF (``first-gguf train --lora-rank`` writes one) attached
             only while blocks are skipped: to decoded / scored tokens after the full-depth prefill, never
             to the prompt, and not at all with skip_budget=0.
+        routers: a first-gguf sidecar GGUF (``first-gguf attach --sidecar`` writes one) whose routers,
+            bypass adapters and static rankings are attached to the model at load time; ``path`` stays the
+            untouched base GGUF. Refused, naming both files, when it was made for another model.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None) -> None:
+                 seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None,
+                 routers: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         self.n_ctx = _check_int("n_ctx", n_ctx, 16)
         if n_threads is not None:
-            n_threads = _check_int("n_threads", n_threads, 1)
+            n_threads = _check_int("n_threads", n_threads, 1, max_threads(),
+                                   f" (1 to 4x the {os.cpu_count()} logical CPUs)")
         self.seed = _check_int("seed", seed, 0)
-        self.info: GGUFInfo = read_info(self.path)
+        if routers is not None and not Path(routers).is_file():
+            raise ValueError(f"router sidecar not found: {routers}; expected a first-gguf sidecar GGUF "
+                             f"(first-gguf attach --sidecar writes one)")
+        # the first-gguf data comes from the sidecar when one is given (checked against the model first)
+        self.info: GGUFInfo = read_info(self.path) if routers is None else read_with_sidecar(self.path, routers)
+        if self.info.sidecar:
+            raise ValueError(f"{self.path}: is a first-gguf sidecar, not a model; load its base GGUF with "
+                             f"routers={self.path}")
+        self.routers_path: Path | None = self.info.routers_path  # None: the data is inside the GGUF
 
         from llama_cpp import Llama
 
@@ -174,6 +311,8 @@ class Model:
         except ValueError as e:
             raise ValueError(f"failed to load model from {self.path}: {_LOG.detail(str(e))}") from None
         self.n_threads = self._llama.n_threads
+        if self.routers_path is not None:
+            self._attach_sidecar(verbose)
         self._ctx = self._llama._ctx.ctx
         self._model = self._llama._model.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -191,13 +330,31 @@ class Model:
         self._cached: list[int] = []
         self._cached_scores = np.zeros((0, self.n_layer), dtype=np.float32)
         self._dirty: list[int] = []
-        self.routing_enabled = True  # score routers on full-depth tokens (bench turns it off)
+        self._skip_warned: set[tuple[str, int]] = set()  # (strategy, k) shortfalls already warned about
         self.decode_lora_path: Path | None = None
         self._lora = None  # llama_adapter_lora_p, freed with the model
         self._lora_on = False  # attached to the context right now
         self.use_decode_lora = True  # attach it while skipping (off: comparisons)
         if decode_lora is not None:
             self._load_decode_lora(Path(decode_lora))
+
+    def _attach_sidecar(self, verbose: bool) -> None:
+        """Attach the sidecar's tensors to the loaded model (the C side checks them again and applies all or
+        nothing), then give the Llama a fresh context: one made before the attach does not see them."""
+        from llama_cpp import _internals
+
+        err = ctypes.create_string_buffer(1024)
+        rc = _lib.first_model_attach_sidecar(self._llama._model.model, str(self.routers_path).encode("utf-8"),
+                                             err, len(err))
+        if rc != _lib.FIRST_OK:
+            self._llama.close()
+            self._llama = None
+            raise ValueError(f"cannot attach {self.routers_path} to {self.path}: "
+                             f"{err.value.decode('utf-8', 'replace') or _lib.FIRST_ERRORS.get(rc, rc)}")
+        old = self._llama._ctx
+        self._llama._ctx = self._llama._stack.enter_context(contextlib.closing(
+            _internals.LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=verbose)))
+        old.close()
 
     def _load_decode_lora(self, path: Path) -> None:
         if not path.is_file():
@@ -247,13 +404,25 @@ class Model:
             pass
 
     # ------------------------------------------------------------------ text
+    @_open
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str; got {type(text).__name__}")
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
+    @_open
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    @_open
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token's piece (special tokens rendered), as the OpenAI API's logprobs report them."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
+        return buf.raw[:n]
 
     @property
     def static_rankings(self) -> dict[str, list[int]]:
@@ -261,17 +430,20 @@ class Model:
 
     # ---------------------------------------------------------- KV handling
     @property
+    @_open
     def bypass(self) -> bool:
         """Whether skipped blocks run their bypass adapters (default True; no effect without bypass tensors)."""
         return bool(self.supports_skip and _lib.first_get_bypass(self._ctx))
 
     @bypass.setter
+    @_open
     def bypass(self, enable: bool) -> None:
         if not isinstance(enable, bool):
             raise TypeError(f"bypass must be a bool; got {type(enable).__name__}")
         if self.supports_skip:
             _lib.check(_lib.first_set_bypass(self._ctx, enable), "first_set_bypass")
 
+    @_open
     def reset(self) -> None:
         """Forget the cached prompt (clears the KV cache)."""
         llama_cpp.llama_memory_clear(self._mem, True)
@@ -301,8 +473,9 @@ class Model:
             mask[il] = 1
         _lib.check(_lib.first_set_skip_mask(self._ctx, SEQ, mask, self.n_layer), "first_set_skip_mask")
 
-    def _eval(self, tokens: Sequence[int], *, masked: bool, logits: str) -> np.ndarray | None:
-        """Evaluate tokens after the cache. logits: 'none', 'last' or 'all' rows."""
+    def _eval(self, tokens: Sequence[int], *, masked: bool, logits: str, routing: bool = True) -> np.ndarray | None:
+        """Evaluate tokens after the cache. logits: 'none', 'last' or 'all' rows; routing: score routers
+        on full-depth tokens (their scores are kept with the cache)."""
         if not tokens:
             return None
         if not masked:
@@ -310,7 +483,7 @@ class Model:
         start = len(self._cached) + len(self._dirty)
         if start + len(tokens) > self.n_ctx:
             raise ValueError(f"context overflow: {start + len(tokens)} tokens needed, n_ctx is {self.n_ctx}")
-        routing = not masked and self.n_routers > 0 and self.routing_enabled
+        routing = routing and not masked and self.n_routers > 0
         if routing:
             _lib.check(_lib.first_set_routing(self._ctx, SEQ, True), "first_set_routing")
             _lib.first_clear_router_scores(self._ctx, SEQ)
@@ -361,7 +534,7 @@ class Model:
             self._cached_scores = np.concatenate([self._cached_scores, scores])
         return np.concatenate(rows) if rows else None
 
-    def _prefill(self, tokens: list[int]) -> tuple[np.ndarray, int, float]:
+    def _prefill(self, tokens: list[int], routing: bool = True) -> tuple[np.ndarray, int, float]:
         """Full-depth prompt evaluation reusing the longest clean cached prefix."""
         if not tokens:
             raise ValueError("the prompt is empty after tokenization")
@@ -376,11 +549,12 @@ class Model:
             n += 1
         self._truncate(n)
         t0 = time.perf_counter()
-        logits = self._eval(tokens[n:], masked=False, logits="last")
+        logits = self._eval(tokens[n:], masked=False, logits="last", routing=routing)
         dt = time.perf_counter() - t0
         return logits[-1], len(tokens) - n, dt
 
     # ----------------------------------------------------------- skip choice
+    @_open
     def prompt_router_scores(self, n_prompt: int) -> np.ndarray | None:
         """Aggregated keep-score per block over the first n_prompt cached tokens (NaN: no router)."""
         if self.n_routers == 0:
@@ -393,13 +567,17 @@ class Model:
         np.divide(tot, cnt, out=out, where=cnt > 0)
         return out
 
-    def _check_skip_args(self, skip_budget, skip_strategy, skip_layers) -> tuple[float, str, list[int] | None]:
+    @_open
+    def check_skip(self, skip_budget: float = 0.0, skip_strategy: str = "router",
+                   skip_layers: Sequence[int] | None = None) -> SkipRequest:
+        """Check the skip options (as in generate()) and resolve ``"auto"``; the one place strategies are parsed.
+
+        Raises TypeError/ValueError naming the value and what is accepted."""
         budget = _check_number("skip_budget", skip_budget, 0.0, 1.0, hi_open=True)
         if not isinstance(skip_strategy, str):
             raise TypeError(f"skip_strategy must be a str; got {type(skip_strategy).__name__}")
         strategies = ["router", "static", "auto", "last", "random", *self.info.static_rankings]
-        seeded_random = skip_strategy.startswith("random:") and skip_strategy[7:].isdigit()
-        if skip_strategy not in strategies and not seeded_random:
+        if skip_strategy not in strategies and _random_seed(skip_strategy) is None:
             raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of "
                              f"{strategies + ['random:<seed>']}")
         if skip_strategy == "auto":  # stated in Generation.skip_strategy, never silent
@@ -430,153 +608,232 @@ class Model:
             if skip_strategy == "static" and not self.info.static_rankings:
                 raise ValueError(f"{self.path} stores no static ranking (first.static_rankings); "
                                  f"skip_strategy='static' is not available")
-        return budget, skip_strategy, layers
+        return SkipRequest(budget, skip_strategy, layers)
+
+    _check_skip_args = check_skip  # the old private name, still used by chat.py
 
     def n_skip_for_budget(self, skip_budget: float) -> int:
         return int(math.floor(skip_budget * self.n_layer + 1e-9))
 
-    def _choose_skip(self, budget: float, strategy: str, layers: list[int] | None,
-                     scores: np.ndarray | None) -> list[int]:
-        if layers is not None:
-            return layers
-        k = self.n_skip_for_budget(budget)
+    def _choose_skip(self, req: SkipRequest, scores: np.ndarray | None) -> tuple[list[int], int]:
+        """(blocks to skip, blocks the budget asked for); warns once per (strategy, k) when fewer are possible."""
+        if req.layers is not None:
+            return req.layers, len(req.layers)
+        k = self.n_skip_for_budget(req.budget)
+        strategy = req.strategy
         if k == 0:
-            return []
+            return [], 0
         if strategy == "router":
             cand = [il for il in range(self.n_layer) if not np.isnan(scores[il])]
             cand.sort(key=lambda il: (scores[il], il))
-            return sorted(cand[:k])
-        if strategy == "last":  # the last k blocks (a common naive baseline)
-            return list(range(self.n_layer - k, self.n_layer))
-        if strategy.startswith("random"):  # k blocks drawn with a fixed seed ("random:<seed>", default: model seed)
-            seed = int(strategy[7:]) if strategy.startswith("random:") else self.seed
-            return sorted(np.random.default_rng(seed).choice(self.n_layer, size=k, replace=False).tolist())
-        name = self.info.default_static_ranking if strategy == "static" else strategy
-        return sorted(self.info.static_rankings[name][:k])
-
-    # ------------------------------------------------------------ sampling
-    def _sample(self, logits: np.ndarray, temperature: float, top_p: float) -> int:
-        if temperature == 0.0:
-            return int(np.argmax(logits))
-        x = logits.astype(np.float64) / temperature
-        x -= x.max()
-        p = np.exp(x)
-        p /= p.sum()
-        if top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            keep = order[: int(np.searchsorted(cum, top_p) + 1)]
-            q = np.zeros_like(p)
-            q[keep] = p[keep]
-            p = q / q.sum()
-        return int(self._rng.choice(len(p), p=p))
-
-    # ---------------------------------------------------------- generation
-    def _check_gen_args(self, max_tokens, temperature, top_p, stop) -> tuple[int, float, float, list[str]]:
-        max_tokens = _check_int("max_tokens", max_tokens, 1)
-        temperature = _check_number("temperature", temperature, 0.0, math.inf, hi_open=True)
-        top_p = _check_number("top_p", top_p, 0.0, 1.0, hi_open=False)
-        if top_p == 0.0:
-            raise ValueError("top_p must be in (0, 1]; got 0")
-        if stop is None:
-            stops = []
-        elif isinstance(stop, str):
-            stops = [stop]
-        elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
-            stops = list(stop)
+            skip, why = sorted(cand[:k]), f"only {len(cand)} blocks have routers"
+        elif strategy == "last":  # the last k blocks (a common naive baseline)
+            skip, why = list(range(self.n_layer - k, self.n_layer)), ""
+        elif strategy.startswith("random"):  # k blocks drawn with a fixed seed ("random:<seed>", default: model seed)
+            seed = _random_seed(strategy) if strategy != "random" else self.seed
+            skip, why = sorted(np.random.default_rng(seed).choice(self.n_layer, size=k, replace=False).tolist()), ""
         else:
-            raise TypeError(f"stop must be a str or a list of str; got {stop!r}")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return max_tokens, temperature, top_p, stops
+            name = self.info.default_static_ranking if strategy == "static" else strategy
+            ranking = self.info.static_rankings[name]
+            skip, why = sorted(ranking[:k]), f"ranking {name!r} lists only {len(ranking)} blocks"
+        if len(skip) < k and (strategy, k) not in self._skip_warned:
+            self._skip_warned.add((strategy, k))
+            warnings.warn(f"skip_budget {req.budget:g} asks for {k} skipped blocks but skip_strategy {strategy!r} "
+                          f"can skip only {len(skip)} ({why}); skipping {len(skip)} (reported in "
+                          f"Generation.n_skip_requested)", UserWarning, stacklevel=4)
+        return skip, k
 
-    def _stream(self, prompt_tokens: list[int], skip_budget, *, max_tokens, temperature, top_p, stop,
-                skip_strategy, skip_layers) -> Iterator[GenerationChunk]:
-        budget, strategy, layers = self._check_skip_args(skip_budget, skip_strategy, skip_layers)
-        max_tokens, temperature, top_p, stops = self._check_gen_args(max_tokens, temperature, top_p, stop)
+    # ------------------------------------------------------------ decoding
+    @_open
+    @contextlib.contextmanager
+    def decoding(self, prompt_tokens: Sequence[int], skip_budget: float = 0.0, *, skip_strategy: str = "router",
+                 skip_layers: Sequence[int] | None = None, adapters: bool = True,
+                 routing: bool = True) -> Iterator[Decoding]:
+        """Prefill ``prompt_tokens`` at full depth, choose the blocks to skip, and decode token by token.
 
-        logits, n_eval, t_prefill = self._prefill(prompt_tokens)
-        n_prompt = len(prompt_tokens)
-        scores = self.prompt_router_scores(n_prompt)
-        skip = self._choose_skip(budget, strategy, layers, scores)
-        self._set_mask(skip)
-        lora_used = self._lora_on
+        A context manager yielding a Decoding (``logits``, ``step(token)``, ``sample(sampler)``); on exit
+        the skip mask is cleared and the skipped tokens' cache cells dropped. The low-level loop under
+        generate(), also used by the benchmark.
 
-        generated: list[int] = []
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = ""
-        emitted = 0
-        hold = max((len(s) for s in stops), default=1) - 1
-        finish = "length"
-        t_decode, n_decode = 0.0, 0
+        Args:
+            prompt_tokens: token ids (a cached prefix is reused).
+            skip_budget, skip_strategy, skip_layers: as in generate().
+            adapters: False runs plain skipping (bypass adapters and decode LoRA off) for this decoding.
+            routing: False does not score routers on the prompt (router strategies then have no scores).
+        """
+        req = skip_budget if isinstance(skip_budget, SkipRequest) else self.check_skip(
+            skip_budget, skip_strategy, skip_layers)
+        tokens = self._check_tokens(prompt_tokens, "prompt")
+        saved = self.bypass, self.use_decode_lora
+        if not adapters:
+            self.bypass, self.use_decode_lora = False, False
         try:
-            while True:
-                tok = self._sample(logits, temperature, top_p)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
-                    finish = "stop"
-                    break
-                generated.append(tok)
-                text += decoder.decode(self._llama.detokenize([tok], prev_tokens=prompt_tokens + generated[:-1]))
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                    finish = "stop"
-                    decoder = None  # the text ends at the stop string
-                    break
-                safe = len(text) - hold if stops else len(text)
-                if safe > emitted:
-                    yield GenerationChunk(text[emitted:safe], tok)
-                    emitted = safe
-                else:
-                    yield GenerationChunk("", tok)
-                if len(generated) >= max_tokens or n_prompt + len(generated) >= self.n_ctx:
-                    break
-                t0 = time.perf_counter()
-                logits = self._eval([tok], masked=bool(skip), logits="last")[-1]
-                t_decode += time.perf_counter() - t0
-                n_decode += 1
-            if decoder is not None:
-                text += decoder.decode(b"", final=True)  # bytes of an incomplete character, if any
+            logits, n_eval, t_prefill = self._prefill(tokens, routing=routing)
+            scores = self.prompt_router_scores(len(tokens))
+            skip, k = self._choose_skip(req, scores)
+            self._set_mask(skip)
+            yield Decoding(self, tokens, logits, skip, k, scores, n_eval, t_prefill, req.strategy)
         finally:
             self._set_mask(())
             self._drop_dirty()
+            if not adapters:
+                self.bypass, self.use_decode_lora = saved
+
+    # ---------------------------------------------------------- generation
+    @_open
+    def make_sampler(self, **sampling) -> Sampler:
+        """A llama.cpp sampler chain for Decoding.sample(); options as generate()'s sampling options (a
+        ``seed`` of None is drawn from the Model's generator). Close it when done (``Sampler.close()``)."""
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown sampling option {unknown[0]!r}; expected one of {list(SAMPLING_KEYWORDS)}")
+        return self._sampler(SamplingParams.check(self.n_vocab, **sampling))[1]
+
+    def _sampler(self, params: SamplingParams) -> tuple[int | None, Sampler]:
+        seed = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(self._rng.integers(0, SEED_MAX + 1))
+        _LOG.lines.clear()
+        return seed, Sampler(self._vocab, self.n_vocab, params, seed or 0, _LOG.detail)
+
+    def _prepare(self, prompt_tokens: list[int], template_stops: Sequence[str], *, skip_budget=0.0,
+                 max_tokens=256, stop=None, skip_strategy="router", skip_layers=None, sampler=None,
+                 **sampling) -> _Request:
+        """Every option checked before anything runs (the streaming forms fail before returning)."""
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown option {unknown[0]!r}; expected skip_budget, max_tokens, stop, "
+                            f"skip_strategy, skip_layers or one of {list(SAMPLING_KEYWORDS)}")
+        skip = self.check_skip(skip_budget, skip_strategy, skip_layers)
+        max_tokens = _check_int("max_tokens", max_tokens, 1)
+        stops = check_stop(stop)
+        stops += [s for s in template_stops if s not in stops]
+        params = SamplingParams.check(self.n_vocab, **sampling)
+        if sampler is not None:
+            if not callable(sampler):
+                raise TypeError(f"sampler must be a callable (logits -> token id); got {sampler!r:.80}")
+            if params != SamplingParams(logprobs=params.logprobs):
+                raise ValueError("sampler= replaces the sampling options; leave temperature, top_k, ... at "
+                                 "their defaults")
+        if len(prompt_tokens) >= self.n_ctx:
+            raise ValueError(f"prompt has {len(prompt_tokens)} tokens; n_ctx is {self.n_ctx}")
+        seed, chain = None, None
+        if sampler is None and not params.argmax:
+            seed, chain = self._sampler(params)
+        return _Request(prompt_tokens, skip, max_tokens, stops, params, seed, chain or sampler)
+
+    def _run(self, r: _Request) -> Iterator[GenerationChunk]:
+        """The generation loop over a checked request (a generator)."""
+        generated: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if r.params.logprobs is None else []
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, emitted = "", 0
+        hold = max((len(s) for s in r.stops), default=1) - 1
+        finish = "length"
+        n_prompt = len(r.prompt)
+        try:
+            with self.decoding(r.prompt, r.skip) as d:
+                while True:
+                    if r.sampler is None:
+                        tok = int(np.argmax(d.logits))
+                    elif isinstance(r.sampler, Sampler):
+                        tok = d.sample(r.sampler)
+                    else:
+                        tok = int(r.sampler(d.logits))
+                    if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                        finish = "stop"
+                        break
+                    lp = None
+                    if logprobs is not None:
+                        lp = TokenLogprob(tok, *top_logprobs(d.logits, tok, r.params.logprobs))
+                        logprobs.append(lp)
+                    generated.append(tok)
+                    text += decoder.decode(self._llama.detokenize([tok], prev_tokens=r.prompt + generated[:-1]))
+                    cut = min((i for i in (text.find(s) for s in r.stops) if i >= 0), default=-1)
+                    if cut >= 0:
+                        text = text[:cut]
+                        finish = "stop"
+                        decoder = None  # the text ends at the stop string
+                        break
+                    safe = len(text) - hold if r.stops else len(text)
+                    yield GenerationChunk(text[emitted:safe] if safe > emitted else "", tok, logprob=lp)
+                    emitted = max(emitted, safe)
+                    if len(generated) >= r.max_tokens or n_prompt + len(generated) >= self.n_ctx:
+                        break
+                    d.step(tok)
+                if decoder is not None:
+                    text += decoder.decode(b"", final=True)  # bytes of an incomplete character, if any
+        finally:
+            if isinstance(r.sampler, Sampler):
+                r.sampler.close()
         gen = Generation(
             text=text,
             tokens=generated,
-            skipped_layers=list(skip),
-            router_scores=None if scores is None else [float(s) for s in scores],
+            skipped_layers=list(d.skipped_layers),
+            router_scores=None if d.router_scores is None else [float(s) for s in d.router_scores],
             n_prompt_tokens=n_prompt,
-            prefill_tokens_per_s=n_eval / t_prefill if t_prefill > 0 else float("inf"),
-            decode_tokens_per_s=n_decode / t_decode if t_decode > 0 else 0.0,
+            prefill_tokens_per_s=d.n_prefill_tokens / d.prefill_seconds if d.prefill_seconds > 0 else float("inf"),
+            decode_tokens_per_s=d.n_decoded / d.decode_seconds if d.decode_seconds > 0 else 0.0,
             finish_reason=finish,
-            skip_strategy="explicit" if layers is not None else strategy,
-            n_prefill_tokens=n_eval,
-            bypassed_layers=[il for il in skip if self.bypass and il in self._bypass_blocks],
-            decode_lora=lora_used,
+            skip_strategy="explicit" if r.skip.layers is not None else r.skip.strategy,
+            n_prefill_tokens=d.n_prefill_tokens,
+            bypassed_layers=list(d.bypassed_layers),
+            decode_lora=d.decode_lora,
+            n_skip_requested=d.n_skip_requested,
+            seed=r.seed,
+            logprobs=logprobs,
         )
         yield GenerationChunk(text[emitted:], None, gen)
 
-    def stream_generate(self, prompt: str, skip_budget: float = 0.0, *, max_tokens: int = 256,
-                        temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
-                        skip_strategy: str = "router", skip_layers: Sequence[int] | None = None
-                        ) -> Iterator[GenerationChunk]:
-        """Stream a raw completion of ``prompt``; see generate()."""
-        tokens = self.tokenize(prompt)
-        return self._stream(tokens, skip_budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            stop=stop, skip_strategy=skip_strategy, skip_layers=skip_layers)
+    @_open
+    def stream_tokens(self, prompt_tokens: Sequence[int], skip_budget: float = 0.0, **options
+                      ) -> Iterator[GenerationChunk]:
+        """Stream a completion of token ids; options as generate(), plus ``sampler``: a callable
+        (logits [n_vocab] -> token id) replacing the sampler chain (research code; the sampling
+        options must stay at their defaults). Options are checked before the iterator is returned."""
+        tokens = self._check_tokens(prompt_tokens, "prompt")
+        return self._run(self._prepare(tokens, (), skip_budget=skip_budget, **options))
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], skip_budget: float = 0.0, **options) -> Generation:
+        """generate() on token ids; see stream_tokens()."""
+        return _last(self.stream_tokens(prompt_tokens, skip_budget, **options))
+
+    @_open
+    def stream_generate(self, prompt: str, skip_budget: float = 0.0, **options) -> Iterator[GenerationChunk]:
+        """Stream a raw completion of ``prompt``; options as generate(), checked before the iterator is returned."""
+        return self._run(self._prepare(self.tokenize(prompt), (), skip_budget=skip_budget, **options))
 
     def generate(self, prompt: str, skip_budget: float = 0.0, *, max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: str | Sequence[str] | None = None, skip_strategy: str = "router",
-                 skip_layers: Sequence[int] | None = None) -> Generation:
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
+                 repeat_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None, grammar=None,
+                 logprobs: int | None = None, stop: str | Sequence[str] | None = None,
+                 skip_strategy: str = "router", skip_layers: Sequence[int] | None = None) -> Generation:
         """Complete ``prompt``, skipping blocks during decode.
+
+        Sampling runs on llama.cpp's sampler chain with llama-cpp-python's option names; the defaults
+        are greedy with every other sampler off (llama.cpp's own chat defaults are temperature 0.8,
+        top_k 40, top_p 0.95, min_p 0.05).
 
         Args:
             prompt: raw text (special tokens are parsed; BOS added when the model wants one).
             skip_budget: fraction of blocks that may be skipped while decoding, in [0, 1);
                 k = floor(skip_budget * n_layer) blocks are skipped.
-            max_tokens: most tokens to generate.
-            temperature: 0 is greedy; otherwise softmax sampling with the model's seed.
-            top_p: nucleus sampling threshold in (0, 1].
+            max_tokens: most tokens to generate (>= 1).
+            temperature: in [0, inf); 0 is greedy (the argmax of the logits).
+            top_k: keep the k most likely tokens; 0: off.
+            top_p: nucleus threshold in (0, 1]; 1: off.
+            min_p: drop tokens below min_p x the top token's probability, in [0, 1]; 0: off.
+            typical_p: locally typical sampling, in (0, 1]; 1: off.
+            repeat_penalty: in (0, inf); 1: off. presence_penalty, frequency_penalty: in [-2, 2]; 0: off.
+                The penalties look at the last 64 generated tokens.
+            seed: in [0, 4294967294]: the same seed gives the same tokens whatever ran before; None
+                draws one from the Model's seeded generator (reported in Generation.seed).
+            logit_bias: {token id: bias in [-100, 100]} added to the logits.
+            grammar: a GBNF grammar (string with a ``root`` rule, or llama_cpp.LlamaGrammar) the text must
+                follow.
+            logprobs: in [0, 20]: Generation.logprobs gets each token's log-probability and the top
+                ``logprobs`` alternatives (from the model's raw logits); None: off.
             stop: string(s) that end the generation (not included in the text).
             skip_strategy: "router" (lowest aggregated router keep-score first), "static" (the
                 GGUF's default static ranking), the name of a stored static ranking, "last" (the
@@ -585,24 +842,31 @@ class Model:
                 Generation.skip_strategy).
             skip_layers: explicit block indices to skip; overrides skip_budget and skip_strategy.
         """
-        last = None
-        for last in self.stream_generate(prompt, skip_budget, max_tokens=max_tokens, temperature=temperature,
-                                         top_p=top_p, stop=stop, skip_strategy=skip_strategy,
-                                         skip_layers=skip_layers):
-            pass
-        return last.generation
+        return _last(self.stream_generate(
+            prompt, skip_budget, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, logit_bias=logit_bias, grammar=grammar,
+            logprobs=logprobs, stop=stop, skip_strategy=skip_strategy, skip_layers=skip_layers))
 
     @staticmethod
-    def _check_messages(messages) -> None:
+    def check_messages(messages) -> None:
+        """Raise TypeError unless ``messages`` is a non-empty list of dicts with str 'role' and 'content'."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
             raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TypeError(f"messages[{i}] must be a dict with str 'role' and 'content'; got {m!r}")
 
+    _check_messages = check_messages  # the old private name
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._llama is not None and self._llama.metadata.get("tokenizer.chat_template"))
+
+    @_open
     def chat_prompt_tokens(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
         """Tokens of ``messages`` rendered with the GGUF's chat template, plus its stop strings."""
-        self._check_messages(messages)
+        self.check_messages(messages)
         template = self._llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"{self.path} has no chat template (tokenizer.chat_template); use generate()")
@@ -617,40 +881,32 @@ class Model:
         stops = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
         return tokens, [s for s in stops if s]
 
+    @_open
     def prompt_tokens_for(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
         """Chat-template tokens of ``messages``, or (no template) their text as a raw prompt."""
-        if self._llama.metadata.get("tokenizer.chat_template"):
+        if self.has_chat_template:
             return self.chat_prompt_tokens(messages)
-        self._check_messages(messages)
+        self.check_messages(messages)
         return self.tokenize("\n".join(m["content"] for m in messages) + "\n"), []
 
-    def stream_chat(self, messages: Sequence[dict], skip_budget: float = 0.0, *, max_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
-                    skip_strategy: str = "router", skip_layers: Sequence[int] | None = None
+    @_open
+    def stream_chat(self, messages: Sequence[dict], skip_budget: float = 0.0, **options
                     ) -> Iterator[GenerationChunk]:
-        """Stream a chat reply; see chat()."""
+        """Stream a chat reply; options as generate(), checked before the iterator is returned."""
         tokens, template_stops = self.chat_prompt_tokens(messages)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return self._stream(tokens, skip_budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            stop=stops + [s for s in template_stops if s not in stops] or None,
-                            skip_strategy=skip_strategy, skip_layers=skip_layers)
+        return self._run(self._prepare(tokens, template_stops, skip_budget=skip_budget, **options))
 
-    def chat(self, messages: Sequence[dict], skip_budget: float = 0.0, *, max_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
-             skip_strategy: str = "router", skip_layers: Sequence[int] | None = None) -> Generation:
+    def chat(self, messages: Sequence[dict], skip_budget: float = 0.0, **options) -> Generation:
         """Reply to ``messages`` (OpenAI-style dicts) with the GGUF's chat template.
 
-        Same options as generate(). Earlier turns stay in the KV cache when they
-        were evaluated at full depth; turns generated with skipping are
-        re-evaluated at full depth, so a continued conversation is exact.
+        Same options as generate() (the chat template's stop strings are added to ``stop``). Earlier
+        turns stay in the KV cache when they were evaluated at full depth; turns generated with
+        skipping are re-evaluated at full depth, so a continued conversation is exact.
         """
-        last = None
-        for last in self.stream_chat(messages, skip_budget, max_tokens=max_tokens, temperature=temperature,
-                                     top_p=top_p, stop=stop, skip_strategy=skip_strategy, skip_layers=skip_layers):
-            pass
-        return last.generation
+        return _last(self.stream_chat(messages, skip_budget, **options))
 
     # -------------------------------------------------------------- scoring
+    @_open
     def score_details(self, prompt: str, continuation: str, skip_budget: float = 0.0, *,
                       skip_strategy: str = "router", skip_layers: Sequence[int] | None = None) -> ScoreResult:
         """Teacher-forced log-probabilities of ``continuation`` after ``prompt``; see score()."""
@@ -659,29 +915,24 @@ class Model:
         return self.score_tokens(self.tokenize(prompt), self.tokenize(continuation, add_bos=False), skip_budget,
                                  skip_strategy=skip_strategy, skip_layers=skip_layers)
 
+    @_open
     def score_tokens(self, prompt_tokens: Sequence[int], continuation_tokens: Sequence[int],
                      skip_budget: float = 0.0, *, skip_strategy: str = "router",
                      skip_layers: Sequence[int] | None = None) -> ScoreResult:
         """score() on token ids."""
-        budget, strategy, layers = self._check_skip_args(skip_budget, skip_strategy, skip_layers)
+        req = self.check_skip(skip_budget, skip_strategy, skip_layers)
         p_tokens, c_tokens = self._check_tokens(prompt_tokens, "prompt"), self._check_tokens(continuation_tokens,
                                                                                                "continuation")
         if len(p_tokens) + len(c_tokens) > self.n_ctx:
             raise ValueError(f"prompt + continuation have {len(p_tokens) + len(c_tokens)} tokens; n_ctx is {self.n_ctx}")
-        last, _, _ = self._prefill(p_tokens)
-        scores = self.prompt_router_scores(len(p_tokens))
-        skip = self._choose_skip(budget, strategy, layers, scores)
-        lp = [float(_log_softmax(last)[c_tokens[0]])]
-        self._set_mask(skip)
-        try:
-            rows = self._eval(c_tokens[:-1], masked=bool(skip), logits="all")
-        finally:
-            self._set_mask(())
-            self._drop_dirty()
+        with self.decoding(p_tokens, req) as d:
+            lp = [float(_log_softmax(d.logits)[c_tokens[0]])]
+            rows = self._eval(c_tokens[:-1], masked=bool(d.skipped_layers), logits="all")
         if rows is not None:
             ls = _log_softmax(rows)
             lp.extend(float(ls[i, c_tokens[i + 1]]) for i in range(len(c_tokens) - 1))
-        return ScoreResult(lp, c_tokens, list(skip), None if scores is None else [float(s) for s in scores])
+        return ScoreResult(lp, c_tokens, list(d.skipped_layers),
+                           None if d.router_scores is None else [float(s) for s in d.router_scores])
 
     def _check_tokens(self, tokens, what: str) -> list[int]:
         if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
@@ -695,6 +946,7 @@ class Model:
             raise ValueError(f"the {what} is empty after tokenization")
         return out
 
+    @_open
     def score(self, prompt: str, continuation: str, skip_budget: float = 0.0, *,
               skip_strategy: str = "router", skip_layers: Sequence[int] | None = None) -> list[float]:
         """Per-token log-probabilities of ``continuation`` given ``prompt``.
@@ -708,6 +960,7 @@ class Model:
                                   skip_layers=skip_layers).logprobs
 
     # ------------------------------------------------------ introspection
+    @_open
     def layer_inputs(self, prompt: str, layers: Sequence[int]) -> tuple[list[int], dict[int, np.ndarray]]:
         """Block-input hidden states [n_tokens, n_embd] of a full-depth pass over ``prompt`` (analysis, tests)."""
         tokens = self.tokenize(prompt)
@@ -727,6 +980,7 @@ class Model:
             self.reset()
         return tokens, out
 
+    @_open
     def cached_router_scores(self) -> np.ndarray:
         """Per-token router keep-scores [n_cached, n_layer] of the clean cached tokens."""
         return self._cached_scores.copy()

@@ -83,7 +83,7 @@ def calibration_examples(model: Model, n_examples: int, *, seed: int = 0, reply_
     rng = random.Random(seed)
     rng.shuffle(docs)
     examples = []
-    chat = bool(model._llama.metadata.get("tokenizer.chat_template"))
+    chat = model.has_chat_template
     for i, (name, doc) in enumerate(docs[:n_examples]):
         if i % 2 == 0 or not chat:  # models without a chat template get text examples only
             cut = doc.rfind(" ", 0, 300)

@@ -108,7 +108,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         if not isinstance(strategy, str):
             raise APIError(400, f"'skip_strategy' must be a string; got {strategy!r}", param="skip_strategy")
         try:
-            model._check_skip_args(budget, strategy, None)
+            model.check_skip(budget, strategy, None)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="skip_budget") from None
         max_tokens = _num(body, "max_tokens", 256, 1, model.n_ctx - 1, integer=True)
@@ -222,7 +222,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         body = await parse(request)
         messages = body.get("messages")
         try:
-            model._check_messages(messages)
+            model.check_messages(messages)
         except TypeError as e:
             raise APIError(400, str(e), param="messages") from None
         opts = options(body)

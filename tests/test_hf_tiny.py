@@ -75,12 +75,9 @@ def test_greedy_tokens_match_transformers(tiny_gguf_model, tiny):
     with torch.no_grad():
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    last = None
-    for last in tiny_gguf_model._stream(list(PROMPT), 0.0, max_tokens=8, temperature=0.0, top_p=1.0, stop=None,
-                                   skip_strategy="router", skip_layers=None):
-        pass
-    assert last.generation.tokens == ids[len(PROMPT):][: len(last.generation.tokens)]
-    assert len(last.generation.tokens) >= 4
+    g = tiny_gguf_model.generate_tokens(list(PROMPT), 0.0, max_tokens=8)
+    assert g.tokens == ids[len(PROMPT):][: len(g.tokens)]
+    assert len(g.tokens) >= 4
 
 
 def test_convert_errors(tmp_path, tiny):

@@ -1,0 +1,197 @@
+"""Sampling on llama.cpp's sampler chain, as llama-cpp-python's ``Llama._init_sampler`` builds it.
+
+One chain per generation: ``[logit_bias] [penalties] [grammar]`` then ``greedy`` (temperature 0) or
+``[top_k] [typical] [top_p] [min_p] temp dist(seed)``; samplers at their neutral value are left out
+(llama.cpp treats them as no-ops anyway). The chain owns its seed, so a generation's tokens never
+depend on what ran before it. Plain greedy decoding (temperature 0, no penalties, no bias, no
+grammar) does not build a chain: Model takes the argmax of the logits, as it always has.
+
+Argument names and meanings are llama-cpp-python's ``Llama.create_completion``'s.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._lib import llama_cpp
+
+SEED_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is LLAMA_DEFAULT_SEED (a random seed)
+PENALTY_LAST_N = 64    # llama-cpp-python's last_n_tokens_size: penalties look at the last 64 generated tokens
+MAX_LOGPROBS = 20      # OpenAI's top_logprobs limit
+
+# name -> (low, high, low open, high open, integer); the ranges every message states
+RANGES = {
+    "temperature": (0.0, math.inf, False, True, False),
+    "top_k": (0, math.inf, False, True, True),
+    "top_p": (0.0, 1.0, True, False, False),
+    "min_p": (0.0, 1.0, False, False, False),
+    "typical_p": (0.0, 1.0, True, False, False),
+    "repeat_penalty": (0.0, math.inf, True, True, False),
+    "presence_penalty": (-2.0, 2.0, False, False, False),
+    "frequency_penalty": (-2.0, 2.0, False, False, False),
+    "seed": (0, SEED_MAX, False, False, True),
+    "logprobs": (0, MAX_LOGPROBS, False, False, True),
+}
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+
+
+def range_text(name: str) -> str:
+    lo, hi, lo_open, hi_open, integer = RANGES[name]
+    hi_s = "inf" if math.isinf(hi) else str(hi) if integer else f"{hi:g}"
+    return f"{'(' if lo_open else '['}{lo:g}, {hi_s}{')' if hi_open else ']'}"
+
+
+def check_value(name: str, value):
+    """``value`` of sampling option ``name`` as float/int, or TypeError/ValueError naming it and its range."""
+    lo, hi, lo_open, hi_open, integer = RANGES[name]
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer in {range_text(name)}; got {value!r}")
+        v = int(value)
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number in {range_text(name)}; got {value!r}")
+        v = float(value)
+    if math.isnan(v) or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+        raise ValueError(f"{name} must be in {range_text(name)}; got {value!r}")
+    return v
+
+
+def grammar_text(grammar) -> str:
+    """GBNF text of ``grammar``: a string, or llama-cpp-python's LlamaGrammar (any object with a ``_grammar`` str)."""
+    text = grammar if isinstance(grammar, str) else getattr(grammar, "_grammar", None)
+    if not isinstance(text, str) or not text.strip():
+        raise TypeError(f"grammar must be a GBNF string or a llama_cpp.LlamaGrammar; got {grammar!r:.80}")
+    return text
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Checked sampling options of one generation (defaults: greedy, every other sampler off)."""
+
+    temperature: float = 0.0
+    top_k: int = 0              # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None     # None: drawn from the Model's seeded generator
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF text
+    logprobs: int | None = None  # top-n log-probabilities per generated token; None: none
+
+    @classmethod
+    def check(cls, n_vocab: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
+              repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None,
+              grammar=None, logprobs=None) -> "SamplingParams":
+        """Every option checked; raises TypeError/ValueError naming the option, its value and its range."""
+        nums = {name: check_value(name, v) for name, v in (
+            ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+            ("typical_p", typical_p), ("repeat_penalty", repeat_penalty),
+            ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty))}
+        return cls(**nums, seed=None if seed is None else check_value("seed", seed),
+                   logit_bias=check_logit_bias(logit_bias, n_vocab),
+                   grammar=None if grammar is None else grammar_text(grammar),
+                   logprobs=None if logprobs is None else check_value("logprobs", logprobs))
+
+    @property
+    def argmax(self) -> bool:
+        """Plain greedy: the argmax of the logits, no chain needed."""
+        return (self.temperature == 0.0 and self.repeat_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and not self.logit_bias and self.grammar is None)
+
+
+def check_logit_bias(logit_bias, n_vocab: int) -> dict[int, float]:
+    """{token id: bias}; keys may be ints or their decimal strings (the OpenAI API's JSON form)."""
+    if logit_bias is None:
+        return {}
+    if not isinstance(logit_bias, dict):
+        raise TypeError(f"logit_bias must be a dict of token id -> bias; got {logit_bias!r:.80}")
+    lo, hi = LOGIT_BIAS_RANGE
+    out = {}
+    for k, v in logit_bias.items():
+        tok = int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < n_vocab:
+            raise ValueError(f"logit_bias key {k!r} is not a token id in [0, {n_vocab})")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or not lo <= v <= hi:
+            raise ValueError(f"logit_bias[{k!r}] must be a number in [{lo:g}, {hi:g}]; got {v!r}")
+        out[int(tok)] = float(v)
+    return out
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one generation (``sample`` reads the context's last logits row)."""
+
+    def __init__(self, vocab, n_vocab: int, params: SamplingParams, seed: int, log_detail=lambda d: d) -> None:
+        self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        try:
+            self._build(vocab, n_vocab, params, seed, log_detail)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, smpl) -> None:
+        llama_cpp.llama_sampler_chain_add(self._chain, smpl)  # the chain owns it from here
+
+    def _build(self, vocab, n_vocab: int, p: SamplingParams, seed: int, log_detail) -> None:
+        if p.logit_bias:
+            arr = (llama_cpp.llama_logit_bias * len(p.logit_bias))()
+            for i, (tok, bias) in enumerate(p.logit_bias.items()):
+                arr[i].token, arr[i].bias = tok, bias
+            self._add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
+        if p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            self._add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, p.repeat_penalty,
+                                                             p.frequency_penalty, p.presence_penalty))
+        if p.grammar is not None:
+            g = llama_cpp.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
+            if not g:
+                raise ValueError(f"grammar is not valid GBNF (with a 'root' rule): "
+                                 f"{log_detail('llama.cpp could not parse it')}")
+            self._add(g)
+        if p.temperature == 0.0:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if p.top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+        if p.typical_p < 1.0:
+            self._add(llama_cpp.llama_sampler_init_typical(p.typical_p, 1))
+        if p.top_p < 1.0:
+            self._add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            self._add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(p.temperature))
+        self._add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx) -> int:
+        """Sample from the context's last logits row (and accept the token into penalties and grammar)."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, -1))
+
+    def close(self) -> None:
+        if getattr(self, "_chain", None):
+            llama_cpp.llama_sampler_free(self._chain)
+        self._chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) and the n most likely (token, log p), from the model's raw logits (before any sampler)."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + math.log(np.exp(x - m).sum())
+    top = []
+    if n:
+        idx = np.argpartition(-x, n - 1)[:n] if n < len(x) else np.arange(len(x))
+        idx = idx[np.lexsort((idx, -x[idx]))]
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return float(x[token] - lse), top
+
+
+__all__ = ["SamplingParams", "Sampler", "check_value", "range_text", "grammar_text", "top_logprobs"]
