@@ -1,0 +1,235 @@
+"""Sampling on llama.cpp's sampler chain, argument checks, a closed Model, the skip shortfall warning."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import first_gguf
+
+MSG = [{"role": "user", "content": "Name a fruit."}]
+
+
+@pytest.fixture(scope="module")
+def m(base_gguf):
+    model = first_gguf.load(base_gguf, n_ctx=1024, n_threads=1)
+    yield model
+    model.close()
+
+
+def _first_logits(m, messages=MSG):
+    tokens, _ = m.chat_prompt_tokens(messages)
+    m.reset()
+    with m.decoding(tokens) as d:
+        return d.logits.astype(np.float64)
+
+
+# ------------------------------------------------------------- greedy and the chain
+def test_chain_greedy_equals_the_argmax_path(m):
+    """temperature 0 takes np.argmax; a chain with a neutral bias ends in llama.cpp's greedy sampler: same tokens."""
+    plain = m.chat(MSG, max_tokens=24)
+    chain = m.chat(MSG, max_tokens=24, logit_bias={0: 0.0})
+    assert plain.seed is None and len(plain.tokens) > 5
+    assert chain.tokens == plain.tokens
+
+
+def test_greedy_tokens_are_the_argmax_of_the_teacher_forced_logits(m):
+    """Independent of the sampler: each greedy token is the argmax of its position's logits (Model.score)."""
+    g = m.generate("The capital of France is", max_tokens=8)
+    p = m.tokenize("The capital of France is")
+    lp = m.score_tokens(p, g.tokens).logprobs
+    for i, t in enumerate(g.tokens):
+        with m.decoding(p + g.tokens[:i]) as d:
+            assert int(np.argmax(d.logits)) == t
+    assert all(x < 0 for x in lp)
+
+
+def test_top_k_1_is_greedy_at_any_temperature(m):
+    greedy = m.chat(MSG, max_tokens=16)
+    assert m.chat(MSG, max_tokens=16, temperature=1.7, top_k=1, seed=3).tokens == greedy.tokens
+
+
+def test_seed_reproduces_whatever_ran_before(m, base_gguf):
+    kw = dict(max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
+    a = m.chat(MSG, **kw)
+    m.chat(MSG, max_tokens=8, temperature=1.0)            # draws from the model's generator
+    m.chat([{"role": "user", "content": "Something else."}], max_tokens=8, temperature=0.9, seed=7)
+    b = m.chat(MSG, **kw)
+    assert a.tokens == b.tokens and a.seed == b.seed == 1234
+    texts = {tuple(m.chat(MSG, max_tokens=20, temperature=1.0, seed=s).tokens) for s in range(6)}
+    assert len(texts) > 1  # the seed matters: this is sampling
+    fresh = first_gguf.load(base_gguf, n_ctx=256, n_threads=1)
+    try:
+        assert fresh.chat(MSG, **kw).tokens == a.tokens
+    finally:
+        fresh.close()
+
+
+def test_sampled_first_token_follows_top_k_softmax(m):
+    """Empirical first-token frequencies over 300 seeds against numpy's softmax of the top 4 logits at T=1.3."""
+    x = _first_logits(m)
+    top = np.argsort(-x)[:4]
+    p = np.exp((x[top] - x[top].max()) / 1.3)
+    p /= p.sum()
+    counts = {int(t): 0 for t in top}
+    for s in range(300):
+        t = m.chat(MSG, max_tokens=1, temperature=1.3, top_k=4, seed=s).tokens[0]
+        counts[t] += 1  # KeyError: a token outside the top 4
+    freq = np.array([counts[int(t)] for t in top]) / 300
+    assert np.abs(freq - p).max() < 0.08, (freq, p)
+
+
+def test_min_p_drops_unlikely_tokens(m):
+    x = _first_logits(m)
+    p = np.exp(x - x.max())
+    allowed = set(np.flatnonzero(p >= 0.3).tolist())  # min_p 0.3: p >= 0.3 * p_max
+    got = {m.chat(MSG, max_tokens=1, temperature=2.0, min_p=0.3, seed=s).tokens[0] for s in range(40)}
+    assert got <= allowed
+
+
+def test_logit_bias_bans_the_greedy_token(m):
+    g = m.chat(MSG, max_tokens=4)
+    banned = m.chat(MSG, max_tokens=4, logit_bias={g.tokens[0]: -100})
+    assert banned.tokens[0] != g.tokens[0]
+    x = _first_logits(m)
+    x[g.tokens[0]] = -np.inf
+    assert banned.tokens[0] == int(np.argmax(x))  # the next best, as numpy says
+
+
+def test_repeat_penalty_changes_a_looping_reply(m):
+    plain = m.generate("one one one one one one one", max_tokens=12)
+    pen = m.generate("one one one one one one one", max_tokens=12, repeat_penalty=1.8)
+    assert plain.tokens != pen.tokens
+
+
+def test_logprobs_are_the_log_softmax_of_each_steps_logits(m):
+    g = m.chat(MSG, max_tokens=10, logprobs=3)
+    assert len(g.logprobs) == len(g.tokens) > 5
+    tokens, _ = m.chat_prompt_tokens(MSG)
+    m.reset()
+    with m.decoding(tokens) as d:  # the same one-token steps, log-softmax in numpy
+        for lp, t in zip(g.logprobs, g.tokens):
+            x = d.logits.astype(np.float64)
+            ls = x - x.max() - math.log(np.exp(x - x.max()).sum())
+            order = np.argsort(-ls)[:3]
+            assert lp.token == t and abs(lp.logprob - ls[t]) < 1e-9
+            assert [u for u, _ in lp.top] == order.tolist() and np.allclose([v for _, v in lp.top], ls[order])
+            d.step(t)
+    ref = m.score_tokens(tokens, g.tokens).logprobs  # teacher-forced in one batch: equal up to kernel rounding
+    assert np.allclose([x.logprob for x in g.logprobs], ref, atol=0.1)
+
+
+def test_grammar_string_and_llama_grammar(m):
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    g = m.chat(MSG, max_tokens=8, grammar='root ::= "apple" | "pear"')
+    assert g.text in ("apple", "pear") and g.finish_reason == "stop"
+    g = m.chat(MSG, max_tokens=8, temperature=0.8, seed=1, grammar=LlamaGrammar.from_string('root ::= [0-9] [0-9]'))
+    assert len(g.text) == 2 and g.text.isdigit()
+    with pytest.raises(ValueError, match="grammar is not valid GBNF"):
+        m.chat(MSG, grammar="root ::= (")
+
+
+def test_importing_llama_cpp_loads_no_second_libllama(m):
+    import sys
+
+    import llama_cpp
+    import llama_cpp.llama_grammar  # noqa: F401
+
+    from first_gguf import _lib
+
+    assert sys.modules["llama_cpp.llama_cpp"] is _lib.llama_cpp and llama_cpp.llama_cpp._lib is _lib.lib
+    maps = open("/proc/self/maps").read()
+    libs = {line.split()[-1] for line in maps.splitlines() if "/libllama.so" in line}
+    assert len(libs) == 1, libs
+
+
+# ------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kw,exc,words", [
+    (dict(temperature=-1), ValueError, "temperature must be in [0, inf); got -1"),
+    (dict(temperature="hot"), TypeError, "temperature must be a number in [0, inf); got 'hot'"),
+    (dict(top_p=0), ValueError, "top_p must be in (0, 1]; got 0"),
+    (dict(top_p=1.5), ValueError, "top_p must be in (0, 1]; got 1.5"),
+    (dict(top_k=-1), ValueError, "top_k must be in [0, inf); got -1"),
+    (dict(top_k=2.5), TypeError, "top_k must be an integer in [0, inf); got 2.5"),
+    (dict(min_p=1.2), ValueError, "min_p must be in [0, 1]; got 1.2"),
+    (dict(typical_p=0.0), ValueError, "typical_p must be in (0, 1]; got 0.0"),
+    (dict(repeat_penalty=0), ValueError, "repeat_penalty must be in (0, inf); got 0"),
+    (dict(presence_penalty=3), ValueError, "presence_penalty must be in [-2, 2]; got 3"),
+    (dict(frequency_penalty=math.nan), ValueError, "frequency_penalty must be in [-2, 2]; got nan"),
+    (dict(seed=-1), ValueError, "seed must be in [0, 4294967294]; got -1"),
+    (dict(seed=2 ** 32), ValueError, "seed must be in [0, 4294967294]"),
+    (dict(logprobs=21), ValueError, "logprobs must be in [0, 20]; got 21"),
+    (dict(logit_bias={10 ** 6: 1.0}), ValueError, "logit_bias key 1000000 is not a token id"),
+    (dict(logit_bias={1: 500}), ValueError, "logit_bias[1] must be a number in [-100, 100]; got 500"),
+    (dict(logit_bias=[1]), TypeError, "logit_bias must be a dict"),
+    (dict(grammar=5), TypeError, "grammar must be a GBNF string or a llama_cpp.LlamaGrammar; got 5"),
+    (dict(stop=5), TypeError, "stop must be a str or a list of str; got 5"),
+    (dict(stop=["x", 3]), TypeError, "stop must be a str or a list of str; got ['x', 3]"),
+    (dict(max_tokens=0), ValueError, "max_tokens must be >= 1; got 0"),
+    (dict(top_q=0.5), TypeError, "unknown option 'top_q'"),
+])
+def test_bad_sampling_arguments_fail_before_the_stream_starts(m, kw, exc, words):
+    for call in (lambda: m.stream_chat(MSG, **kw), lambda: m.stream_generate("Hi", **kw),
+                 lambda: m.chat(MSG, **kw)):
+        with pytest.raises(exc) as ei:
+            call()  # the streaming forms raise here, not at the first next()
+        assert words in str(ei.value)
+
+
+def test_top_p_wording_is_one_everywhere():
+    from first_gguf.sampling import range_text
+
+    assert range_text("top_p") == "(0, 1]"
+
+
+def test_n_threads_is_bounded(base_gguf):
+    import os
+
+    hi = 4 * os.cpu_count()
+    for n in (0, hi + 1, 100000):
+        with pytest.raises(ValueError, match=rf"n_threads must be in \[1, {hi}\].*got {n}"):
+            first_gguf.load(base_gguf, n_threads=n)
+
+
+def test_a_closed_model_says_so_everywhere(base_gguf):
+    c = first_gguf.load(base_gguf, n_ctx=128, n_threads=1)
+    c.close()
+    calls = {
+        "reset": lambda: c.reset(), "generate": lambda: c.generate("Hi"), "chat": lambda: c.chat(MSG),
+        "stream_generate": lambda: c.stream_generate("Hi"), "stream_chat": lambda: c.stream_chat(MSG),
+        "score": lambda: c.score("a", "b"), "score_tokens": lambda: c.score_tokens([1], [2]),
+        "tokenize": lambda: c.tokenize("x"), "detokenize": lambda: c.detokenize([1]),
+        "bypass": lambda: c.bypass, "set bypass": lambda: setattr(c, "bypass", False),
+        "check_skip": lambda: c.check_skip(0.1), "decoding": lambda: c.decoding([1]),
+        "generate_tokens": lambda: c.generate_tokens([1, 2]), "layer_inputs": lambda: c.layer_inputs("x", [0]),
+        "chat_prompt_tokens": lambda: c.chat_prompt_tokens(MSG), "make_sampler": lambda: c.make_sampler(),
+        "cached_router_scores": lambda: c.cached_router_scores(), "token_bytes": lambda: c.token_bytes(1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="model is closed"):
+            call()
+            pytest.fail(name)
+    c.close()  # twice is fine
+
+
+# -------------------------------------------------------------- skip shortfall
+def test_fewer_blocks_than_the_budget_asks_warns_once_and_is_reported(base_gguf, tmp_path):
+    from first_gguf.convert.attach import attach
+
+    path = attach(base_gguf, tmp_path / "short.gguf",
+                  rankings={"short": {"ranking": [3, 7], "method": "test"}})
+    s = first_gguf.load(path, n_ctx=256, n_threads=1)
+    try:
+        with pytest.warns(UserWarning, match=r"asks for 6 skipped blocks but skip_strategy 'short' can skip only 2"):
+            g = s.generate("Hi", 0.2, max_tokens=2, skip_strategy="short")
+        assert g.skipped_layers == [3, 7] and g.n_skip_requested == 6
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            g = s.generate("Hi", 0.2, max_tokens=2, skip_strategy="short")  # once only
+            full = s.generate("Hi", 0.05, max_tokens=2, skip_strategy="short")  # k = 1: no shortfall
+        assert g.n_skip_requested == 6 and full.n_skip_requested == 1 == len(full.skipped_layers)
+    finally:
+        s.close()
