@@ -34,7 +34,12 @@ def _ranking_kv(n_layer: int, rankings: Mapping[str, Mapping]) -> dict[str, KV]:
             raise GGUFEditError(f"invalid static ranking name {name!r}; expected letters, digits, '_' or '-', "
                                 f"not 'router' or 'static'")
         r = rankings[name]
-        order = [int(b) for b in r["ranking"]]
+        order = r.get("ranking") if isinstance(r, Mapping) else None
+        if not isinstance(order, (list, tuple, np.ndarray)) or not all(
+                isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in order):
+            raise GGUFEditError(f"static ranking {name!r}: 'ranking' must be a list of block indices (integers); "
+                                f"got {order!r}")
+        order = [int(b) for b in order]
         if len(set(order)) != len(order) or any(not 0 <= b < n_layer for b in order):
             raise GGUFEditError(f"static ranking {name!r} must hold distinct block indices in [0, {n_layer}); "
                                 f"got {order}")

@@ -9,6 +9,7 @@ torch, transformers and peft).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,9 +41,70 @@ def _check_hf_dir(d: Path) -> dict:
     if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
         raise GGUFEditError(f"{d} holds no weights (*.safetensors or *.bin)")
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text())
     except ValueError as e:
         raise GGUFEditError(f"{cfg}: invalid JSON: {e}") from None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise GGUFEditError(f"{index}: expected a JSON object with a 'weight_map' of tensor -> file: {e!r}") \
+                from None
+        missing = [f for f in shards if not (d / str(f)).is_file()]
+        if missing:
+            raise GGUFEditError(f"{index} names weight files missing from {d}: {', '.join(map(str, missing))}")
+    for f in sorted(d.glob("*.safetensors")):
+        check_safetensors(f)
+    return config
+
+
+# bytes per element of the safetensors dtypes
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+                         "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise GGUFEditError naming ``path`` unless its header parses and every tensor's bytes lie within the file.
+
+    Layout: an 8-byte little-endian header length N, N bytes of JSON (name -> dtype, shape,
+    data_offsets [begin, end) relative to the data after the header), then the data. Checked before
+    the upstream converter runs, which would otherwise fail deep inside with a long traceback.
+    """
+    size = path.stat().st_size
+
+    def bad(why: str) -> GGUFEditError:
+        return GGUFEditError(f"corrupt or truncated safetensors file {path}: {why}")
+
+    if size < 8:
+        raise bad(f"it has {size} bytes; expected at least the 8-byte header length")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise bad(f"its header length is {n} bytes, but the file has {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise bad(f"its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}; expected an object")
+    n_data = size - 8 - n
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in t["data_offsets"])
+            dtype, shape = t["dtype"], [int(x) for x in t["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} lacks a valid dtype, shape or data_offsets: {t!r}") from None
+        if not 0 <= begin <= end:
+            raise bad(f"tensor {name!r} has data_offsets [{begin}, {end}]")
+        if end > n_data:
+            raise bad(f"tensor {name!r} ends at byte {end} of the data, but the file holds {n_data} bytes of data")
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise bad(f"tensor {name!r} ({dtype} {shape}) has {end - begin} bytes; expected "
+                      f"{math.prod(shape) * itemsize}")
 
 
 def merge_lora(base_dir: Path, lora_dir: Path, out_dir: Path) -> Path:

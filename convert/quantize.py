@@ -28,6 +28,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, forc
         raise GGUFEditError(f"output path {dst_p} is the input file; choose another output")
     if dst_p.exists() and not force:
         raise GGUFEditError(f"output file exists: {dst_p}; pass force=True (--force) to overwrite")
+    if not dst_p.parent.is_dir():
+        raise GGUFEditError(f"output folder does not exist: {dst_p.parent}")
     lc = _llama_cpp()
     name = qtype.upper()
     ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{name}", None)
@@ -45,11 +47,15 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, forc
     bar = tqdm(total=n_tensors, desc=f"quantizing to {name}", unit="tensor", disable=not progress)
     # llama.cpp logs one "[   i/   n] name ..." line per tensor
     _LOG.listener = lambda level, msg: bar.update(1) if msg.startswith("[") and "/" in msg[:12] else None
+    _LOG.lines.clear()
     try:
         with atomic_output(dst_p) as tmp:
             rc = lc.llama_model_quantize(str(src_p).encode(), tmp.encode(), ctypes.byref(params))
             if rc != 0:
-                raise GGUFEditError(f"llama_model_quantize failed on {src_p} -> {name} (code {rc})")
+                why = _LOG.detail(f"code {rc}")  # llama.cpp logs the reason ("failed to quantize: ...")
+                hint = ("; pass allow_requantize=True (--allow-requantize) to quantize it anyway (quality suffers: "
+                        "better from an F16/BF16/F32 GGUF)" if "requantizing" in why else "")
+                raise GGUFEditError(f"cannot quantize {src_p} to {name}: {why}{hint}")
     finally:
         _LOG.listener = None
         bar.close()

@@ -2,10 +2,14 @@
 
 Commands: /budget F, /layers, /stats, /reset, /help, /quit. Ctrl-C stops the
 current reply and keeps the conversation (with the partial reply); Ctrl-D
-exits. When the conversation no longer fits the context, the oldest turns
-are dropped with a notice. Turns generated with skipping are re-evaluated at
-full depth when the conversation continues (Model's KV handling), so every
-turn sees exactly what the full model would.
+exits. Input goes through GNU readline when stdin is a terminal, so a long
+paste arrives whole (a terminal in line mode keeps only 4,095 characters of a
+line) and a multi-line paste is one message; lines between two \"\"\" lines are
+one message too. When the conversation no longer fits the context, the oldest
+turns are dropped with a notice; a reply may take at most half the context, so
+the conversation always keeps the other half. Turns generated with skipping are
+re-evaluated at full depth when the conversation continues (Model's KV
+handling), so every turn sees exactly what the full model would.
 """
 from __future__ import annotations
 
@@ -21,7 +25,12 @@ HELP = """commands:
   /stats      prefill and decode speed of the last reply
   /reset      forget the conversation
   /help       this text
-  /quit       leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation"""
+  /quit       leave (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation
+a message of several lines: paste it, or type \"\"\" alone on a line, the lines, and \"\"\" again"""
+
+BLOCK = '"""'
+TTY_LINE_MAX = 4095  # Linux's line-mode (canonical) terminal input keeps this many characters of a line
+NOTICE_CHARS = 1000  # a message this long, or of several lines, is acknowledged with its size
 
 
 class ChatSession:
@@ -33,7 +42,9 @@ class ChatSession:
         self.skip_budget = skip_budget
         self.skip_strategy = skip_strategy
         self.system = system
-        self.max_tokens = max_tokens
+        self.max_tokens_asked = max_tokens
+        # a reply may take at most half the context: a larger reserve would push the whole history out every turn
+        self.max_tokens = min(max_tokens, model.n_ctx // 2)
         self.temperature = temperature
         self.out = out
         self.messages: list[dict] = []
@@ -68,9 +79,14 @@ class ChatSession:
         elif cmd == "/budget":
             try:
                 value = float(arg)
+            except ValueError:
+                self._print(f"[error] /budget needs a number F with 0 <= F < 1; got {arg!r}" if arg.strip()
+                            else "[error] usage: /budget F with 0 <= F < 1")
+                return True
+            try:
                 self.model._check_skip_args(value, self.skip_strategy, None)
             except (ValueError, TypeError) as e:
-                self._print(f"[error] {e if arg else 'usage: /budget F with 0 <= F < 1'}")
+                self._print(f"[error] {e}")
             else:
                 self.skip_budget = value
                 k = self.model.n_skip_for_budget(value)
@@ -129,23 +145,77 @@ class ChatSession:
         return gen
 
 
-def run(session: ChatSession, read: Callable[[str], str] = input) -> None:
+class LineCut(ValueError):
+    """A terminal line reached the line-mode limit, so its end was probably lost."""
+
+
+def terminal_input() -> Callable[[str], str]:
+    """input(), through GNU readline when stdin is a terminal.
+
+    readline reads key by key, so a line is not cut at the terminal's line-mode
+    limit, and its bracketed paste keeps a multi-line paste as one message. Where
+    readline is missing, a line as long as that limit is refused (LineCut).
+    """
+    if not sys.stdin.isatty():
+        return input
+    try:
+        import readline  # noqa: F401  (importing it is what makes input() use it)
+    except ImportError:
+        def read(prompt: str) -> str:
+            line = input(prompt)
+            if len(line) >= TTY_LINE_MAX:
+                raise LineCut(f"the line has {len(line)} characters, the terminal's limit, so its end was probably "
+                              f"cut; nothing was sent. Send long text as several lines in a {BLOCK} block")
+            return line
+        return read
+    return input
+
+
+def read_block(first: str, read: Callable[[str], str]) -> str:
+    """The message of a \"\"\" block whose opening line is ``first``: its lines joined by newlines, up to a
+    line ending in \"\"\" (text beside either \"\"\" belongs to the message)."""
+    first = first.lstrip()[len(BLOCK):]
+    if first.rstrip().endswith(BLOCK):
+        return first.rstrip()[:-len(BLOCK)]
+    lines = [first] if first.strip() else []
+    while True:
+        line = read("... ")
+        if line.rstrip().endswith(BLOCK):
+            last = line.rstrip()[:-len(BLOCK)]
+            return "\n".join(lines + ([last] if last.strip() else []))
+        lines.append(line)
+
+
+def run(session: ChatSession, read: Callable[[str], str] | None = None) -> None:
+    read = read or terminal_input()
     session._print(f"first-gguf chat: {session.model.path.name}, skip budget {session.skip_budget:g} "
                    f"({session.model.n_skip_for_budget(session.skip_budget)} of {session.model.n_layer} blocks). "
                    f"/help for commands, Ctrl-D to leave.")
+    if session.max_tokens < session.max_tokens_asked:
+        session._print(f"[--max-tokens {session.max_tokens_asked} is more than half of n_ctx {session.model.n_ctx}: "
+                       f"replies stop at {session.max_tokens} tokens so the conversation keeps the other half; "
+                       f"raise --n-ctx for longer replies]")
     while True:
         try:
-            line = read("> ")
+            text = line = read("> ")
+            if line.lstrip().startswith(BLOCK):
+                text = read_block(line, read)
         except EOFError:
             session._print()
             return
         except KeyboardInterrupt:
             session._print()
             continue
-        if not line.strip():
+        except LineCut as e:
+            session._print(f"[error] {e}")
             continue
-        if line.startswith("/"):
+        if not text.strip():
+            continue
+        if text is line and line.startswith("/") and "\n" not in line:  # a pasted block is a message
             if not session.command(line):
                 return
             continue
-        session.turn(line)
+        n_lines = text.count("\n") + 1
+        if n_lines > 1 or len(text) >= NOTICE_CHARS:
+            session._print(f"[message: {len(text)} characters, {n_lines} line{'s' if n_lines > 1 else ''}]")
+        session.turn(text)

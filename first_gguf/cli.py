@@ -21,6 +21,15 @@ def _load(model, n_ctx, threads, seed=0, decode_lora=None):
         raise _UserError(str(e)) from None
 
 
+MAX_THREADS = (os.cpu_count() or 1) * 4  # beyond this llama.cpp hangs or crashes (issue 15)
+
+
+def threads_option(default: int | None = None, help: str | None = None):
+    return click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=default,
+                        show_default=default is not None,
+                        help=f"{help or 'CPU threads'} (1 to {MAX_THREADS}: 4x the logical cores).")
+
+
 decode_lora_option = click.option(
     "--decode-lora", type=click.Path(dir_okay=False), default=None,
     help="llama.cpp LoRA adapter GGUF applied only to tokens decoded with blocks skipped (first-gguf train "
@@ -59,7 +68,7 @@ def main():
               help="Wrap PROMPT as a user message with the GGUF's chat template, or complete it raw.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads (default: half the cores).")
+@threads_option(help="CPU threads (default: half the cores)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-bypass", is_flag=True, help="Skipped blocks pass their input through even if the GGUF "
                                                  "has bypass adapters (for comparisons).")
@@ -163,26 +172,44 @@ def info(model, as_json):
         click.echo("static ranking none")
 
 
+def _parse_budgets(text: str) -> list[float]:
+    """--budgets: comma-separated skip budgets, each in [0, 1)."""
+    try:
+        values = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise _UserError(f"--budgets must be comma-separated numbers; got {text!r}") from None
+    if not values:
+        raise _UserError(f"--budgets must list at least one number; got {text!r}")
+    bad = [b for b in values if not 0 <= b < 1]
+    if bad:
+        raise _UserError(f"--budgets: {', '.join(f'{b:g}' for b in bad)} not in [0, 1); got {text!r}")
+    return values
+
+
 @main.command()
 @click.option("--model", type=click.Path(dir_okay=False), default=None)
 @click.option("--budgets", default="0,0.1,0.2,0.33,0.5", show_default=True)
 @click.option("--skip-strategy", default="auto", show_default=True,
               help="How blocks are chosen (speed depends only on how many).")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved rounds per budget.")
-@click.option("--gen-tokens", type=int, default=64, show_default=True, help="Decode steps per measurement.")
-@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length for prefill.")
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds per budget.")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Decode steps per measurement.")
+@click.option("--prompt-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Prompt length for prefill.")
+@threads_option(1)
 @click.option("--json", "as_json", is_flag=True)
 @decode_lora_option
 def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, threads, as_json, decode_lora):
     """Decode/prefill tok/s per skip budget, interleaved, medians and ratios from one run."""
     from .bench import format_table, run_bench
 
-    try:
-        values = [float(b) for b in budgets.split(",") if b.strip()]
-    except ValueError:
-        raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
-    m = _load(model, 4096, threads, decode_lora=decode_lora)
+    values = _parse_budgets(budgets)
+    n_ctx = 4096
+    if prompt_tokens + gen_tokens + 1 > n_ctx:
+        raise _UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} do not fit the bench's "
+                         f"context of {n_ctx} tokens; expected a sum below {n_ctx}")
+    m = _load(model, n_ctx, threads, decode_lora=decode_lora)
     try:
         result = run_bench(m, values, skip_strategy=skip_strategy, repeats=repeats, gen_tokens=gen_tokens,
                            prompt_tokens=prompt_tokens, progress=lambda s: click.echo(s, err=True))
@@ -205,7 +232,7 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
               help="nll: extra NLL of reference text (teacher-forced); onpolicy: KL(skipped || full) on the skipped "
                    "model's own temperature-1 samples of broad prompts (uses the GGUF's bypass adapters).")
 @click.option("--onpolicy-tokens", type=int, default=32, show_default=True, help="Sampled tokens per prompt.")
-@click.option("--threads", type=int, default=None)
+@threads_option()
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpolicy_tokens, threads, force):
     """Compute a static skip ranking by greedy loss calibration on local text."""
@@ -231,6 +258,31 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
     click.echo(f"wrote {out}: {result['ranking']}", err=True)
+
+
+def _read_ranking(path: str, *, need_name: bool = True) -> dict:
+    """A static ranking file, as first-gguf rank writes it: a JSON object with a 'ranking' list of block indices
+    and (when it is stored in a GGUF) the 'name' it is stored under. Raises ValueError naming the file and field."""
+    from pathlib import Path
+
+    try:
+        r = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read ranking {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"ranking {path} is not valid JSON: {e}") from None
+    fields = "'name' and 'ranking'" if need_name else "'ranking'"
+    if not isinstance(r, dict):
+        raise ValueError(f"ranking {path}: expected a JSON object with {fields} (first-gguf rank's output); "
+                         f"got a JSON {type(r).__name__}")
+    if need_name and not (isinstance(r.get("name"), str) and r["name"]):
+        raise ValueError(f"ranking {path}: 'name' must be the non-empty name to store the ranking under; "
+                         + (f"got {r['name']!r}" if "name" in r else "it is missing"))
+    order = r.get("ranking")
+    if not isinstance(order, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in order):
+        raise ValueError(f"ranking {path}: 'ranking' must be a list of block indices (integers); "
+                         + (f"got {order!r}" if "ranking" in r else "it is missing"))
+    return r
 
 
 def _convert_errors(fn):
@@ -269,11 +321,8 @@ def attach(base, routers, output, rankings, force):
             routers_map, source = rf.routers(), rf.provenance
             bypasses = rf.bypasses or None
         for path in rankings:  # first: the first --ranking is the default
-            try:
-                r = json.loads(open(path).read())
-                ranks.setdefault(r["name"], r)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"cannot read ranking {path}: {e}") from None
+            r = _read_ranking(path)
+            ranks.setdefault(r["name"], r)
         if routers:
             for name, r in rf.static_rankings.items():
                 ranks.setdefault(name, r)
@@ -300,7 +349,7 @@ def strip(model, output, force):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--type", "qtype", required=True, help="Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...")
-@click.option("--threads", type=int, default=None)
+@threads_option()
 @click.option("--allow-requantize", is_flag=True, help="Allow re-quantizing already quantized tensors.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
 def quantize(model, output, qtype, threads, allow_requantize, force):
@@ -329,11 +378,8 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
     def run():
         ranks = {}
         for path in rankings:
-            try:
-                r = json.loads(open(path).read())
-                ranks[r["name"]] = r
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"cannot read ranking {path}: {e}") from None
+            r = _read_ranking(path)
+            ranks[r["name"]] = r
         return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=ranks or None,
                           lora=lora, force=force, progress=True)
 
@@ -394,7 +440,7 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
               help="Fraction of the routed (non --static-mix) sequences whose set is moved by 1-3 swaps to "
                    "nearby-ranked blocks.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None)
+@threads_option()
 @click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT's .ckpt.pt checkpoint.")
@@ -426,13 +472,9 @@ def train(ctx, config_file, **kw):
     ranking_file = opts.pop("static_ranking_file", None)
     if ranking_file:
         try:
-            ranking = json.loads(open(ranking_file).read())["ranking"]
-            if not isinstance(ranking, list) or not all(isinstance(b, int) for b in ranking):
-                raise ValueError("'ranking' must be a list of block indices")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise _UserError(f"cannot read a static ranking from {ranking_file}: {e!r}; expected a JSON object with "
-                             f"a 'ranking' list of block indices") from None
-        opts["static_ranking"] = ranking
+            opts["static_ranking"] = _read_ranking(ranking_file, need_name=False)["ranking"]
+        except ValueError as e:
+            raise _UserError(str(e)) from None
     try:
         cfg = TrainConfig(**opts)
         summary = do_train(cfg)
@@ -473,7 +515,7 @@ def _parse_option(option: str, parse, value):
 @click.option("--random-seeds", type=int, default=3, show_default=True)
 @click.option("--no-bench", is_flag=True, help="Skip the speed measurement.")
 @click.option("--no-bypass", is_flag=True, help="Evaluate plain skipping even if the GGUF has bypass adapters.")
-@click.option("--threads", type=int, default=1, show_default=True)
+@threads_option(1)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Results folder (resumable).")
 @decode_lora_option
 def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n_heldout, gen_tokens,
@@ -484,10 +526,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     from .evaluate import EvalConfig, evaluate, measures_table, parse_measures, summary_table
     from .heldout import parse_heldout
 
-    try:
-        bs = [float(b) for b in budgets.split(",") if b.strip()]
-    except ValueError:
-        raise _UserError(f"--budgets must be comma-separated numbers; got {budgets!r}") from None
+    bs = _parse_budgets(budgets)
     # before loading the model, so a typo fails at once
     heldout = _parse_option("--heldout", parse_heldout, heldout)
     measures = _parse_option("--measures", parse_measures, measures)
@@ -517,7 +556,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--max-tokens", type=int, default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@click.option("--threads", type=int, default=None)
+@threads_option()
 @decode_lora_option
 def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_ctx, threads, decode_lora):
     """Chat in the terminal (streaming, multi-turn; /help lists the commands)."""
@@ -532,20 +571,60 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_c
     run(session)
 
 
+def _check_can_bind(host: str, port: int) -> None:
+    """Bind host:port once as uvicorn will (SO_REUSEADDR), so a port in use fails before the model loads."""
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise _UserError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = "the port is already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise _UserError(f"cannot serve on {host}:{port}: {why}") from None
+
+
+def _echo_when_listening(host: str, port: int, text: str) -> None:
+    """Print ``text`` once a connection to host:port succeeds (the server has bound it), from a daemon thread."""
+    import socket
+    import threading
+    import time
+
+    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+    def watch():
+        while True:
+            try:
+                socket.create_connection((target, port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+            else:
+                click.echo(text, err=True)
+                return
+
+    threading.Thread(target=watch, name="first-gguf-announce", daemon=True).start()
+
+
 @main.command()
 @click.option("--model", type=click.Path(dir_okay=False), default=None)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@click.option("--threads", type=int, default=None)
+@threads_option()
 @decode_lora_option
 def serve(model, host, port, api_key, n_ctx, threads, decode_lora):
     """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions) with skip_budget."""
     from .server import serve as do_serve
 
+    _check_can_bind(host, port)  # before the model loads: a port in use is a one-line error at once
     m = _load(model, n_ctx, threads, decode_lora=decode_lora)
-    click.echo(f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1", err=True)
+    _echo_when_listening(host, port, f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1")
     do_serve(m, host=host, port=port, api_key=api_key)
 
 

@@ -1,0 +1,340 @@
+"""Bad input on the command line and in the terminal chat: one clear line, never a traceback, a crash or a
+silent cut; nothing half-written (issue 15)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from first_gguf.cli import main
+
+CLI = str(Path(sys.executable).with_name("first-gguf"))
+
+
+def _cli(*args, timeout=120):
+    """Run the installed CLI in a child process (a crash there cannot take the test run down)."""
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TERM": "dumb"})
+
+
+def _error_line(output: str) -> str:
+    """The one 'Error: ...' line; fails on a traceback or on more than one error line."""
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------- --threads (item 2)
+@pytest.mark.parametrize("value", ["100000", "0"])
+def test_threads_out_of_range_is_one_line_error(base_gguf, value):
+    res = _cli("generate", "hi", "--model", base_gguf, "--max-tokens", "1", "--threads", value, timeout=60)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    line = _error_line(res.stderr)
+    assert "--threads" in line and value in line
+
+
+@pytest.mark.parametrize("command", [["chat"], ["serve"], ["bench"], ["rank", "-o", "r.json"],
+                                     ["eval", "-o", "out"], ["quantize", "a.gguf", "b.gguf", "--type", "Q4_0"],
+                                     ["train", "--model", "m.gguf", "-o", "r.safetensors"]])
+def test_every_threads_option_is_bounded(command):
+    res = _invoke(*command, "--threads", 100000)
+    assert res.exit_code == 2, res.output
+    assert "--threads" in _error_line(res.output) and "100000" in res.output
+
+
+# ---------------------------------------------------------------- serve (item 5)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_port_out_of_range(base_gguf):
+    res = _cli("serve", "--model", base_gguf, "--port", "99999", "--threads", "1", timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = _error_line(res.stderr)
+    assert "--port" in line and "99999" in line
+    assert len(res.stderr.strip().splitlines()) <= 4  # click's usage lines and the error
+
+
+def test_serve_port_in_use(base_gguf):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = _cli("serve", "--model", base_gguf, "--port", port, "--threads", "1", timeout=60)
+    assert res.returncode == 1, res.stderr[-2000:]
+    line = _error_line(res.stderr)
+    assert f"127.0.0.1:{port}" in line and "in use" in line
+    assert "serving" not in res.stderr
+
+
+def test_serve_announces_only_a_bound_port(base_gguf):
+    port = _free_port()
+    proc = subprocess.Popen([CLI, "serve", "--model", str(base_gguf), "--port", str(port), "--threads", "1"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            assert line, "serve exited before announcing the port"
+            if "serving" in line:
+                break
+        assert f"http://127.0.0.1:{port}/v1" in line
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()  # refused if announced too early
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ---------------------------------------------------------------- quantize (item 6)
+def test_quantize_into_missing_folder(base_gguf, tmp_path):
+    missing = tmp_path / "missing" / "dir"
+    res = _invoke("quantize", base_gguf, missing / "q.gguf", "--type", "Q4_0")
+    assert res.exit_code == 1, res.output
+    assert str(missing) in _error_line(res.output)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_requantize_says_why_and_how(base_gguf, tmp_path):
+    out = tmp_path / "q.gguf"
+    res = _invoke("quantize", base_gguf, out, "--type", "Q4_0", "--threads", 1)
+    assert res.exit_code == 1, res.output
+    line = _error_line(res.output)
+    assert "requantizing from type q4_1 is disabled" in line and "--allow-requantize" in line
+    assert "code 1" not in line
+    assert list(tmp_path.iterdir()) == []  # no partial output, no temporary file
+
+
+# ---------------------------------------------------------------- convert (item 7)
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    if how == "truncated":
+        path.write_bytes(data[:-100])
+    elif how == "short":
+        path.write_bytes(data[:5])
+    elif how == "header_length":
+        path.write_bytes((len(data) * 2).to_bytes(8, "little") + data[8:])
+    elif how == "header_json":
+        path.write_bytes(data[:8] + b"{not json" + data[8 + 9:])
+    elif how == "offsets":
+        header = json.loads(data[8:8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [0, 10 ** 9]
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        path.write_bytes(len(h).to_bytes(8, "little") + h + data[8 + n:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "short", "header_length", "header_json", "offsets"])
+def test_convert_refuses_a_corrupt_safetensors_file(tiny, tmp_path, capfd, how):
+    src, _ = tiny
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    weights = ckpt / "model.safetensors"
+    _corrupt(weights, how)
+    res = _invoke("convert", ckpt, "-o", tmp_path / "out.gguf", "--outtype", "f32")
+    err = capfd.readouterr().err  # the upstream converter writes to the real stderr
+    assert res.exit_code == 1, res.output
+    line = _error_line(res.output)
+    assert str(weights) in line, line
+    assert "Traceback" not in err  # the upstream converter never ran
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_convert_refuses_a_missing_shard(tiny, tmp_path):
+    src, _ = tiny
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = _invoke("convert", ckpt, "-o", tmp_path / "out.gguf", "--outtype", "f32")
+    assert res.exit_code == 1, res.output
+    assert "model-00002-of-00002.safetensors" in _error_line(res.output)
+
+
+# ---------------------------------------------------------------- attach --ranking (item 9)
+@pytest.mark.parametrize("content, field, why", [
+    ({"name": "r", "ranking": [1.7, 0.2]}, "ranking", "integers"),
+    ({"name": "r", "ranking": ["a"]}, "ranking", "integers"),
+    ({"name": "r", "ranking": [True, 2]}, "ranking", "integers"),
+    ({"name": "r", "ranking": 3}, "ranking", "integers"),
+    ({"ranking": [1, 0]}, "name", "missing"),
+    ({"name": 5, "ranking": [1, 0]}, "name", "got 5"),
+    (["a"], "name", "JSON object"),
+])
+def test_attach_ranking_errors_name_the_file_and_the_field(base_gguf, tmp_path, content, field, why):
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps(content))
+    out = tmp_path / "out.gguf"
+    res = _invoke("attach", base_gguf, "--ranking", r, "-o", out)
+    assert res.exit_code == 1, res.output
+    line = _error_line(res.output)
+    assert str(r) in line and f"'{field}'" in line and why in line, line
+    assert not out.exists()
+
+
+def test_convert_ranking_errors_name_the_file_and_the_field(tiny, tmp_path):
+    src, _ = tiny
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps({"name": "r", "ranking": [1.7, 0.2]}))
+    res = _invoke("convert", src, "--ranking", r, "-o", tmp_path / "out.gguf")
+    assert res.exit_code == 1, res.output
+    assert str(r) in _error_line(res.output) and "'ranking'" in res.output
+
+
+def test_safetensors_check_accepts_a_sound_file(tiny):
+    from first_gguf.convert.hf import check_safetensors
+
+    check_safetensors(tiny[0] / "model.safetensors")
+
+
+def test_attach_api_refuses_fractional_blocks(base_gguf, tmp_path):
+    from first_gguf.convert.attach import attach
+    from first_gguf.convert.gguf_edit import GGUFEditError
+
+    with pytest.raises(GGUFEditError, match=r"1\.7"):
+        attach(base_gguf, tmp_path / "out.gguf", rankings={"r": {"ranking": [1.7, 0.2]}})
+    assert not (tmp_path / "out.gguf").exists()
+
+
+# ---------------------------------------------------------------- bench values (item 10)
+@pytest.mark.parametrize("args, shown", [
+    (["--repeats", "-3"], "-3"),
+    (["--gen-tokens", "0"], "--gen-tokens"),
+    (["--prompt-tokens", "1"], "--prompt-tokens"),
+    (["--gen-tokens", "5000"], "5000"),
+    (["--budgets", ","], "--budgets"),
+    (["--budgets", "0.1,1.5"], "1.5"),
+])
+def test_bench_errors_show_the_value(base_gguf, args, shown):
+    res = _invoke("bench", "--model", base_gguf, "--threads", 1, "--repeats", 1, *args)
+    assert res.exit_code in (1, 2), res.output
+    line = _error_line(res.output)
+    assert shown in line, line
+
+
+# ---------------------------------------------------------------- chat (items 4, 8, 10)
+class _FakeModel:
+    path = Path("fake.gguf")
+    n_layer, n_ctx = 30, 4096
+
+    def n_skip_for_budget(self, budget):
+        return 0
+
+
+class _FakeSession:
+    """What run() needs of a ChatSession; records the messages."""
+
+    def __init__(self):
+        self.model, self.skip_budget, self.max_tokens, self.max_tokens_asked = _FakeModel(), 0.0, 512, 512
+        self.texts, self.commands, self.printed = [], [], []
+
+    def _print(self, text="", end="\n"):
+        self.printed.append(text)
+
+    def command(self, line):
+        self.commands.append(line)
+        return line.strip() != "/quit"
+
+    def turn(self, text):
+        self.texts.append(text)
+
+
+def _reader(lines):
+    it = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def test_chat_triple_quote_block_is_one_message():
+    from first_gguf.chat import run
+
+    s = _FakeSession()
+    run(s, _reader(['"""', "first line", "", "/not a command", '"""', '"""one line"""', '"""a', 'b"""', "x"]))
+    assert s.texts == ["first line\n\n/not a command", "one line", "a\nb", "x"]
+    assert s.commands == []
+
+
+def test_chat_long_and_multiline_messages_are_acknowledged():
+    from first_gguf.chat import run
+
+    s = _FakeSession()
+    run(s, _reader(["abc " * 7500, '"""', "a", "b", '"""']))
+    assert s.texts == ["abc " * 7500, "a\nb"]
+    assert "[message: 30000 characters, 1 line]" in s.printed
+    assert "[message: 3 characters, 2 lines]" in s.printed
+
+
+def _spawn_chat(base_gguf, *args):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(CLI, ["chat", "--model", str(base_gguf), "--threads", "1", *args], encoding="utf-8",
+                          timeout=120, dimensions=(50, 200), env={**os.environ, "TERM": "xterm"})
+    child.expect("/help for commands")
+    child.expect("> ")
+    return child
+
+
+def test_chat_long_paste_arrives_whole(base_gguf):
+    pexpect = pytest.importorskip("pexpect")
+    child = _spawn_chat(base_gguf, "--n-ctx", "1024", "--max-tokens", "8")
+    child.send("abc " * 7500 + "\r")  # 30,000 characters on one line: a terminal in line mode keeps 4,095
+    child.expect(r"\[message: (\d+) characters")
+    assert child.match.group(1) == "30000"
+    child.expect(r"\[error\] the message alone has (\d+) tokens")
+    assert int(child.match.group(1)) > 7000
+    child.expect("> ")
+    child.send("\x1b[200~Name a colour.\nJust one word.\x1b[201~\r")  # a bracketed (terminal) paste of two lines
+    child.expect(r"\[message: 29 characters, 2 lines\]")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
+def test_chat_max_tokens_beyond_the_context_is_clamped_at_start(base_model):
+    from first_gguf.chat import ChatSession, run
+
+    out = io.StringIO()
+    s = ChatSession(base_model, max_tokens=5000, out=out)  # base_model has n_ctx 2048
+    assert s.max_tokens == 1024
+    s.messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello! " * 50},
+                  {"role": "user", "content": "Name a colour."}]
+    s._fit_context()
+    assert len(s.messages) == 3  # the history is kept
+    run(s, _reader([]))
+    assert "--max-tokens 5000 is more than half of n_ctx 2048" in out.getvalue()
+
+
+def test_chat_budget_not_a_number(base_model):
+    from first_gguf.chat import ChatSession
+
+    out = io.StringIO()
+    s = ChatSession(base_model, out=out)
+    s.command("/budget abc")
+    assert out.getvalue().strip() == "[error] /budget needs a number F with 0 <= F < 1; got 'abc'"
+    assert s.skip_budget == 0.0
