@@ -1,11 +1,18 @@
 """OpenAI-compatible HTTP server with skip_budget (FastAPI + uvicorn).
 
-Endpoints: GET / (a small chat page: plain HTML and JavaScript, streaming,
-a skip-budget slider, the skipped blocks of each reply), GET /v1/models, POST /v1/completions, POST /v1/chat/completions
-(``stream: true`` answers with server-sent events, like the OpenAI API).
-Extra request fields: ``skip_budget`` (default 0), ``skip_strategy`` (default
-"auto"); every response carries an extra ``first`` object with the skipped
-blocks, the strategy and the prefill/decode speeds.
+Endpoints: GET / (a small chat page: plain HTML and JavaScript, streaming, a skip-budget slider, the
+skipped blocks of each reply; sampling at llama.cpp's chat defaults), GET /health, GET /v1/models,
+GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (``stream: true`` answers with
+server-sent events, like the OpenAI API).
+
+Every request field is honoured or refused with a 400 that names it (never silently ignored): the
+sampling fields run on llama.cpp's sampler chain (Model's keywords, a per-request ``seed`` gives the same
+output whatever else runs), ``response_format`` json_object / json_schema becomes a GBNF grammar
+(llama-cpp-python's converter), ``logprobs`` / ``top_logprobs`` come from the model's raw logits. Refused:
+``n`` > 1, tools and function calling, ``echo``, ``suffix``, ``best_of`` > 1, audio, predictions, and any
+unknown field. Extra request fields: ``skip_budget`` (default 0), ``skip_strategy`` (default "auto"),
+``top_k``, ``min_p``, ``typical_p``, ``repeat_penalty``, ``grammar`` (llama-cpp-python's); every response
+carries an extra ``first`` object with the skipped blocks, the strategy, the seed and the speeds.
 
 Concurrency: one model, one llama.cpp context; requests wait in a FIFO queue
 (an asyncio lock held for the whole generation) and every model call runs on
@@ -31,6 +38,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .model import Model
+from .sampling import check_logit_bias, check_value
 
 MAX_BODY = 1 << 20
 
@@ -50,6 +58,151 @@ def _num(body: dict, key: str, default, lo: float, hi: float, *, integer=False, 
     if isinstance(v, float) and math.isnan(v) or v < lo or (v >= hi if hi_open else v > hi):
         raise APIError(400, f"'{key}' must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}; got {v!r}", param=key)
     return v
+
+
+# Request fields. Every field is honoured, refused with a 400 naming it, or unknown (400 too, as OpenAI does).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty", "seed", "logit_bias")
+COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "n", "user", "response_format",
+                 "grammar", "skip_budget", "skip_strategy", *SAMPLING_FIELDS}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
+# refused unless left at a value that asks for nothing
+REFUSED = {
+    "tools": lambda v: v not in (None, []), "tool_choice": lambda v: v not in (None, "none"),
+    "functions": lambda v: v not in (None, []), "function_call": lambda v: v not in (None, "none"),
+    "parallel_tool_calls": lambda v: v is not None, "echo": lambda v: v not in (None, False),
+    "suffix": lambda v: v not in (None, ""), "best_of": lambda v: v not in (None, 1),
+    "audio": lambda v: v is not None, "modalities": lambda v: v not in (None, ["text"]),
+    "prediction": lambda v: v is not None,
+}
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+DEFAULT_MAX_TOKENS = 256
+TEMPERATURE_MAX = 2.0  # OpenAI's range
+
+
+def _check_fields(body: dict, allowed: set[str]) -> None:
+    for key, is_set in REFUSED.items():
+        if key in body and is_set(body[key]):
+            raise APIError(400, f"'{key}' is not supported by this server (got {body[key]!r:.80})", param=key)
+    for key in body:
+        if key not in allowed and key not in REFUSED:
+            raise APIError(400, f"unrecognized request field '{key}'", param=key)
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise APIError(400, f"'n' must be a positive integer; got {n!r}", param="n")
+    if n is not None and n > 1:
+        raise APIError(400, f"'n' > 1 is not supported by this server (one choice per request); got {n}", param="n")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, f"'stream' must be a boolean; got {stream!r}", param="stream")
+    so = body.get("stream_options")
+    if so is not None:
+        if not stream:
+            raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+        if not isinstance(so, dict) or set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool):
+            raise APIError(400, f"'stream_options' must be {{'include_usage': bool}}; got {so!r:.80}",
+                           param="stream_options")
+
+
+def _checked(param: str, fn, *args):
+    try:
+        return fn(*args)
+    except (TypeError, ValueError) as e:
+        raise APIError(400, str(e), param=param) from None
+
+
+def _grammar(body: dict) -> tuple[str | None, str | None]:
+    """(GBNF text, the field it came from) from response_format or grammar."""
+    rf, grammar = body.get("response_format"), body.get("grammar")
+    if rf is not None and grammar is not None:
+        raise APIError(400, "give 'response_format' or 'grammar', not both", param="grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise APIError(400, f"'grammar' must be a GBNF string; got {grammar!r:.80}", param="grammar")
+        return grammar, "grammar"
+    if rf is None:
+        return None, None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        schema = rf.get("schema")  # llama-cpp-python's extension
+    elif kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema") if isinstance(js, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "'response_format' json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                           param="response_format")
+    else:
+        raise APIError(400, f"'response_format' type must be 'text', 'json_object' or 'json_schema'; got {rf!r:.80}",
+                       param="response_format")
+    if schema is None:
+        return JSON_GBNF, "response_format"
+    try:
+        return json_schema_to_gbnf(json.dumps(schema)), "response_format"
+    except Exception as e:  # the converter raises several kinds on schemas it cannot express
+        raise APIError(400, f"'response_format' schema cannot be turned into a grammar: {e}",
+                       param="response_format") from None
+
+
+def _messages(messages) -> list[dict]:
+    """OpenAI chat messages as {'role', 'content': str} dicts: text parts joined, assistant null content ''."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {'role': ..., 'content': ...} objects",
+                       param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object; got {m!r:.80}", param=f"messages[{i}]")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {list(ROLES)}; got {role!r:.80}",
+                           param=f"messages[{i}].role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise APIError(400, f"messages[{i}]: tool calls are not supported by this server",
+                           param=f"messages[{i}].tool_calls")
+        if content is None and role == "assistant":
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                                        f"are supported; got {part!r:.80}", param=f"messages[{i}].content")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts; got "
+                                f"{content!r:.80}", param=f"messages[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def _logprobs_chat(model: Model, lps) -> dict | None:
+    if lps is None:
+        return None
+
+    def one(tok, lp):
+        b = model.token_bytes(tok)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+    return {"content": [{**one(x.token, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]} for x in lps]}
+
+
+def _logprobs_completion(model: Model, lps, offset: int = 0) -> dict | None:
+    if lps is None:
+        return None
+    text = lambda t: model.token_bytes(t).decode("utf-8", errors="replace")  # noqa: E731
+    tokens = [text(x.token) for x in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps], "text_offset": offsets,
+            "top_logprobs": [{text(t): lp for t, lp in x.top} for x in lps]}
 
 
 def create_app(model: Model, *, model_id: str | None = None, api_key: str | None = None):
@@ -87,7 +240,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
-    async def parse(request: Request) -> dict:
+    async def parse(request: Request, allowed: set[str]) -> dict:
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise APIError(413, f"request body over {MAX_BODY} bytes")
@@ -100,27 +253,77 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         if body.get("model") not in (None, model_id):
             raise APIError(404, f"model {body.get('model')!r} not found; this server serves {model_id!r}",
                            param="model")
+        _check_fields(body, allowed)
         return body
 
-    def options(body: dict) -> dict:
+    def options(body: dict, chat: bool) -> tuple[dict, str | None, str | None]:
+        """Model keyword arguments, the field a grammar came from, the field that set max_tokens (None: default)."""
         budget = _num(body, "skip_budget", 0.0, 0.0, 1.0, hi_open=True)
         strategy = body.get("skip_strategy", "auto")
         if not isinstance(strategy, str):
             raise APIError(400, f"'skip_strategy' must be a string; got {strategy!r}", param="skip_strategy")
-        try:
-            model.check_skip(budget, strategy, None)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="skip_budget") from None
-        max_tokens = _num(body, "max_tokens", 256, 1, model.n_ctx - 1, integer=True)
+        _checked("skip_strategy", model.check_skip, 0.0, strategy)
+        _checked("skip_budget", model.check_skip, budget, strategy)
+        max_field = None
+        for key in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
+            if body.get(key) is not None:
+                max_field = max_field or key
+        if chat and None not in (body.get("max_tokens"), body.get("max_completion_tokens")) \
+                and body["max_tokens"] != body["max_completion_tokens"]:
+            raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ; give one",
+                           param="max_completion_tokens")
+        max_tokens = _num(body, max_field, DEFAULT_MAX_TOKENS, 1, model.n_ctx - 1, integer=True) if max_field \
+            else DEFAULT_MAX_TOKENS
         stop = body.get("stop")
-        if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop))):
-            raise APIError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
-        return dict(skip_budget=budget, skip_strategy=strategy, max_tokens=max_tokens,
-                    temperature=_num(body, "temperature", 0.0, 0.0, 2.0), top_p=_num(body, "top_p", 1.0, 1e-9, 1.0),
-                    stop=stop)
+        if stop is not None and not (isinstance(stop, str) and stop or isinstance(stop, list)
+                                     and all(isinstance(s, str) and s for s in stop)):
+            raise APIError(400, f"'stop' must be a string or a list of non-empty strings; got {stop!r:.80}",
+                           param="stop")
+        opts = dict(skip_budget=budget, skip_strategy=strategy, max_tokens=max_tokens, stop=stop)
+        temperature = body.get("temperature")
+        if temperature is not None:
+            t = _checked("temperature", check_value, "temperature", temperature)
+            if t > TEMPERATURE_MAX:
+                raise APIError(400, f"temperature must be in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
+                               param="temperature")
+            opts["temperature"] = t
+        for key in SAMPLING_FIELDS[1:-1]:
+            if body.get(key) is not None:
+                opts[key] = _checked(key, check_value, key, body[key])
+        if body.get("logit_bias") is not None:
+            opts["logit_bias"] = _checked("logit_bias", check_logit_bias, body["logit_bias"], model.n_vocab)
+        if chat:
+            lp, top = body.get("logprobs"), body.get("top_logprobs")
+            if lp is not None and not isinstance(lp, bool):
+                raise APIError(400, f"'logprobs' must be a boolean; got {lp!r}", param="logprobs")
+            if top is not None:
+                if not lp:
+                    raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+                top = _checked("top_logprobs", check_value, "logprobs", top)
+            if lp:
+                opts["logprobs"] = top or 0
+        elif body.get("logprobs") is not None:
+            opts["logprobs"] = _checked("logprobs", check_value, "logprobs", body["logprobs"])
+        grammar, grammar_field = _grammar(body)
+        if grammar is not None:
+            opts["grammar"] = grammar
+        return opts, grammar_field, max_field
+
+    async def fit_context(opts: dict, n_prompt: int, max_field: str | None, prompt_field: str) -> None:
+        room = model.n_ctx - n_prompt
+        if room < 1:
+            raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds {model.n_ctx}",
+                           param=prompt_field)
+        if max_field is None:
+            opts["max_tokens"] = min(opts["max_tokens"], room)
+        elif opts["max_tokens"] > room:
+            raise APIError(400, f"prompt ({n_prompt} tokens) + {max_field} ({opts['max_tokens']}) = "
+                                f"{n_prompt + opts['max_tokens']} tokens exceed the context ({model.n_ctx})",
+                           param=max_field)
 
     def first_info(g) -> dict:
         return {"skipped_layers": g.skipped_layers, "skip_strategy": g.skip_strategy,
+                "n_skip_requested": g.n_skip_requested, "seed": g.seed,
                 "prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
                 "bypassed_layers": g.bypassed_layers, "decode_lora": g.decode_lora,
                 "router_scores": None if g.router_scores is None else
@@ -130,53 +333,74 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         return {"prompt_tokens": g.n_prompt_tokens, "completion_tokens": len(g.tokens),
                 "total_tokens": g.n_prompt_tokens + len(g.tokens)}
 
-    async def run(make_stream, chat: bool, stream: bool):
+    async def run(make_stream, chat: bool, body: dict, opts: dict, grammar_field: str | None):
         """Run one generation under the queue lock; returns a response."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def bad(e: Exception) -> APIError:
+            return APIError(400, str(e), param=grammar_field if str(e).startswith("grammar") else None)
+
+        def logprobs(lps, offset=0):
+            return _logprobs_chat(model, lps) if chat else _logprobs_completion(model, lps, offset)
+
         if not stream:
             async with lock:
                 try:
                     g = await on_worker(lambda: _last(make_stream()))
+                    lp = await on_worker(logprobs, g.logprobs)
                 except (ValueError, TypeError) as e:
-                    raise APIError(400, str(e)) from None
-            choice = ({"index": 0, "message": {"role": "assistant", "content": g.text},
+                    raise bad(e) from None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
                        "finish_reason": g.finish_reason} if chat else
-                      {"index": 0, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None})
+                      {"index": 0, "text": g.text, "finish_reason": g.finish_reason, "logprobs": lp})
             return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_id,
                                  "choices": [choice], "usage": usage(g), "first": first_info(g)})
 
         await lock.acquire()
         it = None
         try:
-            it = await on_worker(make_stream)
-            first_chunk = await on_worker(next, it)  # errors surface here, before any byte is sent
+            it = await on_worker(make_stream)  # options are checked here, before any byte is sent
+            first_chunk = await on_worker(next, it)
         except (ValueError, TypeError) as e:
             await close_and_release(it)
-            raise APIError(400, str(e)) from None
+            raise bad(e) from None
         except BaseException:
             await close_and_release(it)
             raise
 
+        def event(choice: dict, **extra) -> bytes:
+            return _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": int(time.time()),
+                         "model": model_id, "choices": [choice] if choice is not None else [], **extra})
+
         async def events():
             chunk = first_chunk
+            pending, offset = [], 0  # logprobs of tokens whose text is not sent yet
+            want_lp = "logprobs" in opts
             try:
                 if chat:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": model_id, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                                "finish_reason": None}]})
+                    yield event({"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None})
                 while True:
                     g = chunk.generation
-                    if chunk.text:
-                        choice = ({"index": 0, "delta": {"content": chunk.text}, "finish_reason": None} if chat
-                                  else {"index": 0, "text": chunk.text, "finish_reason": None, "logprobs": None})
-                        yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": int(time.time()),
-                                    "model": model_id, "choices": [choice]})
+                    if chunk.logprob is not None:
+                        pending.append(chunk.logprob)
+                    if chunk.text or (g is not None and pending):
+                        lp = await on_worker(logprobs, pending, offset) if want_lp else None
+                        if not chat and lp:
+                            offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                        pending = []
+                        yield event({"index": 0, "delta": {"content": chunk.text}, "logprobs": lp,
+                                     "finish_reason": None} if chat else
+                                    {"index": 0, "text": chunk.text, "finish_reason": None, "logprobs": lp})
                     if g is not None:
-                        done = ({"index": 0, "delta": {}, "finish_reason": g.finish_reason} if chat
-                                else {"index": 0, "text": "", "finish_reason": g.finish_reason, "logprobs": None})
-                        yield _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": int(time.time()),
-                                    "model": model_id, "choices": [done], "usage": usage(g), "first": first_info(g)})
+                        yield event({"index": 0, "delta": {}, "logprobs": None, "finish_reason": g.finish_reason}
+                                    if chat else {"index": 0, "text": "", "finish_reason": g.finish_reason,
+                                                  "logprobs": None},
+                                    usage=usage(g), first=first_info(g))
+                        if include_usage:  # OpenAI's form: a last chunk with no choices and the usage
+                            yield event(None, usage=usage(g))
                         break
                     chunk = await on_worker(next, it, None)
                     if chunk is None:
@@ -199,34 +423,45 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
 
         return HTMLResponse(resources.files("first_gguf.web").joinpath("index.html").read_text())
 
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id}
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "first-gguf",
+                "n_layer": model.n_layer, "n_ctx": model.n_ctx, "routers": model.n_routers,
+                "static_rankings": list(model.info.static_rankings)}
+
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "first-gguf", "n_layer": model.n_layer,
-                                            "routers": model.n_routers,
-                                            "static_rankings": list(model.info.static_rankings)}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{mid:path}")
+    async def model_info(mid: str):
+        if mid != model_id:
+            raise APIError(404, f"model {mid!r} not found; this server serves {model_id!r}", param="model")
+        return model_card()
 
     @v1.post("/completions")
     async def completions(request: Request):
-        body = await parse(request)
+        body = await parse(request, COMPLETION_FIELDS)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
-        opts = options(body)
-        return await run(lambda: model.stream_generate(prompt, **opts), False, bool(body.get("stream")))
+        opts, grammar_field, max_field = options(body, False)
+        await fit_context(opts, len(await on_worker(model.tokenize, prompt)), max_field, "prompt")
+        return await run(lambda: model.stream_generate(prompt, **opts), False, body, opts, grammar_field)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse(request)
-        messages = body.get("messages")
-        try:
-            model.check_messages(messages)
-        except TypeError as e:
-            raise APIError(400, str(e), param="messages") from None
-        opts = options(body)
-        return await run(lambda: model.stream_chat(messages, **opts), True, bool(body.get("stream")))
+        body = await parse(request, CHAT_FIELDS)
+        messages = _messages(body.get("messages"))
+        opts, grammar_field, max_field = options(body, True)
+        tokens, _ = await on_worker(_checked, "messages", model.prompt_tokens_for, messages)
+        await fit_context(opts, len(tokens), max_field, "messages")
+        return await run(lambda: model.stream_chat(messages, **opts), True, body, opts, grammar_field)
 
     app.include_router(v1)
     return app

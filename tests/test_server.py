@@ -100,7 +100,22 @@ def test_api_key_is_enforced(server):
     ({"prompt": "hi", "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
     ({"prompt": ""}, 400, "prompt"),
-    ({"prompt": "hi", "skip_strategy": "magic", "skip_budget": 0.2}, 400, "skip_budget"),
+    ({"prompt": "hi", "skip_strategy": "magic", "skip_budget": 0.2}, 400, "skip_strategy"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "hi", "seed": -3}, 400, "seed"),
+    ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "hi", "grammar": "root ::= ("}, 400, "grammar"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "echo": True}, 400, "echo"),
+    ({"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ({"prompt": "hi " * 2100}, 400, "prompt"),
+    ({"prompt": "hi " * 1990, "max_tokens": 100}, 400, "max_tokens"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, body, status, param):
     got, err = _post(server, "/v1/completions", body)
@@ -220,3 +235,154 @@ def test_web_page_in_headless_chromium(server):
             assert "skipped blocks (router):" in page.inner_text(".meta")
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------ OpenAI parameters
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"n": 3}, "n"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"max_completion_tokens": 100, "messages": [{"role": "user", "content": "hi " * 1990}]}, "max_completion_tokens"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"top_k": -1}, "top_k"), ({"min_p": 2}, "min_p"), ({"repeat_penalty": 0}, "repeat_penalty"),
+    ({"presence_penalty": 5}, "presence_penalty"),
+])
+def test_chat_fields_refused_or_checked_by_name(server, extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    status, err = _post(server, "/v1/chat/completions", body)
+    assert status == 400 and err["error"]["param"] == param, err
+    assert err["error"]["message"]
+
+
+def test_model_by_id_and_health(server, client):
+    mid = client.models.list().data[0].id
+    assert client.models.retrieve(mid).id == mid
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:  # no key needed
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+def test_seed_gives_the_same_reply_across_interleaved_requests(client):
+    mid = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+    def ask(seed, content=None, temperature=1.0):
+        r = client.chat.completions.create(model=mid, messages=[{"role": "user", "content": content}] if content
+                                           else msgs, max_tokens=16, temperature=temperature, seed=seed,
+                                           top_p=0.95, extra_body={"top_k": 40, "min_p": 0.05})
+        return r.choices[0].message.content, r.model_extra["first"]["seed"]
+
+    first, s = ask(11)
+    assert s == 11
+    ask(None), ask(5, "Something else entirely.")
+    with ThreadPoolExecutor(4) as pool:  # interleaved with other sampled requests
+        got = list(pool.map(lambda i: ask(11) if i % 2 == 0 else ask(None, f"Tell me about {i}."), range(6)))
+    assert [g for i, g in enumerate(got) if i % 2 == 0] == [(first, 11)] * 3
+    assert len({ask(seed)[0] for seed in range(5)}) > 1  # sampled: the seed matters
+
+
+def test_response_format_returns_json_that_parses(client):
+    mid = client.models.list().data[0].id
+    schema = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 12}},
+              "required": ["color"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=mid, messages=[{"role": "user", "content": "What color is the sky? Answer in JSON."}], max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    data = json.loads(r.choices[0].message.content)
+    assert list(data) == ["color"] and isinstance(data["color"], str)
+    r = client.chat.completions.create(
+        model=mid, messages=[{"role": "user", "content": "Give a JSON object with your name."}], max_tokens=60,
+        response_format={"type": "json_object"}, seed=2, temperature=0.7)
+    text = r.choices[0].message.content
+    assert text.lstrip().startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_logprobs_chat_and_completion(client):
+    mid = client.models.list().data[0].id
+    r = client.chat.completions.create(model=mid, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content).startswith(r.choices[0].message.content)
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token
+        assert c.logprob == c.top_logprobs[0].logprob <= 0 and c.top_logprobs[1].logprob <= c.logprob
+        assert bytes(c.bytes).decode("utf-8", errors="replace") == c.token
+    r = client.completions.create(model=mid, prompt="The capital of France is", max_tokens=5, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 5 == len(lp.top_logprobs)
+    assert all(len(t) == 3 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=mid, prompt="The capital of France is", max_tokens=5, logprobs=3, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    assert [t for x in streamed for t in x.tokens] == lp.tokens
+    assert [v for x in streamed for v in x.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
+
+
+def test_penalties_bias_and_extensions_change_the_reply(client):
+    mid = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Repeat the word yes ten times."}]
+
+    def ask(**kw):
+        return client.chat.completions.create(model=mid, messages=msgs, max_tokens=12, **kw).choices[0].message
+
+    greedy = ask().content
+    assert ask(frequency_penalty=2.0, presence_penalty=2.0).content != greedy
+    assert ask(temperature=1.8, seed=4, extra_body={"top_k": 1}).content == greedy  # top_k=1 is greedy
+    assert ask(extra_body={"repeat_penalty": 2.0}).content != greedy
+
+
+def test_logit_bias_is_honoured(client, router_model):
+    mid = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Say hello."}]
+    r = client.chat.completions.create(model=mid, messages=msgs, max_tokens=3)
+    tokens, _ = router_model.chat_prompt_tokens(msgs)
+    first = router_model.generate_tokens(tokens, max_tokens=1).tokens[0]
+    assert r.choices[0].message.content.startswith(router_model.detokenize([first]).strip()[:1])
+    banned = client.chat.completions.create(model=mid, messages=msgs, max_tokens=3, logit_bias={str(first): -100})
+    assert banned.choices[0].message.content != r.choices[0].message.content
+    assert not banned.choices[0].message.content.startswith(router_model.token_bytes(first).decode())
+
+
+def test_max_completion_tokens_usage_and_include_usage(client):
+    mid = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Tell me a long story."}]
+    r = client.chat.completions.create(model=mid, messages=msgs, max_completion_tokens=5)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+    chunks = list(client.chat.completions.create(model=mid, messages=msgs, max_completion_tokens=5, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    c = client.completions.create(model=mid, prompt="Once", max_tokens=3)
+    assert c.usage.completion_tokens == 3
+
+
+def test_text_parts_and_null_assistant_content(client):
+    mid = client.models.list().data[0].id
+    plain = [{"role": "user", "content": "Name a color.\nOne word."}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a color."}, {"type": "text", "text": "One word."}]}]
+    a = client.chat.completions.create(model=mid, messages=plain, max_tokens=6).choices[0].message.content
+    b = client.chat.completions.create(model=mid, messages=parts, max_tokens=6).choices[0].message.content
+    assert a == b and a
+    empty = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}, *plain]
+    null = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, *parts]
+    a = client.chat.completions.create(model=mid, messages=empty, max_tokens=6)
+    b = client.chat.completions.create(model=mid, messages=null, max_tokens=6)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    dev = client.chat.completions.create(model=mid, max_tokens=6, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).choices[0].message.content
+    sys_ = client.chat.completions.create(model=mid, max_tokens=6, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).choices[0].message.content
+    assert dev == sys_
