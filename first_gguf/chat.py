@@ -18,6 +18,7 @@ import sys
 from typing import Callable, TextIO
 
 from .model import Generation, Model
+from .sampling import SamplingParams
 
 HELP = """commands:
   /budget F   set the skip budget (fraction of blocks skipped while decoding, 0 <= F < 1)
@@ -33,19 +34,32 @@ TTY_LINE_MAX = 4095  # Linux's line-mode (canonical) terminal input keeps this m
 NOTICE_CHARS = 1000  # a message this long, or of several lines, is acknowledged with its size
 
 
+# llama.cpp's chat defaults (common_params_sampling)
+CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
 class ChatSession:
+    """A conversation with ``model``: turn() streams a reply to ``out``, command() runs a /command.
+
+    ``sampling``: Model.generate()'s sampling keywords (temperature, top_k, top_p, min_p, typical_p,
+    repeat_penalty, presence_penalty, frequency_penalty, seed, logit_bias, grammar); unset ones take
+    llama.cpp's chat defaults (CHAT_SAMPLING). A reply takes at most half of n_ctx (``max_tokens`` is
+    capped there; ``max_tokens_asked`` keeps the value given)."""
+
     def __init__(self, model: Model, *, skip_budget: float = 0.0, skip_strategy: str = "auto",
-                 system: str | None = None, max_tokens: int = 512, temperature: float = 0.0,
-                 out: TextIO = sys.stdout):
+                 system: str | None = None, max_tokens: int = 512, out: TextIO = sys.stdout, **sampling):
         self.model = model
-        model._check_skip_args(skip_budget, skip_strategy, None)  # fail early on a bad budget/strategy
+        model.check_skip(skip_budget, skip_strategy, None)  # fail early on a bad budget/strategy
+        self.sampling = {**CHAT_SAMPLING, **sampling}
+        SamplingParams.check(model.n_vocab, **self.sampling)  # ... and on a bad sampling option
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1; got {max_tokens!r}")
         self.skip_budget = skip_budget
         self.skip_strategy = skip_strategy
         self.system = system
         self.max_tokens_asked = max_tokens
         # a reply may take at most half the context: a larger reserve would push the whole history out every turn
         self.max_tokens = min(max_tokens, model.n_ctx // 2)
-        self.temperature = temperature
         self.out = out
         self.messages: list[dict] = []
         self.last: Generation | None = None
@@ -84,7 +98,7 @@ class ChatSession:
                             else "[error] usage: /budget F with 0 <= F < 1")
                 return True
             try:
-                self.model._check_skip_args(value, self.skip_strategy, None)
+                self.model.check_skip(value, self.skip_strategy, None)
             except (ValueError, TypeError) as e:
                 self._print(f"[error] {e}")
             else:
@@ -128,7 +142,7 @@ class ChatSession:
                 self._print(f"[error] {e}")
                 return None
             stream = self.model.stream_chat(self._conversation(), self.skip_budget, max_tokens=self.max_tokens,
-                                            temperature=self.temperature, skip_strategy=self.skip_strategy)
+                                            skip_strategy=self.skip_strategy, **self.sampling)
             for chunk in stream:
                 if chunk.text:
                     reply += chunk.text

@@ -7,6 +7,9 @@ import sys
 
 import click
 
+from .chat import CHAT_SAMPLING
+from .sampling import SamplingParams, check_value
+
 
 class _UserError(click.ClickException):
     """One clear line, non-zero exit, no traceback."""
@@ -36,6 +39,83 @@ decode_lora_option = click.option(
          "--lora-rank writes one); never to the prompt or at skip budget 0.")
 
 
+_GREEDY = SamplingParams()  # generate's defaults: greedy, every other sampler off (chat: CHAT_SAMPLING)
+_NUMERIC_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty")
+
+
+def sampling_options(defaults: dict):
+    """Model.generate()'s sampling keywords as options (llama.cpp's and llama-cpp-python's names); ``defaults``
+    overrides the greedy ones."""
+    d = {name: defaults.get(name, getattr(_GREEDY, name)) for name in _NUMERIC_SAMPLING}
+    opts = [
+        click.option("--temperature", type=float, default=d["temperature"], show_default=True,
+                     help="0: greedy (the most likely token)."),
+        click.option("--top-k", type=int, default=d["top_k"], show_default=True,
+                     help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=d["top_p"], show_default=True,
+                     help="Nucleus threshold in (0, 1] (1: off)."),
+        click.option("--min-p", type=float, default=d["min_p"], show_default=True,
+                     help="Drop tokens below min-p x the top token's probability, in [0, 1] (0: off)."),
+        click.option("--typical-p", type=float, default=d["typical_p"], show_default=True,
+                     help="Locally typical sampling, in (0, 1] (1: off)."),
+        click.option("--repeat-penalty", type=float, default=d["repeat_penalty"], show_default=True,
+                     help="Penalty on tokens among the last 64 generated (1: off)."),
+        click.option("--presence-penalty", type=float, default=d["presence_penalty"], show_default=True,
+                     help="In [-2, 2] (0: off)."),
+        click.option("--frequency-penalty", type=float, default=d["frequency_penalty"], show_default=True,
+                     help="In [-2, 2] (0: off)."),
+        click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN=BIAS",
+                     help="Add BIAS in [-100, 100] to the logit of token id TOKEN (also llama.cpp's TOKEN+BIAS / "
+                          "TOKEN-BIAS); repeatable."),
+        click.option("--grammar", default=None, help="GBNF grammar (with a 'root' rule) the text must follow."),
+        click.option("--grammar-file", type=click.Path(dir_okay=False), default=None,
+                     help="File holding the GBNF grammar."),
+    ]
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return decorate
+
+
+def _parse_logit_bias(items) -> dict[int, float] | None:
+    import re
+
+    out = {}
+    for item in items:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:=\s*([-+]?\S+)|([-+]\S+))\s*", item)
+        try:
+            out[int(m.group(1))] = float(m.group(2) or m.group(3))
+        except (AttributeError, ValueError):
+            raise _UserError(f"--logit-bias must be TOKEN=BIAS (a token id and a number); got {item!r}") from None
+    return out or None
+
+
+def _sampling(kw: dict) -> dict:
+    """Pop the sampling options from a command's keyword arguments; checked, as Model's keywords, before any
+    model loads (messages name the option, its value and its range)."""
+    out = {name: kw.pop(name) for name in _NUMERIC_SAMPLING}
+    for name, v in out.items():
+        try:
+            check_value(name, v)
+        except (TypeError, ValueError) as e:
+            raise _UserError(f"--{name.replace('_', '-')}: {e}") from None
+    out["logit_bias"] = _parse_logit_bias(kw.pop("logit_bias"))
+    grammar, grammar_file = kw.pop("grammar"), kw.pop("grammar_file")
+    if grammar is not None and grammar_file is not None:
+        raise _UserError("give --grammar or --grammar-file, not both")
+    if grammar_file is not None:
+        try:
+            grammar = open(grammar_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _UserError(f"cannot read --grammar-file {grammar_file}: {getattr(e, 'strerror', None) or e}") \
+                from None
+    out["grammar"] = grammar
+    return out
+
+
 def _fmt_summary(gen) -> str:
     skipped = (f"skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}"
                f"{', bypass adapters' if gen.bypassed_layers else ''}{', decode LoRA' if gen.decode_lora else ''}): "
@@ -62,20 +142,22 @@ def main():
                    "(router if the GGUF has routers, else static).")
 @click.option("--skip-layers", default=None, help="Explicit comma-separated block indices to skip.")
 @click.option("--max-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@sampling_options({})
 @click.option("--chat/--raw", "chat", default=True, show_default=True,
               help="Wrap PROMPT as a user message with the GGUF's chat template, or complete it raw.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @threads_option(help="CPU threads (default: half the cores)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 0xFFFFFFFE), default=0, show_default=True,
+              help="Sampling seed: the same seed gives the same text.")
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None,
+              help="With --json: each token's log-probability and its N most likely alternatives.")
 @click.option("--no-bypass", is_flag=True, help="Skipped blocks pass their input through even if the GGUF "
                                                  "has bypass adapters (for comparisons).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON instead of streaming.")
 @decode_lora_option
-def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens, temperature, top_p, chat,
-             system, n_ctx, threads, seed, no_bypass, as_json, decode_lora):
+def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens, chat, system, n_ctx, threads, seed,
+             logprobs, no_bypass, as_json, decode_lora, **sampling):
     """Generate text for PROMPT, skipping blocks chosen from the prompt.
 
     The text streams to stdout; a one-line summary (skipped blocks,
@@ -87,10 +169,11 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
             layers = [int(x) for x in skip_layers.split(",") if x.strip()]
         except ValueError:
             raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
+    sampling = _sampling(sampling)
     m = _load(model, n_ctx, threads, seed, decode_lora)
     m.bypass = not no_bypass
-    kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, skip_strategy=skip_strategy,
-              skip_layers=layers)
+    kw = dict(max_tokens=max_tokens, skip_strategy=skip_strategy, skip_layers=layers, seed=seed, logprobs=logprobs,
+              **sampling)
     try:
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -553,19 +636,29 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--skip-budget", type=float, default=0.0, show_default=True)
 @click.option("--skip-strategy", default="auto", show_default=True)
 @click.option("--system", default=None, help="System message.")
-@click.option("--max-tokens", type=int, default=512, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--max-tokens", type=int, default=512, show_default=True,
+              help="Most tokens per reply (at most half of --n-ctx, so the conversation keeps the other half).")
+@sampling_options(CHAT_SAMPLING)
+@click.option("--seed", type=click.IntRange(0, 0xFFFFFFFE), default=None,
+              help="Seed of the session's replies: the same seed and messages give the same replies "
+                   "(default: a random one).")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @threads_option()
 @decode_lora_option
-def chat(model, skip_budget, skip_strategy, system, max_tokens, temperature, n_ctx, threads, decode_lora):
-    """Chat in the terminal (streaming, multi-turn; /help lists the commands)."""
+def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, threads, decode_lora, **sampling):
+    """Chat in the terminal (streaming, multi-turn; /help lists the commands).
+
+    Sampling defaults to llama.cpp's chat defaults; --temperature 0 is greedy."""
+    import random
+
     from .chat import ChatSession, run
 
-    m = _load(model, n_ctx, threads, decode_lora=decode_lora)
+    sampling = _sampling(sampling)
+    seed = random.SystemRandom().randrange(0xFFFFFFFF) if seed is None else seed
+    m = _load(model, n_ctx, threads, seed=seed, decode_lora=decode_lora)
     try:
         session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,
-                              max_tokens=max_tokens, temperature=temperature)
+                              max_tokens=max_tokens, **sampling)
     except (ValueError, TypeError) as e:
         raise _UserError(str(e)) from None
     run(session)

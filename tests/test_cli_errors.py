@@ -338,3 +338,50 @@ def test_chat_budget_not_a_number(base_model):
     s.command("/budget abc")
     assert out.getvalue().strip() == "[error] /budget needs a number F with 0 <= F < 1; got 'abc'"
     assert s.skip_budget == 0.0
+
+
+# ---------------------------------------------------------------- sampling options of generate and chat
+def _generate_json(base_gguf, *args):
+    res = _invoke("generate", "Name a colour.", "--model", base_gguf, "--threads", 1, "--max-tokens", 6, "--json",
+                  *args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output[res.output.index("{"):])
+
+
+def test_generate_sampling_options_reach_the_sampler(base_gguf):
+    a = _generate_json(base_gguf, "--temperature", 1, "--top-k", 50, "--seed", 3)
+    b = _generate_json(base_gguf, "--temperature", 1, "--top-k", 50, "--seed", 3)
+    assert a["tokens"] == b["tokens"] and a["seed"] == 3
+    forced = _generate_json(base_gguf, "--logit-bias", "28=100", "--logprobs", 2)
+    assert forced["tokens"] == [28] * 6
+    assert len(forced["logprobs"]) == 6 and len(forced["logprobs"][0]["top"]) == 2
+    yes_no = _generate_json(base_gguf, "--grammar", 'root ::= "yes" | "no"')
+    assert yes_no["text"] in ("yes", "no")
+
+
+def test_generate_default_is_greedy(base_gguf):
+    assert _generate_json(base_gguf)["tokens"] == _generate_json(base_gguf, "--top-k", 1, "--temperature", 1)["tokens"]
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"), (["--min-p", "2"], "--min-p"),
+    (["--logit-bias", "5:3"], "5:3"), (["--grammar-file", "/no/such.gbnf"], "/no/such.gbnf"),
+])
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"]])
+def test_bad_sampling_options_fail_before_loading(base_gguf, command, args, shown):
+    res = _invoke(*command, "--model", base_gguf, *args)
+    assert res.exit_code == 1, res.output
+    assert shown in _error_line(res.output)
+
+
+def test_chat_samples_with_llama_cpp_defaults(base_gguf, monkeypatch):
+    sessions = []
+    monkeypatch.setattr("first_gguf.chat.run", sessions.append)
+    assert _invoke("chat", "--model", base_gguf, "--threads", 1).exit_code == 0
+    assert _invoke("chat", "--model", base_gguf, "--threads", 1, "--temperature", 0, "--repeat-penalty", 1.1,
+                   "--seed", 7).exit_code == 0
+    default, greedy = (s.sampling for s in sessions)
+    assert {k: default[k] for k in ("temperature", "top_k", "top_p", "min_p")} == \
+        {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+    assert greedy["temperature"] == 0 and greedy["repeat_penalty"] == 1.1
+    assert sessions[1].model.seed == 7
