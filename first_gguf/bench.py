@@ -13,7 +13,9 @@ without them: the ideal is that of plain block skipping, so the efficiency
 includes the bypasses' cost. A decode-only LoRA (Model(decode_lora=...)) is
 treated the same way: on in the measured configurations, off in the plain ones
 and the floor. Router overhead is the prefill time with routers
-scored vs not scored.
+scored vs not scored. Sampled decoding (llama.cpp's sampler chain at its chat
+defaults, SAMPLED) runs beside greedy at budget 0 and at the largest budget, in
+the same rounds; the report gives its time per token relative to greedy.
 """
 from __future__ import annotations
 
