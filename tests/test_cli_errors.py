@@ -385,3 +385,23 @@ def test_chat_samples_with_llama_cpp_defaults(base_gguf, monkeypatch):
         {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
     assert greedy["temperature"] == 0 and greedy["repeat_penalty"] == 1.1
     assert sessions[1].model.seed == 7
+
+
+def test_chat_without_readline_refuses_a_line_at_the_terminal_limit(monkeypatch):
+    from first_gguf import chat
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setitem(sys.modules, "readline", None)  # import readline -> ImportError
+    typed = ["x" * chat.TTY_LINE_MAX, "short", "y" * chat.TTY_LINE_MAX]
+    monkeypatch.setattr("builtins.input", _reader(typed))
+    read = chat.terminal_input()
+    with pytest.raises(chat.LineCut, match="4095 characters"):
+        read("> ")
+    assert read("> ") == "short"
+    s = _FakeSession()
+    chat.run(s, read)  # the third line, then EOF
+    assert s.texts == [] and any("[error] the line has 4095 characters" in p for p in s.printed)
