@@ -12,8 +12,8 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from ..constants import (BYPASS_DEFINITION, FORMAT_VERSION, ROUTER_DEFINITION, SUPPORTED_ARCHITECTURES, Keys,
-                         Tensors)
+from ..constants import (BYPASS_DEFINITION, FORMAT_VERSION, ROUTER_DEFINITION, SIDECAR_ADAPTER_TYPE,
+                         SUPPORTED_ARCHITECTURES, Keys, Tensors)
 from .gguf_edit import KV, GGUFEditError, rewrite_gguf
 
 
@@ -50,21 +50,8 @@ def _ranking_kv(n_layer: int, rankings: Mapping[str, Mapping]) -> dict[str, KV]:
     return kv
 
 
-def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
-           routers: Mapping[int, tuple[np.ndarray, float | None]] | None = None,
-           rankings: Mapping[str, Mapping] | None = None,
-           router_source: Mapping | None = None,
-           bypasses: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
-           bypass_dtype: str = "f32",
-           force: bool = False, progress: bool = False) -> Path:
-    """Write ``dst`` = ``src`` + routers, bypass adapters and/or static rankings.
-
-    routers: block index -> (weight [n_embd], bias or None). bypasses: block index
-    -> (down [rank, n_embd], up [n_embd, rank]), one rank for all, stored as
-    ``bypass_dtype`` ("f32" or "f16"). Existing first-gguf data of the same kind
-    in ``src`` is replaced. ``force`` overwrites ``dst``.
-    """
-    info = _info(src)
+def _first_data(src, info, routers, rankings, router_source, bypasses, bypass_dtype):
+    """Checked first.* keys and tensors for ``info``'s model (see attach); raises GGUFEditError naming ``src``."""
     if not routers and not rankings and not bypasses:
         raise GGUFEditError("nothing to attach: give routers, bypasses and/or static rankings")
     if bypass_dtype not in ("f32", "f16"):
@@ -127,6 +114,27 @@ def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
     if rankings:
         set_kv.update(_ranking_kv(info.n_layer, rankings))
 
+    return set_kv, tensors
+
+
+def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
+           routers: Mapping[int, tuple[np.ndarray, float | None]] | None = None,
+           rankings: Mapping[str, Mapping] | None = None,
+           router_source: Mapping | None = None,
+           bypasses: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+           bypass_dtype: str = "f32",
+           force: bool = False, progress: bool = False) -> Path:
+    """Write ``dst`` = ``src`` + routers, bypass adapters and/or static rankings.
+
+    routers: block index -> (weight [n_embd], bias or None). bypasses: block index
+    -> (down [rank, n_embd], up [n_embd, rank]), one rank for all, stored as
+    ``bypass_dtype`` ("f32" or "f16"). Existing first-gguf data of the same kind
+    in ``src`` is replaced. ``force`` overwrites ``dst``. ``write_sidecar`` writes
+    the same data to a small file of its own instead.
+    """
+    info = _info(src)
+    set_kv, tensors = _first_data(src, info, routers, rankings, router_source, bypasses, bypass_dtype)
+
     def drop_kv(key: str) -> bool:
         if routers and key.startswith("first.router."):
             return True
@@ -147,3 +155,48 @@ def strip(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False
     """Write ``dst`` = ``src`` without any first-gguf tensor or key (loads in stock llama.cpp)."""
     return rewrite_gguf(src, dst, drop_kv=lambda k: k.startswith(Keys.PREFIX), drop_tensor=Tensors.is_first_tensor,
                         force=force, progress=progress)
+
+
+def write_sidecar(base: str | os.PathLike, dst: str | os.PathLike, *,
+                  routers: Mapping[int, tuple[np.ndarray, float | None]] | None = None,
+                  rankings: Mapping[str, Mapping] | None = None,
+                  router_source: Mapping | None = None,
+                  bypasses: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                  bypass_dtype: str = "f32", force: bool = False) -> Path:
+    """Write a sidecar GGUF for the model ``base``: the same first-gguf data attach() would add (same
+    arguments), in a file of its own that leaves ``base`` untouched, as llama.cpp's LoRA adapters do.
+
+    Header: ``general.type = "adapter"``, ``adapter.type = "first-gguf"``, the base's architecture,
+    block count and width, and ``first.base.fingerprint`` (convert.router_file.fingerprint_gguf of
+    ``base``), which the runtime checks before using the sidecar (first_gguf.gguf_info.read_with_sidecar).
+    """
+    from .gguf_edit import atomic_output
+    from .router_file import fingerprint_gguf
+
+    info = _info(base)
+    if info.router_blocks or info.bypass_blocks or info.static_rankings:
+        raise GGUFEditError(f"{base} already carries first-gguf data; a sidecar is for an untouched base GGUF "
+                            f"(first-gguf strip removes it)")
+    set_kv, tensors = _first_data(base, info, routers, rankings, router_source, bypasses, bypass_dtype)
+    fingerprint = fingerprint_gguf(base)
+    p = Path(dst)
+    if p.exists() and not force:
+        raise GGUFEditError(f"output file exists: {p}; pass force=True (--force) to overwrite")
+    with atomic_output(p) as tmp:
+        w = gguf.GGUFWriter(str(tmp), info.architecture)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, SIDECAR_ADAPTER_TYPE)
+        if info.name:
+            w.add_name(f"{info.name} (first-gguf routers)")
+        w.add_block_count(info.n_layer)
+        w.add_embedding_length(info.n_embd)
+        w.add_string(Keys.BASE_FINGERPRINT, json.dumps(fingerprint, sort_keys=True))
+        for key, kv in set_kv.items():
+            w.add_key_value(key, kv.value, kv.type, kv.sub_type)
+        for name, arr in tensors:
+            w.add_tensor(name, np.ascontiguousarray(arr))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return p

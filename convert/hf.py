@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .attach import attach
+from .attach import attach, write_sidecar
 from .gguf_edit import GGUFEditError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -127,8 +127,17 @@ def merge_lora(base_dir: Path, lora_dir: Path, out_dir: Path) -> Path:
 
 def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f16",
                routers: str | os.PathLike | None = None, rankings: dict | None = None,
-               lora: str | os.PathLike | None = None, force: bool = False, progress: bool = False) -> Path:
+               lora: str | os.PathLike | None = None, sidecar: str | os.PathLike | None = None,
+               force: bool = False, progress: bool = False) -> Path:
+    """Convert a Hugging Face checkpoint to ``output`` with upstream convert_hf_to_gguf.py and add the
+    router file ``routers`` (with its bypasses and rankings) and ``rankings``: into ``output`` itself, or,
+    with ``sidecar``, into that sidecar GGUF beside an untouched ``output``. Returns ``output``."""
     src, out = Path(model_dir), Path(output)
+    side = Path(sidecar) if sidecar is not None else None
+    if side is not None and (routers is None and not rankings):
+        raise GGUFEditError("a sidecar needs routers and/or rankings to hold")
+    if side is not None and side.exists() and not force:
+        raise GGUFEditError(f"output file exists: {side}; pass force=True (--force) to overwrite")
     if outtype not in OUTTYPES:
         raise GGUFEditError(f"unknown outtype {outtype!r}; expected one of {', '.join(OUTTYPES)}")
     _check_hf_dir(src)
@@ -169,5 +178,10 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
             routers_map, source, bypasses = rf.routers(), rf.provenance, rf.bypasses or None
             for name, r in rf.static_rankings.items():
                 ranks.setdefault(name, r)
-        return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source,
-                      bypasses=bypasses, force=True, progress=progress)
+        if side is None:
+            return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source,
+                          bypasses=bypasses, force=True, progress=progress)
+        write_sidecar(base, side, routers=routers_map, rankings=ranks or None, router_source=source,
+                      bypasses=bypasses, force=True)
+        os.replace(base, out)
+        return out

@@ -90,12 +90,12 @@ def fingerprint_gguf(path: str | os.PathLike) -> dict:
     return fingerprint_from_arrays(str(arch), int(n_layer), int(n_embd), int(n_vocab or 0), ref)
 
 
-def compare_fingerprints(expected: dict, got: dict) -> list[str]:
-    """Differences between a router file's fingerprint and a model's, as readable lines."""
+def compare_fingerprints(expected: dict, got: dict, *, made_for: str = "routers were trained for") -> list[str]:
+    """Differences between a router file's (or sidecar's) fingerprint and a model's, as readable lines."""
     out = []
     for key in ("architecture", "n_layer", "n_embd", "n_vocab", "ref_sha256"):
         if key in expected and expected[key] != got.get(key):
-            out.append(f"{key}: routers were trained for {expected[key]!r}, the model has {got.get(key)!r}")
+            out.append(f"{key}: {made_for} {expected[key]!r}, the model has {got.get(key)!r}")
     return out
 
 

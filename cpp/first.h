@@ -45,6 +45,7 @@ extern "C" {
 #define FIRST_ERR_MASK_ALL       -4 // the mask would skip every block
 #define FIRST_ERR_NO_ROUTERS     -5 // routing asked for on a model without router tensors
 #define FIRST_ERR_BUFFER         -6 // output buffer too small
+#define FIRST_ERR_SIDECAR        -7 // the sidecar file is unreadable or does not fit the model (see err)
 
 // 1 if the model's graph builder honours skip masks (llama family), else 0
 FIRST_API int32_t first_model_supports_skip(const struct llama_model * model);
@@ -54,6 +55,21 @@ FIRST_API int32_t first_model_n_routers(const struct llama_model * model);
 
 // number of blocks that carry a bypass adapter
 FIRST_API int32_t first_model_n_bypasses(const struct llama_model * model);
+
+// Attach a first-gguf sidecar GGUF (general.type = "adapter", adapter.type =
+// "first-gguf") to a loaded model: its blk.N.router.{weight,bias} and
+// blk.N.bypass.{down,up}.weight tensors are read into a buffer of the model's
+// own buffer type and used as if the model file held them; the model file is
+// not touched. Call before creating any context of the model. Everything is
+// checked before anything is applied (architecture, block indices, shapes,
+// types, one bypass rank; a model that already carries first-gguf tensors is
+// refused): on error nothing changes and err (when not NULL) holds one line.
+// The memory is released with the model.
+FIRST_API int32_t first_model_attach_sidecar(
+        struct llama_model * model,
+        const char         * path,
+        char               * err,
+        size_t               err_size);
 
 // Apply bypass adapters to skipped blocks (default: enabled), for every
 // sequence of the context. Takes effect from the next llama_decode.

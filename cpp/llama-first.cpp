@@ -11,8 +11,11 @@
 #include "llama-model-loader.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
+#include "gguf.h"
 
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 
 struct first_seq {
@@ -193,8 +196,179 @@ int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & dow
 }
 
 //
+// sidecar GGUF: routers and bypasses for a model loaded from an untouched file
+//
+
+struct first_sidecar {
+    ggml_context_ptr        ctx; // tensor descriptors (no data)
+    ggml_backend_buffer_ptr buf; // their data, in the model's buffer type
+};
+
+// the tensors a sidecar may hold, per block
+struct first_sidecar_layer {
+    ggml_tensor * router   = nullptr;
+    ggml_tensor * router_b = nullptr;
+    ggml_tensor * down     = nullptr;
+    ggml_tensor * up       = nullptr;
+};
+
+static std::string first_shape(const ggml_tensor * t) {
+    return format("[%lld, %lld, %lld, %lld]", (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2],
+            (long long) t->ne[3]);
+}
+
+// parse "blk.N.<kind>" with kind one of the sidecar tensors; returns the slot or nullptr
+static ggml_tensor ** first_sidecar_slot(std::vector<first_sidecar_layer> & layers, const char * name) {
+    int bid = -1;
+    int n   = 0;
+    if (std::sscanf(name, "blk.%d.%n", &bid, &n) != 1 || n == 0 || bid < 0 || bid >= (int) layers.size()) {
+        return nullptr;
+    }
+    const std::string kind = name + n;
+    auto & l = layers[bid];
+    if (kind == "router.weight")      { return &l.router;   }
+    if (kind == "router.bias")        { return &l.router_b; }
+    if (kind == "bypass.down.weight") { return &l.down;     }
+    if (kind == "bypass.up.weight")   { return &l.up;       }
+    return nullptr;
+}
+
+static std::shared_ptr<first_sidecar> first_load_sidecar(const llama_model & model, const char * path,
+        std::vector<first_sidecar_layer> & layers) {
+    const int64_t n_embd  = model.hparams.n_embd;
+    const int     n_layer = (int) model.hparams.n_layer();
+    if (!first_arch_supported(model.arch)) {
+        throw std::runtime_error(format("the model's architecture '%s' has no layer-skip support", llm_arch_name(model.arch)));
+    }
+    for (const auto & layer : model.layers) {
+        if (layer.router || layer.router_b || layer.bypass_down || layer.bypass_up) {
+            throw std::runtime_error("the model file already carries first-gguf tensors; load the base GGUF "
+                    "without them (first-gguf strip) to use a sidecar");
+        }
+    }
+
+    ggml_context * meta = nullptr;
+    gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ &meta };
+    gguf_context_ptr gctx { gguf_init_from_file(path, params) };
+    if (!gctx) {
+        throw std::runtime_error("not a readable GGUF file");
+    }
+    auto sidecar = std::make_shared<first_sidecar>();
+    sidecar->ctx.reset(meta);
+
+    auto get_str = [&](const char * key) -> std::string {
+        const int64_t i = gguf_find_key(gctx.get(), key);
+        return i >= 0 && gguf_get_kv_type(gctx.get(), i) == GGUF_TYPE_STRING ? gguf_get_val_str(gctx.get(), i) : "";
+    };
+    if (get_str("general.type") != "adapter" || get_str("adapter.type") != "first-gguf") {
+        throw std::runtime_error(format("not a first-gguf sidecar (general.type '%s', adapter.type '%s'; expected "
+                "'adapter' and 'first-gguf')", get_str("general.type").c_str(), get_str("adapter.type").c_str()));
+    }
+    const std::string arch = get_str("general.architecture");
+    if (arch != llm_arch_name(model.arch)) {
+        throw std::runtime_error(format("made for architecture '%s'; the model is '%s'", arch.c_str(),
+                llm_arch_name(model.arch)));
+    }
+
+    layers.assign(n_layer, {});
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        ggml_tensor ** slot = first_sidecar_slot(layers, ggml_get_name(t));
+        if (!slot) {
+            throw std::runtime_error(format("unexpected tensor '%s' (expected blk.N.router.weight/bias or "
+                    "blk.N.bypass.down/up.weight with N < %d)", ggml_get_name(t), n_layer));
+        }
+        *slot = t;
+    }
+    int64_t rank = 0;
+    int n_tensors = 0;
+    for (int il = 0; il < n_layer; ++il) {
+        const auto & l = layers[il];
+        if (l.router_b && !l.router) {
+            throw std::runtime_error(format("tensor 'blk.%d.router.bias' has no matching 'blk.%d.router.weight'", il, il));
+        }
+        if (l.router && (l.router->type != GGML_TYPE_F32 || l.router->ne[0] != n_embd || ggml_nelements(l.router) != n_embd)) {
+            throw std::runtime_error(format("tensor 'blk.%d.router.weight' must be f32 [%lld, 1]; got %s %s", il,
+                    (long long) n_embd, ggml_type_name(l.router->type), first_shape(l.router).c_str()));
+        }
+        if (l.router_b && (l.router_b->type != GGML_TYPE_F32 || ggml_nelements(l.router_b) != 1)) {
+            throw std::runtime_error(format("tensor 'blk.%d.router.bias' must be f32 [1]; got %s %s", il,
+                    ggml_type_name(l.router_b->type), first_shape(l.router_b).c_str()));
+        }
+        if (!l.down != !l.up) {
+            throw std::runtime_error(format("block %d has a bypass %s tensor but no %s tensor", il,
+                    l.down ? "down" : "up", l.down ? "up" : "down"));
+        }
+        if (l.down) {
+            const int64_t r = l.down->ne[1];
+            const bool types = (l.down->type == GGML_TYPE_F32 || l.down->type == GGML_TYPE_F16) && l.up->type == l.down->type;
+            if (!types || ggml_n_dims(l.down) != 2 || l.down->ne[0] != n_embd || r < 1 || r > n_embd ||
+                    ggml_n_dims(l.up) != 2 || l.up->ne[0] != r || l.up->ne[1] != n_embd) {
+                throw std::runtime_error(format("bypass of block %d must be f32 or f16 down [%lld, rank] and up [rank, "
+                        "%lld]; got %s %s and %s %s", il, (long long) n_embd, (long long) n_embd,
+                        ggml_type_name(l.down->type), first_shape(l.down).c_str(), ggml_type_name(l.up->type),
+                        first_shape(l.up).c_str()));
+            }
+            if (rank && r != rank) {
+                throw std::runtime_error(format("bypasses of different ranks (%lld and %lld)", (long long) rank, (long long) r));
+            }
+            rank = r;
+        }
+        n_tensors += (l.router != nullptr) + (l.router_b != nullptr) + 2 * (l.down != nullptr);
+    }
+    if (n_tensors == 0) {
+        throw std::runtime_error("holds no router or bypass tensor");
+    }
+
+    // the data, in the buffer type of the model's own block weights (CPU here; a GPU buffer where the model is)
+    ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
+    if (!model.layers.empty() && model.layers[0].attn_norm && model.layers[0].attn_norm->buffer) {
+        buft = ggml_backend_buffer_get_type(model.layers[0].attn_norm->buffer);
+    }
+    sidecar->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(meta, buft));
+    if (!sidecar->buf) {
+        throw std::runtime_error("could not allocate the tensors' buffer");
+    }
+    std::unique_ptr<FILE, decltype(&std::fclose)> f(std::fopen(path, "rb"), &std::fclose);
+    if (!f) {
+        throw std::runtime_error("cannot open the file for reading");
+    }
+    std::vector<uint8_t> data;
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        const int64_t ti = gguf_find_tensor(gctx.get(), ggml_get_name(t));
+        const size_t offs = gguf_get_data_offset(gctx.get()) + gguf_get_tensor_offset(gctx.get(), ti);
+        data.resize(ggml_nbytes(t));
+        if (std::fseek(f.get(), (long) offs, SEEK_SET) != 0 || std::fread(data.data(), 1, data.size(), f.get()) != data.size()) {
+            throw std::runtime_error(format("tensor '%s' is cut short (the file is truncated)", ggml_get_name(t)));
+        }
+        ggml_backend_tensor_set(t, data.data(), 0, data.size());
+    }
+    return sidecar;
+}
+
+//
 // C API
 //
+
+int32_t first_model_attach_sidecar(llama_model * model, const char * path, char * err, size_t err_size) {
+    std::vector<first_sidecar_layer> layers;
+    try {
+        auto sidecar = first_load_sidecar(*model, path, layers);
+        for (size_t il = 0; il < layers.size(); ++il) { // everything checked and read: apply all at once
+            auto & dst = model->layers[il];
+            dst.router      = layers[il].router;
+            dst.router_b    = layers[il].router_b;
+            dst.bypass_down = layers[il].down;
+            dst.bypass_up   = layers[il].up;
+        }
+        model->first_sidecar = std::move(sidecar);
+        return FIRST_OK;
+    } catch (const std::exception & e) {
+        if (err && err_size > 0) {
+            std::snprintf(err, err_size, "%s: %s", path, e.what());
+        }
+        return FIRST_ERR_SIDECAR;
+    }
+}
 
 static first_seq * first_get_seq(const llama_context * ctx, llama_seq_id seq_id) {
     if (seq_id < 0 || (uint32_t) seq_id >= ctx->n_seq_max()) {

@@ -15,26 +15,33 @@ __version__ = "0.1.0"
 
 
 def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-         seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None) -> Model:
+         seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None,
+         routers: str | os.PathLike | None = None) -> Model:
     """Load a GGUF model on the patched runtime.
 
     Args:
         model: path to a GGUF file; None loads the embedded default model
-            (SmolLM2-135M-Instruct Q4_1 with first-gguf's static ranking),
-            downloading and verifying it on first use.
+            (the upstream SmolLM2-135M-Instruct Q4_1 GGUF with first-gguf's shipped
+            sidecar: routers, bypass adapters, static rankings), downloading and
+            verifying it on first use.
         n_ctx: context length in tokens.
         n_threads: CPU threads (default: half the cores).
         seed: sampler seed.
         verbose: show llama.cpp's log.
         decode_lora: a llama.cpp LoRA adapter GGUF attached only while blocks are skipped (see Model).
+        routers: a first-gguf sidecar GGUF for ``model`` (see Model); with model=None, the default
+            model's own sidecar unless given.
     """
     if model is None:
-        from .default_model import default_model_path
+        from .default_model import base_gguf_path, default_sidecar_path
 
-        model = default_model_path()
+        model, routers = base_gguf_path(), routers if routers is not None else default_sidecar_path()
     elif not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path to a GGUF file or None; got {type(model).__name__}")
-    return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose, decode_lora=decode_lora)
+    if routers is not None and not isinstance(routers, (str, os.PathLike)):
+        raise TypeError(f"routers must be a path to a first-gguf sidecar GGUF or None; got {type(routers).__name__}")
+    return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose, decode_lora=decode_lora,
+                 routers=routers)
 
 
 __all__ = ["load", "Model", "Generation", "GenerationChunk", "ScoreResult", "__version__"]

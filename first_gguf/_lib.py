@@ -23,6 +23,7 @@ FIRST_ERRORS = {
     -4: "the mask would skip every block",
     -5: "the model has no router tensors",
     -6: "output buffer too small",
+    -7: "the sidecar is unreadable or does not fit the model",
 }
 
 
@@ -95,6 +96,9 @@ first_get_router_scores = _bind(
     _c.c_int32,
 )
 first_clear_router_scores = _bind("first_clear_router_scores", [_ctx_p, _c.c_int32], None)
+first_model_attach_sidecar = _bind(
+    "first_model_attach_sidecar", [_model_p, _c.c_char_p, _c.c_char_p, _c.c_size_t], _c.c_int32
+)
 first_set_layer_inp_output = _bind("first_set_layer_inp_output", [_ctx_p, _c.c_int32, _c.c_bool], None)
 first_get_layer_inp = _bind("first_get_layer_inp", [_ctx_p, _c.c_int32], _c.POINTER(_c.c_float))
 

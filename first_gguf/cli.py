@@ -15,11 +15,12 @@ class _UserError(click.ClickException):
     """One clear line, non-zero exit, no traceback."""
 
 
-def _load(model, n_ctx, threads, seed=0, decode_lora=None):
+def _load(model, n_ctx, threads, seed=0, decode_lora=None, routers=None):
     import first_gguf
 
     try:
-        return first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed, decode_lora=decode_lora)
+        return first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed, decode_lora=decode_lora,
+                               routers=routers)
     except (ValueError, TypeError, RuntimeError) as e:
         raise _UserError(str(e)) from None
 
@@ -32,6 +33,11 @@ def threads_option(default: int | None = None, help: str | None = None):
                         show_default=default is not None,
                         help=f"{help or 'CPU threads'} (1 to {MAX_THREADS}: 4x the logical cores).")
 
+
+routers_option = click.option(
+    "--routers", type=click.Path(dir_okay=False), default=None,
+    help="first-gguf sidecar GGUF (routers, bypass adapters, static rankings) for the model, which stays "
+         "untouched (first-gguf attach --sidecar writes one; the default model brings its own).")
 
 decode_lora_option = click.option(
     "--decode-lora", type=click.Path(dir_okay=False), default=None,
@@ -156,8 +162,9 @@ def main():
                                                  "has bypass adapters (for comparisons).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON instead of streaming.")
 @decode_lora_option
+@routers_option
 def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens, chat, system, n_ctx, threads, seed,
-             logprobs, no_bypass, as_json, decode_lora, **sampling):
+             logprobs, no_bypass, as_json, decode_lora, routers, **sampling):
     """Generate text for PROMPT, skipping blocks chosen from the prompt.
 
     The text streams to stdout; a one-line summary (skipped blocks,
@@ -170,7 +177,7 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
         except ValueError:
             raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
     sampling = _sampling(sampling)
-    m = _load(model, n_ctx, threads, seed, decode_lora)
+    m = _load(model, n_ctx, threads, seed, decode_lora, routers)
     m.bypass = not no_bypass
     kw = dict(max_tokens=max_tokens, skip_strategy=skip_strategy, skip_layers=layers, seed=seed, logprobs=logprobs,
               **sampling)
@@ -200,20 +207,24 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True)
-def info(model, as_json):
-    """Print architecture, block count and first-gguf data of MODEL (default: the embedded model)."""
-    from .gguf_info import read_info
+@routers_option
+def info(model, as_json, routers):
+    """Print architecture, block count and first-gguf data of MODEL (default: the embedded model), or of
+    MODEL with the sidecar --routers."""
+    from .gguf_info import read_info, read_with_sidecar
 
     if model is None:
-        from .default_model import default_model_path
+        from .default_model import base_gguf_path, default_sidecar_path
 
-        model = default_model_path()
+        model, routers = base_gguf_path(), routers if routers is not None else default_sidecar_path()
     try:
-        inf = read_info(model)
+        inf = read_info(model) if routers is None else read_with_sidecar(model, routers)
     except ValueError as e:
         raise _UserError(str(e)) from None
     d = {
         "path": str(inf.path),
+        "routers_path": str(inf.routers_path) if inf.routers_path else None,
+        "sidecar": inf.sidecar,
         "architecture": inf.architecture,
         "name": inf.name,
         "file_type": inf.file_type,
@@ -231,7 +242,9 @@ def info(model, as_json):
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    click.echo(f"file           {d['path']}")
+    click.echo(f"file           {d['path']}{'  (a first-gguf sidecar)' if inf.sidecar else ''}")
+    if inf.routers_path:
+        click.echo(f"sidecar        {inf.routers_path}")
     click.echo(f"architecture   {inf.architecture}  ({inf.name or 'unnamed'}, {inf.file_type or '?'})")
     click.echo(f"blocks         {inf.n_layer}   n_embd {inf.n_embd}")
     click.echo(f"layer skipping {'supported' if inf.supports_skip else 'not supported by the patch'}")
@@ -283,7 +296,8 @@ def _parse_budgets(text: str) -> list[float]:
 @threads_option(1)
 @click.option("--json", "as_json", is_flag=True)
 @decode_lora_option
-def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, threads, as_json, decode_lora):
+@routers_option
+def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, threads, as_json, decode_lora, routers):
     """Decode/prefill tok/s per skip budget, interleaved, medians and ratios from one run."""
     from .bench import format_table, run_bench
 
@@ -292,7 +306,7 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
     if prompt_tokens + gen_tokens + 1 > n_ctx:
         raise _UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} do not fit the bench's "
                          f"context of {n_ctx} tokens; expected a sum below {n_ctx}")
-    m = _load(model, n_ctx, threads, decode_lora=decode_lora)
+    m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers)
     try:
         result = run_bench(m, values, skip_strategy=skip_strategy, repeats=repeats, gen_tokens=gen_tokens,
                            prompt_tokens=prompt_tokens, progress=lambda s: click.echo(s, err=True))
@@ -317,7 +331,8 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
 @click.option("--onpolicy-tokens", type=int, default=32, show_default=True, help="Sampled tokens per prompt.")
 @threads_option()
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpolicy_tokens, threads, force):
+@routers_option
+def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpolicy_tokens, threads, force, routers):
     """Compute a static skip ranking by greedy loss calibration on local text."""
     from pathlib import Path
 
@@ -330,7 +345,7 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
         from .default_model import base_gguf_path
 
         model = base_gguf_path()
-    m = _load(model, 4096, threads)
+    m = _load(model, 4096, threads, routers=routers)
     try:
         result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set, n_candidates=n_candidates, seed=seed,
                                         criterion=criterion, onpolicy_tokens=onpolicy_tokens,
@@ -386,12 +401,17 @@ def _convert_errors(fn):
 @click.option("--ranking", "rankings", multiple=True, type=click.Path(dir_okay=False),
               help="Static ranking JSON (from first-gguf rank) to store; repeatable, the first is the default.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
-def attach(base, routers, output, rankings, force):
+@click.option("--sidecar", is_flag=True,
+              help="Write OUTPUT as a sidecar GGUF holding only the first-gguf data, for BASE left untouched "
+                   "(load with --routers OUTPUT); other llama.cpp tools keep opening BASE.")
+def attach(base, routers, output, rankings, force, sidecar):
     """Add routers (a router .safetensors file, with its bypass adapters if any) and/or static rankings to a GGUF.
 
-    Every other tensor and key is copied bit-identically, whatever the quant type.
+    Every other tensor and key is copied bit-identically, whatever the quant type. With --sidecar the data
+    goes to a small file of its own instead, as llama.cpp's LoRA adapters do.
     """
     from .convert.attach import attach as do_attach
+    from .convert.attach import write_sidecar
     from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
 
     def run():
@@ -409,6 +429,9 @@ def attach(base, routers, output, rankings, force):
         if routers:
             for name, r in rf.static_rankings.items():
                 ranks.setdefault(name, r)
+        if sidecar:
+            return write_sidecar(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
+                                 bypasses=bypasses, force=force)
         return do_attach(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
                          bypasses=bypasses, force=force, progress=True)
 
@@ -453,8 +476,11 @@ def quantize(model, output, qtype, threads, allow_requantize, force):
               help="Static ranking JSON to store; repeatable.")
 @click.option("--lora", type=click.Path(file_okay=False), default=None,
               help="PEFT LoRA adapter merged into the weights before conversion.")
+@click.option("--sidecar", type=click.Path(dir_okay=False), default=None,
+              help="Write the routers and rankings to this sidecar GGUF and OUTPUT without them (the form every "
+                   "llama.cpp tool opens; load with --routers SIDECAR).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
-def convert(model_dir, output, outtype, routers, rankings, lora, force):
+def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force):
     """Convert a Hugging Face checkpoint to GGUF (upstream convert_hf_to_gguf.py) with routers."""
     from .convert.hf import convert_hf
 
@@ -464,7 +490,7 @@ def convert(model_dir, output, outtype, routers, rankings, lora, force):
             r = _read_ranking(path)
             ranks[r["name"]] = r
         return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=ranks or None,
-                          lora=lora, force=force, progress=True)
+                          lora=lora, sidecar=sidecar, force=force, progress=True)
 
     out = _convert_errors(run)
     click.echo(f"wrote {out}", err=True)
@@ -601,9 +627,10 @@ def _parse_option(option: str, parse, value):
 @threads_option(1)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Results folder (resumable).")
 @decode_lora_option
+@routers_option
 def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n_heldout, gen_tokens,
              onpolicy_tokens, greedy_tokens, seed, split_name, random_seeds, no_bench, no_bypass, threads, output,
-             decode_lora):
+             decode_lora, routers):
     """Quality per task/source, strategy and budget (extra NLL, agreement, task metric; on-policy KL and
     repetition with --measures), speed, plots; then a table of the means per group."""
     from .evaluate import EvalConfig, evaluate, measures_table, parse_measures, summary_table
@@ -615,7 +642,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     measures = _parse_option("--measures", parse_measures, measures)
     if model is not None and not os.path.isfile(model):
         raise _UserError(f"model not found: {model}")
-    m = _load(model, 4096, threads, decode_lora=decode_lora)
+    m = _load(model, 4096, threads, decode_lora=decode_lora, routers=routers)
     m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
                      strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
@@ -645,7 +672,9 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @threads_option()
 @decode_lora_option
-def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, threads, decode_lora, **sampling):
+@routers_option
+def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, threads, decode_lora, routers,
+         **sampling):
     """Chat in the terminal (streaming, multi-turn; /help lists the commands).
 
     Sampling defaults to llama.cpp's chat defaults; --temperature 0 is greedy."""
@@ -655,7 +684,7 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, thr
 
     sampling = _sampling(sampling)
     seed = random.SystemRandom().randrange(0xFFFFFFFF) if seed is None else seed
-    m = _load(model, n_ctx, threads, seed=seed, decode_lora=decode_lora)
+    m = _load(model, n_ctx, threads, seed=seed, decode_lora=decode_lora, routers=routers)
     try:
         session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,
                               max_tokens=max_tokens, **sampling)
@@ -711,12 +740,13 @@ def _echo_when_listening(host: str, port: int, text: str) -> None:
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @threads_option()
 @decode_lora_option
-def serve(model, host, port, api_key, n_ctx, threads, decode_lora):
+@routers_option
+def serve(model, host, port, api_key, n_ctx, threads, decode_lora, routers):
     """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions) with skip_budget."""
     from .server import serve as do_serve
 
     _check_can_bind(host, port)  # before the model loads: a port in use is a one-line error at once
-    m = _load(model, n_ctx, threads, decode_lora=decode_lora)
+    m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers)
     _echo_when_listening(host, port, f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1")
     do_serve(m, host=host, port=port, api_key=api_key)
 

@@ -33,6 +33,7 @@ class Keys:
     STATIC_RANKINGS = "first.static_rankings"        # string array, names of stored rankings, default first
     STATIC_RANKING = "first.static_ranking.{name}"   # int32 array, block indices, most skippable first
     STATIC_RANKING_SOURCE = "first.static_ranking.{name}.source"  # string, JSON provenance
+    BASE_FINGERPRINT = "first.base.fingerprint"      # string, JSON: the model a sidecar belongs to
 
     PREFIX = "first."
 
@@ -59,6 +60,9 @@ class Tensors:
 
 
 FORMAT_VERSION = 1
+
+# adapter.type of a sidecar GGUF (general.type = "adapter"): first-gguf data for an untouched base GGUF
+SIDECAR_ADAPTER_TYPE = "first-gguf"
 
 # GGUF architectures whose graph builder honours skip masks (cpp/llama-first.cpp)
 SUPPORTED_ARCHITECTURES = ("llama", "llama-embed")

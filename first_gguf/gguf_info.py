@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .constants import SUPPORTED_ARCHITECTURES, Keys, Tensors
+from .constants import SIDECAR_ADAPTER_TYPE, SUPPORTED_ARCHITECTURES, Keys, Tensors
 from .convert.gguf_edit import GGUFEditError, field_value, read_gguf
 
 
@@ -32,6 +32,9 @@ class GGUFInfo:
     router_source: dict | None = None
     bypass_blocks: list[int] = field(default_factory=list)
     bypass_rank: int = 0
+    sidecar: bool = False                 # a first-gguf sidecar (general.type adapter), not a model
+    base_fingerprint: dict | None = None  # a sidecar's: the model it belongs to
+    routers_path: Path | None = None      # where the first-gguf data was read from, when not ``path``
 
     @property
     def supports_skip(self) -> bool:
@@ -154,6 +157,11 @@ def read_info(path: str | Path) -> GGUFInfo:
         if src is not None:
             sources[rname] = src
 
+    gtype = field_value(reader, gguf.Keys.General.TYPE)
+    sidecar = gtype == gguf.GGUFType.ADAPTER and field_value(reader, gguf.Keys.Adapter.TYPE) == SIDECAR_ADAPTER_TYPE
+    base_fp = _json_or_text(field_value(reader, Keys.BASE_FINGERPRINT)) if sidecar else None
+    if sidecar and not isinstance(base_fp, dict):
+        errors.append(f"sidecar without a valid {Keys.BASE_FINGERPRINT} (the model it belongs to)")
     if errors:
         raise ValueError(f"{p}: invalid first-gguf data:\n  " + "\n  ".join(errors))
 
@@ -171,4 +179,37 @@ def read_info(path: str | Path) -> GGUFInfo:
         router_source=_json_or_text(field_value(reader, Keys.ROUTER_SOURCE)),
         bypass_blocks=sorted(bypass),
         bypass_rank=ranks.pop() if ranks else 0,
+        sidecar=sidecar,
+        base_fingerprint=base_fp,
     )
+
+
+def read_with_sidecar(base: str | Path, sidecar: str | Path) -> GGUFInfo:
+    """The model ``base`` as the runtime sees it with the first-gguf ``sidecar`` attached: base's header,
+    the sidecar's routers, bypasses and rankings. Raises ValueError naming both files and what differs
+    when the sidecar is not a first-gguf sidecar, belongs to another model (architecture, block count,
+    width, vocabulary or the fingerprint tensor differ), or base already carries first-gguf data."""
+    from .convert.router_file import RouterFileError, compare_fingerprints, fingerprint_gguf
+
+    side = read_info(sidecar)
+    if not side.sidecar:
+        raise ValueError(f"{sidecar}: not a first-gguf sidecar (expected general.type 'adapter' and "
+                         f"adapter.type '{SIDECAR_ADAPTER_TYPE}'; first-gguf attach --sidecar writes one)")
+    info = read_info(base)
+    if info.sidecar:
+        raise ValueError(f"{base}: is a first-gguf sidecar, not a model; pass the base GGUF as the model")
+    if info.router_blocks or info.bypass_blocks or info.static_rankings:
+        raise ValueError(f"{base} already carries first-gguf data, so the sidecar {sidecar} cannot be attached "
+                         f"to it; use the untouched base GGUF (first-gguf strip)")
+    try:
+        got = fingerprint_gguf(base)
+    except RouterFileError as e:
+        raise ValueError(str(e)) from None
+    diff = compare_fingerprints(side.base_fingerprint, got, made_for="the sidecar was made for")
+    if diff:
+        raise ValueError(f"sidecar {sidecar} does not belong to {base}: " + "; ".join(diff))
+    info.router_blocks, info.router_has_bias = side.router_blocks, side.router_has_bias
+    info.static_rankings, info.static_sources = side.static_rankings, side.static_sources
+    info.router_source, info.bypass_blocks, info.bypass_rank = side.router_source, side.bypass_blocks, side.bypass_rank
+    info.routers_path = side.path
+    return info

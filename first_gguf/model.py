@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import llama_cpp
-from .gguf_info import GGUFInfo, read_info
+from .gguf_info import GGUFInfo, read_info, read_with_sidecar
 from .sampling import SEED_MAX, Sampler, SamplingParams, top_logprobs
 
 # the sampling keywords of generate / chat / their streaming forms (llama-cpp-python's create_completion names)
@@ -276,17 +276,29 @@ class Model:
         decode_lora: a llama.cpp LoRA adapter GGUF (``first-gguf train --lora-rank`` writes one) attached
             only while blocks are skipped: to decoded / scored tokens after the full-depth prefill, never
             to the prompt, and not at all with skip_budget=0.
+        routers: a first-gguf sidecar GGUF (``first-gguf attach --sidecar`` writes one) whose routers,
+            bypass adapters and static rankings are attached to the model at load time; ``path`` stays the
+            untouched base GGUF. Refused, naming both files, when it was made for another model.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None) -> None:
+                 seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None,
+                 routers: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         self.n_ctx = _check_int("n_ctx", n_ctx, 16)
         if n_threads is not None:
             n_threads = _check_int("n_threads", n_threads, 1, max_threads(),
                                    f" (1 to 4x the {os.cpu_count()} logical CPUs)")
         self.seed = _check_int("seed", seed, 0)
-        self.info: GGUFInfo = read_info(self.path)
+        if routers is not None and not Path(routers).is_file():
+            raise ValueError(f"router sidecar not found: {routers}; expected a first-gguf sidecar GGUF "
+                             f"(first-gguf attach --sidecar writes one)")
+        # the first-gguf data comes from the sidecar when one is given (checked against the model first)
+        self.info: GGUFInfo = read_info(self.path) if routers is None else read_with_sidecar(self.path, routers)
+        if self.info.sidecar:
+            raise ValueError(f"{self.path}: is a first-gguf sidecar, not a model; load its base GGUF with "
+                             f"routers={self.path}")
+        self.routers_path: Path | None = self.info.routers_path  # None: the data is inside the GGUF
 
         from llama_cpp import Llama
 
@@ -299,6 +311,8 @@ class Model:
         except ValueError as e:
             raise ValueError(f"failed to load model from {self.path}: {_LOG.detail(str(e))}") from None
         self.n_threads = self._llama.n_threads
+        if self.routers_path is not None:
+            self._attach_sidecar(verbose)
         self._ctx = self._llama._ctx.ctx
         self._model = self._llama._model.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -323,6 +337,24 @@ class Model:
         self.use_decode_lora = True  # attach it while skipping (off: comparisons)
         if decode_lora is not None:
             self._load_decode_lora(Path(decode_lora))
+
+    def _attach_sidecar(self, verbose: bool) -> None:
+        """Attach the sidecar's tensors to the loaded model (the C side checks them again and applies all or
+        nothing), then give the Llama a fresh context: one made before the attach does not see them."""
+        from llama_cpp import _internals
+
+        err = ctypes.create_string_buffer(1024)
+        rc = _lib.first_model_attach_sidecar(self._llama._model.model, str(self.routers_path).encode("utf-8"),
+                                             err, len(err))
+        if rc != _lib.FIRST_OK:
+            self._llama.close()
+            self._llama = None
+            raise ValueError(f"cannot attach {self.routers_path} to {self.path}: "
+                             f"{err.value.decode('utf-8', 'replace') or _lib.FIRST_ERRORS.get(rc, rc)}")
+        old = self._llama._ctx
+        self._llama._ctx = self._llama._stack.enter_context(contextlib.closing(
+            _internals.LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=verbose)))
+        old.close()
 
     def _load_decode_lora(self, path: Path) -> None:
         if not path.is_file():

@@ -60,6 +60,10 @@ model. The KL of the routed set is backpropagated into it. It is written as a
 llama.cpp LoRA adapter GGUF beside the router file (``<stem>.lora.gguf``), for
 ``Model(..., decode_lora=...)`` / ``--decode-lora``.
 
+When ``--model`` is a GGUF without first-gguf data, the same routers, bypasses and rankings are also
+written as a sidecar GGUF beside the router file (``<stem>.sidecar.gguf``), for
+``first_gguf.load(model, routers=...)`` / ``--routers``.
+
 Static baselines computed here and stored in the router file: ``router_mean``
 (mean router score over the training data, lowest first: FiRST without
 adaptivity) and ``block_influence`` (ShortGPT: 1 - cos(h_in, h_out) averaged
@@ -1082,6 +1086,11 @@ def lora_path(output) -> Path:
     return Path(output).with_suffix(".lora.gguf")
 
 
+def sidecar_path(output) -> Path:
+    """Where the sidecar GGUF of a router file ``output`` is written: <stem>.sidecar.gguf beside it."""
+    return Path(output).with_suffix(".sidecar.gguf")
+
+
 def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, bypass=None) -> None:
     from .convert.router_file import RouterFile, save_router_file
 
@@ -1105,6 +1114,15 @@ def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, 
         down, up = bypass.down.detach().float().numpy(), bypass.up.detach().float().numpy()
         rf.bypasses = {il: (down[il], up[il]) for il in range(L)}
     save_router_file(cfg.output, rf, force=True)
+    if Path(cfg.model).suffix == ".gguf":
+        from .convert.attach import write_sidecar
+        from .convert.gguf_edit import GGUFEditError
+
+        try:  # the same data as a sidecar GGUF for the model trained on, ready for --routers
+            write_sidecar(cfg.model, sidecar_path(cfg.output), routers=rf.routers(), rankings=statics,
+                          router_source=provenance, bypasses=rf.bypasses or None, force=True)
+        except GGUFEditError as e:  # e.g. the model already carries first-gguf data
+            print(f"[first-gguf] no sidecar written: {e}", file=sys.stderr)
     if lora is not None:
         lora.save_gguf(lora_path(cfg.output), model, provenance={"router_file": str(cfg.output),
                                                                  "command": provenance["command"],

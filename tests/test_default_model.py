@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import first_gguf
 from first_gguf.cli import main
 from first_gguf.convert.router_file import load_router_file
-from first_gguf.default_model import (GGUF_SHA256, _sha256, base_gguf_path, default_model_path, shipped_ranking,
+from first_gguf.default_model import (GGUF_SHA256, _sha256, base_gguf_path, default_sidecar_path, shipped_ranking,
                                       shipped_routers_path)
 
 
@@ -19,7 +19,10 @@ def test_default_model_is_verified_and_carries_routers_and_rankings():
     rf = load_router_file(shipped_routers_path())
     m = first_gguf.load(n_ctx=1024)
     try:
-        assert m.path == default_model_path()
+        # the upstream file, untouched, with the shipped sidecar beside it (no rewritten copy of the model)
+        assert m.path == base_gguf_path() and m.routers_path == default_sidecar_path()
+        assert _sha256(m.path) == GGUF_SHA256 and m.routers_path.stat().st_size < 4 << 20
+        assert not [p for p in m.path.parent.glob("*.first-*.gguf") if not p.name.endswith(".sidecar.gguf")]
         assert m.n_routers == 30
         assert m.n_bypasses == len(rf.bypasses) >= 20 and rf.bypass_rank == 16 and m.info.bypass_rank == 16
         assert m.info.bypass_blocks == sorted(rf.bypasses)
