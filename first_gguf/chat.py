@@ -52,6 +52,8 @@ class ChatSession:
         model.check_skip(skip_budget, skip_strategy, None)  # fail early on a bad budget/strategy
         self.sampling = {**CHAT_SAMPLING, **sampling}
         SamplingParams.check(model.n_vocab, **self.sampling)  # ... and on a bad sampling option
+        if self.sampling.get("grammar") is not None:  # GBNF is parsed when a chain is built: build one now
+            model.make_sampler(**{**self.sampling, "temperature": 0.0}).close()  # (temperature 0 draws no seed)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1; got {max_tokens!r}")
         self.skip_budget = skip_budget

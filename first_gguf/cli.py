@@ -147,7 +147,7 @@ def main():
               help="router, static, the name of a static ranking stored in the GGUF, or auto "
                    "(router if the GGUF has routers, else static).")
 @click.option("--skip-layers", default=None, help="Explicit comma-separated block indices to skip.")
-@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @sampling_options({})
 @click.option("--chat/--raw", "chat", default=True, show_default=True,
               help="Wrap PROMPT as a user message with the GGUF's chat template, or complete it raw.")
@@ -663,7 +663,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--skip-budget", type=float, default=0.0, show_default=True)
 @click.option("--skip-strategy", default="auto", show_default=True)
 @click.option("--system", default=None, help="System message.")
-@click.option("--max-tokens", type=int, default=512, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens per reply (at most half of --n-ctx, so the conversation keeps the other half).")
 @sampling_options(CHAT_SAMPLING)
 @click.option("--seed", type=click.IntRange(0, 0xFFFFFFFE), default=None,

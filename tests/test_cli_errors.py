@@ -405,3 +405,22 @@ def test_chat_without_readline_refuses_a_line_at_the_terminal_limit(monkeypatch)
     s = _FakeSession()
     chat.run(s, read)  # the third line, then EOF
     assert s.texts == [] and any("[error] the line has 4095 characters" in p for p in s.printed)
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"]])
+def test_max_tokens_below_one_fails_before_loading(command):
+    res = _invoke(*command, "--model", "/no/such/model.gguf", "--max-tokens", 0)  # a load would fail otherwise
+    assert res.exit_code == 2, res.output
+    line = _error_line(res.output)
+    assert "--max-tokens" in line and "0" in line
+
+
+def test_chat_refuses_a_bad_grammar_at_start(base_gguf, monkeypatch):
+    """GBNF is parsed only when a sampler chain is built: chat builds one at start, not at the first message."""
+    sessions = []
+    monkeypatch.setattr("first_gguf.chat.run", sessions.append)
+    res = _invoke("chat", "--model", base_gguf, "--threads", 1, "--grammar", "root ::= (")
+    assert res.exit_code == 1 and sessions == [], res.output
+    assert "grammar is not valid GBNF" in _error_line(res.output)
+    assert _invoke("chat", "--model", base_gguf, "--threads", 1, "--grammar", 'root ::= "yes"').exit_code == 0
+    assert sessions[0].sampling["grammar"] == 'root ::= "yes"'
