@@ -323,7 +323,8 @@ def _fmt_row(r: dict) -> str:
             parts.append(f"extra NLL {r['extra_nll']:+.3f}")
         parts.append(f"agreement {r['agreement']:.2f} {_fmt_metrics(r['metrics'])}".rstrip())
     if r.get("onpolicy"):
-        parts.append(f"on-policy KL {r['onpolicy']['kl']:.3f} ({r['onpolicy']['n_tokens']} tok)")
+        parts.append(f"on-policy KL {r['onpolicy']['kl']:.3f}, exact per state "
+                     f"{r['onpolicy'].get('kl_exact', float('nan')):.3f} ({r['onpolicy']['n_tokens']} tok)")
     if r.get("repetition"):
         parts.append(f"repeated token 4-grams {r['repetition']['token_4gram']:.1%}")
     return " | ".join(parts)
@@ -358,6 +359,7 @@ def _run(model: Model, task: str, group: str, enc, strategy: str | None, budget:
     if "onpolicy" in cfg.measures:  # the full model against itself: 0 by definition, not sampled
         op = pool_onpolicy(ops) if ops else None
         row["onpolicy"], row["onpolicy_kl"] = (asdict(op), op.kl) if op else (None, 0.0)
+        row["onpolicy_kl_exact"] = op.kl_exact if op else 0.0
     if reps:
         row["repetition"] = asdict(pool_repetition(reps))
     row["skipped"] = ([r["skipped"] for r in ref] or (row.get("onpolicy") or {}).get("skipped")
@@ -415,7 +417,7 @@ def _merge(runs: list[dict], strategy: str) -> dict:
         r["metrics"] = {k: float(np.mean([x["metrics"][k] for x in runs])) for k in runs[0]["metrics"]}
     if r.get("onpolicy") is not None:
         r["onpolicy"] = asdict(pool_onpolicy([OnPolicyKL(**x["onpolicy"]) for x in runs]))
-        r["onpolicy_kl"] = r["onpolicy"]["kl"]
+        r["onpolicy_kl"], r["onpolicy_kl_exact"] = r["onpolicy"]["kl"], r["onpolicy"]["kl_exact"]
     if r.get("repetition") is not None:
         r["repetition"] = asdict(pool_repetition([Repetition(**x["repetition"]) for x in runs]))
     r["skipped"] = [s for x in runs for s in x["skipped"]]
@@ -425,6 +427,7 @@ def _merge(runs: list[dict], strategy: str) -> dict:
 
 CSV_MEASURES = (  # (column, row -> value)
     ("onpolicy_kl", lambda r: r.get("onpolicy_kl")),
+    ("onpolicy_kl_exact", lambda r: r.get("onpolicy_kl_exact")),
     ("onpolicy_tokens", lambda r: (r.get("onpolicy") or {}).get("n_tokens")),
     ("rep_token_4gram", lambda r: (r.get("repetition") or {}).get("token_4gram")),
     ("rep_looping", lambda r: (r.get("repetition") or {}).get("looping")),
@@ -520,8 +523,9 @@ def summary_table(result: dict, metric_of: dict[str, str] | None = None) -> str:
     metric_of = metric_of or {"summarization": "rougeL", "translation": "chrF", "qa": "F1", "mc": "accuracy",
                               "docs": "rougeL", "news": "rougeL", "de": "chrF", "yesno": "yes/no"}
     rows = result["rows"]
-    lines = ["| task | strategy | budget | extra NLL | agreement | metric | on-policy KL | repeated token 4-grams |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | strategy | budget | extra NLL | agreement | metric | on-policy KL | on-policy KL (exact) | "
+             "repeated token 4-grams |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("group", IN_DISTRIBUTION) != IN_DISTRIBUTION, r["task"], r["budget"],
                                          r["strategy"])):
         m = metric_of.get(r["task"])
@@ -529,7 +533,7 @@ def summary_table(result: dict, metric_of: dict[str, str] | None = None) -> str:
         rep = r.get("repetition")
         lines.append(f"| {r['task']} | {r['strategy']} | {r['budget']:g} | {_num(r.get('extra_nll'), '{:+.3f}')} | "
                      f"{_num(r.get('agreement'), '{:.2f}')} | {mv} | {_num(r.get('onpolicy_kl'), '{:.3f}')} | "
-                     f"{_num(rep and rep['token_4gram'], '{:.1%}')} |")
+                     f"{_num(r.get('onpolicy_kl_exact'), '{:.3f}')} | {_num(rep and rep['token_4gram'], '{:.1%}')} |")
     return "\n".join(lines)
 
 
@@ -546,9 +550,9 @@ def measures_table(result: dict) -> str:
     of 8 or more of one token."""
     rows = result["rows"]
     full = {r["task"]: r for r in rows if r["strategy"] == "full"}
-    lines = ["| budget | strategy | group | tasks | extra NLL | on-policy KL | repeated token 4-grams (full model) | "
-             "looping replies (full) | runs >= 8 (full) | repeated word 4-grams |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget | strategy | group | tasks | extra NLL | on-policy KL | on-policy KL (exact) | repeated token "
+             "4-grams (full model) | looping replies (full) | runs >= 8 (full) | repeated word 4-grams |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["budget"], r["strategy"]) for r in rows}, key=lambda k: (k[0], k[1] != "full", k[1]))
     for budget, strategy in keys:
         for group in (IN_DISTRIBUTION, HELDOUT):
@@ -570,7 +574,8 @@ def measures_table(result: dict) -> str:
 
             lines.append(f"| {budget:g} | {strategy} | {group} | {len(rs)} | "
                          f"{_num(mean(rs, lambda r: r.get('extra_nll')), '{:+.3f}')} | "
-                         f"{_num(mean(rs, lambda r: r.get('onpolicy_kl')), '{:.3f}')} | {rep('token_4gram', '{:.1%}')} | "
+                         f"{_num(mean(rs, lambda r: r.get('onpolicy_kl')), '{:.3f}')} | "
+                         f"{_num(mean(rs, lambda r: r.get('onpolicy_kl_exact')), '{:.3f}')} | {rep('token_4gram', '{:.1%}')} | "
                          f"{rep('looping', '{:.0%}')} | {rep('long_runs', '{:.0%}')} | "
                          f"{_num(mean(rs, lambda r: (r.get('repetition') or {}).get('word_4gram')), '{:.1%}')} |")
     return "\n".join(lines)

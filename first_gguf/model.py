@@ -101,6 +101,9 @@ class ScoreResult:
     tokens: list[int]
     skipped_layers: list[int]
     router_scores: list[float] | None = field(default=None)
+    # with score_tokens(..., logprob_rows=True): float32 [len(tokens), n_vocab], the log-softmax each token
+    # was scored from (row i: the distribution of token i given the prompt and tokens[:i])
+    logprob_rows: np.ndarray | None = field(default=None, repr=False)
 
 
 class _LogCapture:
@@ -918,21 +921,21 @@ class Model:
     @_open
     def score_tokens(self, prompt_tokens: Sequence[int], continuation_tokens: Sequence[int],
                      skip_budget: float = 0.0, *, skip_strategy: str = "router",
-                     skip_layers: Sequence[int] | None = None) -> ScoreResult:
-        """score() on token ids."""
+                     skip_layers: Sequence[int] | None = None, logprob_rows: bool = False) -> ScoreResult:
+        """score() on token ids; ``logprob_rows`` also returns every position's whole log-softmax."""
         req = self.check_skip(skip_budget, skip_strategy, skip_layers)
         p_tokens, c_tokens = self._check_tokens(prompt_tokens, "prompt"), self._check_tokens(continuation_tokens,
                                                                                                "continuation")
         if len(p_tokens) + len(c_tokens) > self.n_ctx:
             raise ValueError(f"prompt + continuation have {len(p_tokens) + len(c_tokens)} tokens; n_ctx is {self.n_ctx}")
         with self.decoding(p_tokens, req) as d:
-            lp = [float(_log_softmax(d.logits)[c_tokens[0]])]
+            first = _log_softmax(d.logits)
             rows = self._eval(c_tokens[:-1], masked=bool(d.skipped_layers), logits="all")
-        if rows is not None:
-            ls = _log_softmax(rows)
-            lp.extend(float(ls[i, c_tokens[i + 1]]) for i in range(len(c_tokens) - 1))
+        ls = first[None] if rows is None else np.concatenate([first[None], _log_softmax(rows)])
+        lp = [float(ls[i, t]) for i, t in enumerate(c_tokens)]
         return ScoreResult(lp, c_tokens, list(d.skipped_layers),
-                           None if d.router_scores is None else [float(s) for s in d.router_scores])
+                           None if d.router_scores is None else [float(s) for s in d.router_scores],
+                           ls.astype(np.float32) if logprob_rows else None)
 
     def _check_tokens(self, tokens, what: str) -> list[int]:
         if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):

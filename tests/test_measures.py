@@ -77,6 +77,32 @@ def test_onpolicy_kl_equals_an_independent_computation(tiny1):
     assert [t == tiny1.detokenize(k) for t, k in zip(r.replies, r.reply_tokens)] == [True] * 3
 
 
+def test_onpolicy_kl_exact_per_state_equals_step_by_step_decoding(tiny1):
+    """kl_exact: at every visited state (the reply's prefixes after token 0), the exact KL between the
+    skipped and the full model's next-token distributions, here recomputed from the logits of decoding
+    the reply one token at a time (Model.decoding), not from the batched teacher-forced pass."""
+    r = onpolicy_kl(tiny1, PROMPTS, 0.5, max_tokens=10, seed=3)
+    per = []
+    for prompt, toks in zip(PROMPTS, r.reply_tokens):
+        p = tiny1.tokenize(prompt + "\n")
+        rows = {}
+        for budget in (0.5, 0.0):
+            with tiny1.decoding(p, budget) as d:
+                out = []
+                for t in toks[:-1]:
+                    out.append(d.step(t).astype(np.float64))
+            x = np.array(out)
+            rows[budget] = x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+        ls, lf = rows[0.5], rows[0.0]
+        per.append(float(np.mean(np.sum(np.exp(ls) * (ls - lf), axis=1))))
+    assert r.per_prompt_exact == pytest.approx(per, abs=1e-4)
+    counts = [len(t) - 1 for t in r.reply_tokens]
+    assert r.kl_exact == pytest.approx(sum(v * c for v, c in zip(per, counts)) / sum(counts), abs=1e-4)
+    assert r.kl_exact > 0 and all(v >= 0 for v in r.per_prompt_exact)
+    zero = onpolicy_kl(tiny1, PROMPTS, 0.0, max_tokens=10)
+    assert zero.kl_exact == 0.0
+
+
 def test_onpolicy_kl_reproducible_and_seeded_per_prompt(tiny1):
     a = onpolicy_kl(tiny1, PROMPTS, 0.5, max_tokens=10, seed=3)
     tiny1.generate("something else", 0.0, max_tokens=5, temperature=1.0)  # moves the model's own sampler
