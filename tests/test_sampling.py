@@ -179,10 +179,18 @@ def test_bad_sampling_arguments_fail_before_the_stream_starts(m, kw, exc, words)
         assert words in str(ei.value)
 
 
-def test_top_p_wording_is_one_everywhere():
+def test_top_p_wording_is_one_everywhere(m):
+    """The API, the CLI and the server (test_server.py) state one range for top_p."""
+    from click.testing import CliRunner
+
+    from first_gguf.cli import main
     from first_gguf.sampling import range_text
 
     assert range_text("top_p") == "(0, 1]"
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]; got 0"):
+        m.generate("Hi", top_p=0)
+    res = CliRunner().invoke(main, ["generate", "hi", "--top-p", "0", "--model", "/no/such.gguf"])
+    assert res.exit_code == 1 and "--top-p: top_p must be in (0, 1]; got 0.0" in res.output, res.output
 
 
 def test_n_threads_is_bounded(base_gguf):
