@@ -40,6 +40,10 @@ def test_bench_reports_every_budget(tiny_gguf_model):
     assert "router_prefill_overhead" in res
     table = format_table(res)
     assert "| 0.5 | 2 |" in table
+    # sampled decoding (llama.cpp's sampler chain) beside greedy at budget 0 and at the largest budget
+    assert [r["skip_budget"] for r in res["rows"] if "sampling_overhead" in r] == [0.0, 0.5]
+    assert all(r["sampled_decode_tok_s"] > 0 for r in res["rows"] if "sampling_overhead" in r)
+    assert "sampled decoding (llama.cpp sampler chain, temperature 0.8, top_k 40" in table
 
 
 def test_rank_onpolicy_criterion_costs_are_onpolicy_kl(tiny_gguf_model, monkeypatch):
