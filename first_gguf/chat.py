@@ -204,9 +204,11 @@ def read_block(first: str, read: Callable[[str], str]) -> str:
 
 def run(session: ChatSession, read: Callable[[str], str] | None = None) -> None:
     read = read or terminal_input()
+    # the session's replies draw their seeds from the model's generator: its seed (--seed) replays the session
+    seed = f", seed {session.model.seed}" if session.sampling.get("temperature", 0) > 0 else ""
     session._print(f"first-gguf chat: {session.model.path.name}, skip budget {session.skip_budget:g} "
-                   f"({session.model.n_skip_for_budget(session.skip_budget)} of {session.model.n_layer} blocks). "
-                   f"/help for commands, Ctrl-D to leave.")
+                   f"({session.model.n_skip_for_budget(session.skip_budget)} of {session.model.n_layer} blocks)"
+                   f"{seed}. /help for commands, Ctrl-D to leave.")
     if session.max_tokens < session.max_tokens_asked:
         session._print(f"[--max-tokens {session.max_tokens_asked} is more than half of n_ctx {session.model.n_ctx}: "
                        f"replies stop at {session.max_tokens} tokens so the conversation keeps the other half; "

@@ -249,6 +249,7 @@ class _FakeSession:
     def __init__(self):
         self.model, self.skip_budget, self.max_tokens, self.max_tokens_asked = _FakeModel(), 0.0, 512, 512
         self.texts, self.commands, self.printed = [], [], []
+        self.sampling = {}
 
     def _print(self, text="", end="\n"):
         self.printed.append(text)
@@ -424,3 +425,13 @@ def test_chat_refuses_a_bad_grammar_at_start(base_gguf, monkeypatch):
     assert "grammar is not valid GBNF" in _error_line(res.output)
     assert _invoke("chat", "--model", base_gguf, "--threads", 1, "--grammar", 'root ::= "yes"').exit_code == 0
     assert sessions[0].sampling["grammar"] == 'root ::= "yes"'
+
+
+def test_chat_states_the_session_seed_when_sampling(base_model):
+    """A sampled session can be replayed: the start line gives the seed --seed takes (not when greedy)."""
+    from first_gguf.chat import ChatSession, run
+
+    for sampling, shown in (({}, True), ({"temperature": 0.0}, False)):
+        out = io.StringIO()
+        run(ChatSession(base_model, out=out, **sampling), _reader([]))
+        assert (f"blocks), seed {base_model.seed}. /help" in out.getvalue()) == shown, out.getvalue()
