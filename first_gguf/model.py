@@ -613,8 +613,6 @@ class Model:
                                  f"skip_strategy='static' is not available")
         return SkipRequest(budget, skip_strategy, layers)
 
-    _check_skip_args = check_skip  # the old private name, still used by chat.py
-
     def n_skip_for_budget(self, skip_budget: float) -> int:
         return int(math.floor(skip_budget * self.n_layer + 1e-9))
 
@@ -859,8 +857,6 @@ class Model:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TypeError(f"messages[{i}] must be a dict with str 'role' and 'content'; got {m!r}")
-
-    _check_messages = check_messages  # the old private name
 
     @property
     def has_chat_template(self) -> bool:
