@@ -891,12 +891,15 @@ class Model:
     @_open
     def stream_chat(self, messages: Sequence[dict], skip_budget: float = 0.0, **options
                     ) -> Iterator[GenerationChunk]:
-        """Stream a chat reply; options as generate(), checked before the iterator is returned."""
-        tokens, template_stops = self.chat_prompt_tokens(messages)
+        """Stream a chat reply; options as generate(), checked before the iterator is returned. A GGUF without
+        a chat template gets the messages' text as a raw prompt (prompt_tokens_for), as the terminal chat and
+        the server count it."""
+        tokens, template_stops = self.prompt_tokens_for(messages)
         return self._run(self._prepare(tokens, template_stops, skip_budget=skip_budget, **options))
 
     def chat(self, messages: Sequence[dict], skip_budget: float = 0.0, **options) -> Generation:
-        """Reply to ``messages`` (OpenAI-style dicts) with the GGUF's chat template.
+        """Reply to ``messages`` (OpenAI-style dicts) with the GGUF's chat template (without one: their
+        contents, one per line, as a raw prompt).
 
         Same options as generate() (the chat template's stop strings are added to ``stop``). Earlier
         turns stay in the KV cache when they were evaluated at full depth; turns generated with

@@ -178,3 +178,15 @@ def test_cli_user_errors_are_one_line(router_gguf, args, pattern):
     assert res.exit_code != 0
     assert pattern in res.output
     assert "Traceback" not in res.output
+
+
+def test_chat_on_a_model_without_a_chat_template_uses_the_raw_text(tiny1):
+    """A GGUF without tokenizer.chat_template (the tiny model): chat() replies to the messages' text as a
+    raw prompt, the same tokens prompt_tokens_for counts (the terminal chat and the server count with it),
+    instead of failing after the prompt was counted."""
+    msgs = [{"role": "user", "content": "the sum of"}]
+    assert not tiny1.has_chat_template
+    tokens, stops = tiny1.prompt_tokens_for(msgs)
+    assert tokens == tiny1.tokenize("the sum of\n") and stops == []
+    g = tiny1.chat(msgs, max_tokens=5)
+    assert g.tokens == tiny1.generate("the sum of\n", max_tokens=5).tokens and g.n_prompt_tokens == len(tokens)
