@@ -537,8 +537,8 @@ class Model:
             self._cached_scores = np.concatenate([self._cached_scores, scores])
         return np.concatenate(rows) if rows else None
 
-    def _prefill(self, tokens: list[int], routing: bool = True) -> tuple[np.ndarray, int, float]:
-        """Full-depth prompt evaluation reusing the longest clean cached prefix."""
+    def _prefill(self, tokens: list[int], routing: bool = True, reuse: bool = True) -> tuple[np.ndarray, int, float]:
+        """Full-depth prompt evaluation reusing the longest clean cached prefix (``reuse=False``: none)."""
         if not tokens:
             raise ValueError("the prompt is empty after tokenization")
         if len(tokens) >= self.n_ctx:
@@ -546,7 +546,7 @@ class Model:
         self._drop_dirty()
         self._set_mask(())
         n = 0
-        for a, b in zip(self._cached, tokens[:-1]):  # keep >= 1 token to evaluate for the logits
+        for a, b in zip(self._cached if reuse else [], tokens[:-1]):  # keep >= 1 token to evaluate for the logits
             if a != b:
                 break
             n += 1
@@ -649,7 +649,7 @@ class Model:
     @contextlib.contextmanager
     def decoding(self, prompt_tokens: Sequence[int], skip_budget: float = 0.0, *, skip_strategy: str = "router",
                  skip_layers: Sequence[int] | None = None, adapters: bool = True,
-                 routing: bool = True) -> Iterator[Decoding]:
+                 routing: bool = True, reuse_cache: bool = True) -> Iterator[Decoding]:
         """Prefill ``prompt_tokens`` at full depth, choose the blocks to skip, and decode token by token.
 
         A context manager yielding a Decoding (``logits``, ``step(token)``, ``sample(sampler)``); on exit
@@ -661,6 +661,9 @@ class Model:
             skip_budget, skip_strategy, skip_layers: as in generate().
             adapters: False runs plain skipping (bypass adapters and decode LoRA off) for this decoding.
             routing: False does not score routers on the prompt (router strategies then have no scores).
+            reuse_cache: False evaluates the whole prompt even when a prefix of it is cached: KV cached by
+                another batch shape moves the logits by ~1e-6, enough to change a sampled token, so a
+                seeded request is only reproducible from a prompt evaluated in one piece.
         """
         req = skip_budget if isinstance(skip_budget, SkipRequest) else self.check_skip(
             skip_budget, skip_strategy, skip_layers)
@@ -669,7 +672,7 @@ class Model:
         if not adapters:
             self.bypass, self.use_decode_lora = False, False
         try:
-            logits, n_eval, t_prefill = self._prefill(tokens, routing=routing)
+            logits, n_eval, t_prefill = self._prefill(tokens, routing=routing, reuse=reuse_cache)
             scores = self.prompt_router_scores(len(tokens))
             skip, k = self._choose_skip(req, scores)
             self._set_mask(skip)
@@ -733,7 +736,8 @@ class Model:
         finish = "length"
         n_prompt = len(r.prompt)
         try:
-            with self.decoding(r.prompt, r.skip) as d:
+            # a seeded request re-evaluates its whole prompt, so its tokens do not depend on what ran before
+            with self.decoding(r.prompt, r.skip, reuse_cache=r.params.seed is None) as d:
                 while True:
                     if r.sampler is None:
                         tok = int(np.argmax(d.logits))
@@ -828,8 +832,9 @@ class Model:
             typical_p: locally typical sampling, in (0, 1]; 1: off.
             repeat_penalty: in (0, inf); 1: off. presence_penalty, frequency_penalty: in [-2, 2]; 0: off.
                 The penalties look at the last 64 generated tokens.
-            seed: in [0, 4294967294]: the same seed gives the same tokens whatever ran before; None
-                draws one from the Model's seeded generator (reported in Generation.seed).
+            seed: in [0, 4294967294]: the same seed gives the same tokens whatever ran before (its prompt is
+                evaluated whole, without reusing a cached prefix); None draws one from the Model's seeded
+                generator (reported in Generation.seed).
             logit_bias: {token id: bias in [-100, 100]} added to the logits.
             grammar: a GBNF grammar (string with a ``root`` rule, or llama_cpp.LlamaGrammar) the text must
                 follow.

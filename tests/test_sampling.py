@@ -51,6 +51,20 @@ def test_top_k_1_is_greedy_at_any_temperature(m):
     assert m.chat(MSG, max_tokens=16, temperature=1.7, top_k=1, seed=3).tokens == greedy.tokens
 
 
+def test_seeded_request_does_not_reuse_a_cached_prefix(m):
+    """KV cached by another batch shape moves the logits (quantized kernels differ between one token and a
+    batch), enough to change a sampled token: a seeded request evaluates its whole prompt even when the
+    cache holds its prefix; an unseeded or greedy one keeps reusing it."""
+    prompt = "The sea is"
+    n = len(m.tokenize(prompt))
+    a = m.generate(prompt, max_tokens=24, temperature=1.0, seed=7)
+    m.generate(prompt + " deep and", max_tokens=4)          # the cache now holds a's prompt as a prefix
+    b = m.generate(prompt, max_tokens=24, temperature=1.0, seed=7)
+    assert b.tokens == a.tokens and b.n_prefill_tokens == n
+    m.generate(prompt + " deep and", max_tokens=4)
+    assert m.generate(prompt, max_tokens=4).n_prefill_tokens < n  # greedy: the prefix is reused
+
+
 def test_seed_reproduces_whatever_ran_before(m, base_gguf):
     kw = dict(max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
     a = m.chat(MSG, **kw)
