@@ -109,6 +109,10 @@ def default_sidecar_path() -> Path:
         h.update(routers.read_bytes())
     models = cache_dir() / "models"
     dest = models / f"SmolLM2-135M-Instruct.Q4_1.first-{FORMAT_VERSION}-{h.hexdigest()[:10]}.sidecar.gguf"
+    # full rewritten copies of the model that earlier versions cached (100 MB each) are no longer used
+    for old in models.glob("SmolLM2-135M-Instruct.Q4_1.first-*.gguf"):
+        if not old.name.endswith(".sidecar.gguf"):
+            old.unlink(missing_ok=True)
     if dest.exists():
         return dest
     base = base_gguf_path()
@@ -123,10 +127,6 @@ def default_sidecar_path() -> Path:
         kw = {"routers": rf.routers(), "router_source": rf.provenance, "bypasses": rf.bypasses or None}
     _log(f"writing the first-gguf sidecar {dest.name}")
     write_sidecar(base, dest, rankings=rankings, force=True, **kw)
-    # full rewritten copies of the model that earlier versions cached (93 MB each) are no longer used
-    for old in models.glob("SmolLM2-135M-Instruct.Q4_1.first-*.gguf"):
-        if not old.name.endswith(".sidecar.gguf"):
-            old.unlink(missing_ok=True)
     return dest
 
 
