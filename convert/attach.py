@@ -174,7 +174,7 @@ def write_sidecar(base: str | os.PathLike, dst: str | os.PathLike, *,
     from .router_file import fingerprint_gguf
 
     info = _info(base)
-    if info.router_blocks or info.bypass_blocks or info.static_rankings:
+    if info.has_first_data:
         raise GGUFEditError(f"{base} already carries first-gguf data; a sidecar is for an untouched base GGUF "
                             f"(first-gguf strip removes it)")
     set_kv, tensors = _first_data(base, info, routers, rankings, router_source, bypasses, bypass_dtype)

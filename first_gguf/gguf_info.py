@@ -41,6 +41,11 @@ class GGUFInfo:
         return self.architecture in SUPPORTED_ARCHITECTURES
 
     @property
+    def has_first_data(self) -> bool:
+        """Routers, bypasses or static rankings inside this file (a sidecar then cannot be attached to it)."""
+        return bool(self.router_blocks or self.bypass_blocks or self.static_rankings)
+
+    @property
     def default_static_ranking(self) -> str | None:
         return next(iter(self.static_rankings), None)
 
@@ -198,7 +203,7 @@ def read_with_sidecar(base: str | Path, sidecar: str | Path) -> GGUFInfo:
     info = read_info(base)
     if info.sidecar:
         raise ValueError(f"{base}: is a first-gguf sidecar, not a model; pass the base GGUF as the model")
-    if info.router_blocks or info.bypass_blocks or info.static_rankings:
+    if info.has_first_data:
         raise ValueError(f"{base} already carries first-gguf data, so the sidecar {sidecar} cannot be attached "
                          f"to it; use the untouched base GGUF (first-gguf strip)")
     try:
