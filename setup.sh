@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up first-gguf from scratch and run the main job on the default model.
-#   ./setup.sh                      # build, install, then generate with skip_budget 0.3
+#   ./setup.sh                      # build, install, then generate with skip_budget 0.1
 #   ./setup.sh --no-run             # build and install only
-# Leaves a virtual environment in .venv and the patched llama.cpp in build/.
+# Leaves a virtual environment in .venv; the package build (scikit-build-core: the pinned
+# llama.cpp, patched, compiled with cpp/) lives in build/<wheel tag> and is reused, so a
+# rerun after a Python-only change does not recompile llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -12,23 +14,23 @@ if [ "${1:-}" = "--no-run" ]; then run_main=0; fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 VPY=.venv/bin/python
-"$VPY" -m pip install --quiet --upgrade pip setuptools wheel
+"$VPY" -m pip install --quiet --upgrade pip
 
-# 1. pinned llama.cpp: download + verify the llama-cpp-python 0.3.36 sdist, patch, compile once
-"$VPY" scripts/build_llama.py
-SDIST=$("$VPY" scripts/build_llama.py --sdist-only | tail -n 1)
-
-# 2. llama-cpp-python's Python bindings from the same sdist, without its own llama.cpp build
-if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '0.3.36')" 2>/dev/null; then
-    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$VPY" -m pip install --quiet --no-cache-dir "$SDIST"
+# 1. first-gguf provides the llama_cpp bindings itself (llama-cpp-python 0.3.36 over the patched
+#    llama.cpp); a llama-cpp-python from an older setup would own the same files
+if "$VPY" -m pip show llama_cpp_python >/dev/null 2>&1; then
+    "$VPY" -m pip uninstall --quiet --yes llama_cpp_python
 fi
 
-# 3. first-gguf itself (editable: it finds build/native/lib next to the sources); torch is
-#    installed first and pinned so no CUDA build is pulled in
+# 2. torch first and pinned, so no CUDA build is pulled in
 "$VPY" -m pip install --quiet torch==2.13.0
+
+# 3. first-gguf, editable (Python changes take effect at once); its PEP 517 build fetches and
+#    verifies the llama-cpp-python sdist, patches and compiles llama.cpp (first time: minutes)
+echo "[setup] building and installing first-gguf (the first build compiles llama.cpp: several minutes)"
 "$VPY" -m pip install --quiet -e '.[test,train,eval,serve]'
 
-# 4. the default model (download, verify, attach the static ranking) and the main job
+# 4. the default model (download, verify, write its router sidecar) and the main job
 if [ "$run_main" = 1 ]; then
     .venv/bin/first-gguf generate "Explain why the sky is blue." --skip-budget 0.1 --max-tokens 96
 fi

@@ -1,7 +1,7 @@
 """convert: a Hugging Face checkpoint directory -> GGUF, with routers.
 
 Drives the upstream ``convert_hf_to_gguf.py`` of the pinned llama.cpp source
-(build/llama.cpp, prepared by scripts/build_llama.py; it is not copied into
+(installed by first-gguf's build as ``first_gguf_native/llama.cpp``; it is not copied into
 this repository), then attaches routers and static rankings with attach().
 ``lora``: a PEFT LoRA adapter directory merged into the weights first (needs
 torch, transformers and peft).
@@ -25,10 +25,18 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def llama_source_dir() -> Path:
     env = os.environ.get("FIRST_GGUF_LLAMA_DIR")
-    d = Path(env) if env else Path(__file__).resolve().parent.parent / "build" / "llama.cpp"
+    if env:
+        d = Path(env)
+    else:
+        try:
+            from first_gguf_native import LLAMA_SOURCE_DIR as d
+        except ImportError:
+            raise GGUFEditError("first_gguf_native (installed by first-gguf's build, with upstream "
+                                "convert_hf_to_gguf.py) is missing; reinstall first-gguf (./setup.sh in a checkout) "
+                                "or set FIRST_GGUF_LLAMA_DIR to the pinned llama.cpp source") from None
     if not (d / "convert_hf_to_gguf.py").exists():
-        raise GGUFEditError(f"convert_hf_to_gguf.py not found in {d}; run ./setup.sh "
-                            f"(or set FIRST_GGUF_LLAMA_DIR to the pinned llama.cpp source)")
+        raise GGUFEditError(f"convert_hf_to_gguf.py not found in {d}; reinstall first-gguf (./setup.sh in a "
+                            f"checkout) or set FIRST_GGUF_LLAMA_DIR to the pinned llama.cpp source")
     return d
 
 

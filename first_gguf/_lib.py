@@ -1,18 +1,17 @@
 """Loading the patched llama.cpp and binding first-gguf's C API (cpp/first.h).
 
-llama-cpp-python is installed without its own copy of llama.cpp
-(``LLAMA_BUILD=OFF``); ``LLAMA_CPP_LIB_PATH`` points it at the libraries that
-scripts/build_llama.py compiled, so exactly one libllama and one libggml are
-loaded per process, and the ``first_*`` symbols live in that same libllama.
+first-gguf's build installs llama-cpp-python's ``llama_cpp`` bindings with the patched
+libllama and libggml* in ``llama_cpp/lib`` (CMakeLists.txt), where the bindings load their
+library from by default. Whichever of ``llama_cpp`` and ``first_gguf`` is imported first, a
+process holds one libllama and one libggml, and the ``first_*`` symbols live in that libllama.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 from pathlib import Path
-
-ENV_LIB_DIR = "FIRST_GGUF_LIB_DIR"
 
 # return codes of cpp/first.h
 FIRST_OK = 0
@@ -26,38 +25,29 @@ FIRST_ERRORS = {
     -7: "the sidecar is unreadable or does not fit the model",
 }
 
-
-def lib_dir() -> Path:
-    """Folder holding the patched libllama and libggml*."""
-    env = os.environ.get(ENV_LIB_DIR)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "build" / "native" / "lib"
+REINSTALL = ("reinstall first-gguf (./setup.sh in a checkout, or pip install --force-reinstall --no-deps "
+             "on its wheel or checkout)")
 
 
 def _load():
-    d = lib_dir()
-    name = "libllama.dylib" if sys.platform == "darwin" else "libllama.so"
-    if not (d / name).exists():
-        raise ImportError(
-            f"first_gguf: patched llama.cpp library not found: {d / name}; "
-            f"run ./setup.sh (or set {ENV_LIB_DIR} to the folder holding it)"
-        )
-    if "llama_cpp.llama_cpp" in sys.modules:
-        loaded = Path(sys.modules["llama_cpp.llama_cpp"]._base_path).resolve()
-        if loaded != d.resolve():
-            raise ImportError(
-                f"first_gguf: llama_cpp was imported before first_gguf and loaded libllama from {loaded}; "
-                f"import first_gguf first (a second copy of llama.cpp in one process is not supported)"
-            )
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
-    import llama_cpp.llama_cpp as llama_cpp  # noqa: E402  (after LLAMA_CPP_LIB_PATH)
-
+    if "llama_cpp.llama_cpp" not in sys.modules and importlib.util.find_spec("llama_cpp") is None:
+        raise ImportError(f"first_gguf: the llama_cpp bindings are missing (first-gguf installs its own build of "
+                          f"them); {REINSTALL}")
+    try:
+        import llama_cpp.llama_cpp as llama_cpp
+    except (OSError, RuntimeError) as e:  # the bindings raise RuntimeError for a missing library
+        raise ImportError(f"first_gguf: llama_cpp could not load its library ({e}); {REINSTALL}") from e
     return llama_cpp
 
 
 llama_cpp = _load()
 lib = llama_cpp._lib
+
+
+def lib_path() -> Path:
+    """The libllama this process loaded (through llama_cpp)."""
+    return Path(lib._name).resolve()
+
 
 _c = ctypes
 _ctx_p = _c.c_void_p
@@ -68,10 +58,10 @@ def _bind(name, argtypes, restype):
     try:
         fn = getattr(lib, name)
     except AttributeError as e:
-        raise ImportError(
-            f"first_gguf: {lib_dir()} holds a libllama without first-gguf's patch ({name} missing); "
-            f"rebuild with ./setup.sh"
-        ) from e
+        override = os.environ.get("LLAMA_CPP_LIB_PATH")
+        why = (f"LLAMA_CPP_LIB_PATH={override} points llama_cpp at another build; unset it" if override else
+               f"another llama-cpp-python was installed over first-gguf's llama_cpp; {REINSTALL}")
+        raise ImportError(f"first_gguf: {lib_path()} is not first-gguf's patched libllama ({name} missing): {why}") from e
     fn.argtypes = argtypes
     fn.restype = restype
     return fn

@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
-"""Fetch, verify, patch and compile the pinned llama.cpp for first-gguf.
+"""Fetch, verify and patch the pinned llama.cpp for first-gguf's build.
 
-Standard library only: this runs before anything else is installed.
+Standard library only. CMakeLists.txt runs it when the package build (scikit-build-core,
+``pip install .`` / ``pip wheel .``) configures; scripts/build_stock_reference.sh uses
+``--sdist-only``.
 
-1. ``pip download`` the llama-cpp-python 0.3.36 sdist (it vendors llama.cpp
-   0c1e57098) into the cache and check its sha256.
-2. Extract it under ``build/sdist``.
-3. Copy its llama.cpp into a staging tree, apply ``patches/*.patch`` and sync
-   the result into ``build/llama.cpp``, rewriting only files whose content
-   changed, so a rebuild after a change in ``patches/`` or ``cpp/`` is
-   incremental.
-4. Configure and build the top-level CMakeLists.txt into ``build/native``:
-   ``build/native/lib`` then holds libllama (patched, with cpp/ inside) and
-   libggml*, the only copies first_gguf loads.
+1. Find the llama-cpp-python 0.3.36 sdist (it vendors llama.cpp 0c1e57098 and holds the
+   Python bindings): ``$FIRST_GGUF_LLAMA_SDIST`` if set (an offline build), else the cache,
+   else ``pip download``; its sha256 must match the pin.
+2. Extract it under ``WORK/sdist``.
+3. Copy its llama.cpp into a staging tree, apply ``patches/*.patch`` and sync the result
+   into ``WORK/llama.cpp``, rewriting only files whose content changed, so a rebuild after
+   a change in ``patches/`` or ``cpp/`` is incremental.
+4. Write ``WORK/paths.cmake`` (the two trees and the patch digest) for CMakeLists.txt.
 
-Usage: python scripts/build_llama.py [--jobs N] [--sdist-only]
+Usage: python scripts/prepare_llama.py --work DIR | --sdist-only
 Prints the sdist path on its last line with --sdist-only.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "build"
+ENV_SDIST = "FIRST_GGUF_LLAMA_SDIST"
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_PYTHON_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -41,7 +41,7 @@ SKIP_DIRS = {"models", "docs", "media", ".git"}
 
 
 def log(msg: str) -> None:
-    print(f"[build_llama] {msg}", flush=True)
+    print(f"[prepare_llama] {msg}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -60,31 +60,44 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_sha256(path: Path, what: str) -> None:
+    digest = sha256(path)
+    if digest != LLAMA_CPP_PYTHON_SHA256:
+        raise SystemExit(f"error: {what} has sha256 {digest}; expected {LLAMA_CPP_PYTHON_SHA256} "
+                         f"({LLAMA_CPP_PYTHON_SDIST})")
+
+
 def fetch_sdist() -> Path:
+    env = os.environ.get(ENV_SDIST)
+    if env:
+        given = Path(env)
+        if not given.is_file():
+            raise SystemExit(f"error: {ENV_SDIST}={env}: no such file; expected {LLAMA_CPP_PYTHON_SDIST}")
+        check_sha256(given, f"{ENV_SDIST}={env}")
+        return given
     dest = cache_dir() / "sdist" / LLAMA_CPP_PYTHON_SDIST
     if dest.exists() and sha256(dest) == LLAMA_CPP_PYTHON_SHA256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist")
-        subprocess.run(
+        res = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
              "--quiet", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
-            check=True,
         )
+        if res.returncode != 0:
+            raise SystemExit(f"error: pip download of llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} failed "
+                             f"(exit {res.returncode}); offline, set {ENV_SDIST} to a copy of {LLAMA_CPP_PYTHON_SDIST}")
         got = Path(tmp) / LLAMA_CPP_PYTHON_SDIST
         if not got.exists():
             raise SystemExit(f"error: pip did not produce {LLAMA_CPP_PYTHON_SDIST} in {tmp}")
-        digest = sha256(got)
-        if digest != LLAMA_CPP_PYTHON_SHA256:
-            raise SystemExit(f"error: {LLAMA_CPP_PYTHON_SDIST} has sha256 {digest}; "
-                             f"expected {LLAMA_CPP_PYTHON_SHA256}")
+        check_sha256(got, f"the downloaded {LLAMA_CPP_PYTHON_SDIST}")
         os.replace(got, dest)
     return dest
 
 
-def extract_sdist(sdist: Path) -> Path:
-    root = BUILD / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+def extract_sdist(sdist: Path, work: Path) -> Path:
+    root = work / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     stamp = root / ".first-gguf-sha256"
     if stamp.exists() and stamp.read_text().strip() == LLAMA_CPP_PYTHON_SHA256:
         return root
@@ -104,8 +117,8 @@ def patch_files() -> list[Path]:
     return sorted((ROOT / "patches").glob("*.patch"))
 
 
-def stage_patched(vendored: Path) -> Path:
-    stage = BUILD / "stage-llama.cpp"
+def stage_patched(vendored: Path, work: Path) -> tuple[Path, str]:
+    stage = work / "stage-llama.cpp"
     if stage.exists():
         shutil.rmtree(stage)
     shutil.copytree(vendored, stage, ignore=lambda d, names: [n for n in names if d == str(vendored) and n in SKIP_DIRS])
@@ -119,7 +132,7 @@ def stage_patched(vendored: Path) -> Path:
                              f"{LLAMA_CPP_PYTHON_VERSION}:\n{res.stdout}{res.stderr}")
         h.update(p.read_bytes())
     (stage / ".first-gguf-patched").write_text(h.hexdigest() + "\n")
-    return stage
+    return stage, h.hexdigest()
 
 
 def sync_tree(src: Path, dst: Path) -> int:
@@ -148,38 +161,37 @@ def sync_tree(src: Path, dst: Path) -> int:
     return changed
 
 
-def build_native(llama_dir: Path, jobs: int) -> Path:
-    out = BUILD / "native"
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    if not (out / "CMakeCache.txt").exists():
-        log("configuring (cmake)")
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(out), *gen,
-                        f"-DFIRST_LLAMA_DIR={llama_dir}", "-DCMAKE_BUILD_TYPE=Release"], check=True)
-    log(f"compiling libllama + libggml with {jobs} jobs (first time: several minutes)")
-    subprocess.run(["cmake", "--build", str(out), "--target", "llama", "-j", str(jobs)], check=True)
-    lib = out / "lib"
-    if not (lib / "libllama.so").exists() and not (lib / "libllama.dylib").exists():
-        raise SystemExit(f"error: build finished but no libllama in {lib}")
-    return lib
+def cmake_path(p: Path) -> str:
+    return str(p.resolve()).replace("\\", "/")
+
+
+def prepare(work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    root = extract_sdist(fetch_sdist(), work)
+    stage, digest = stage_patched(root / "vendor" / "llama.cpp", work)
+    llama_dir = work / "llama.cpp"
+    n = sync_tree(stage, llama_dir)
+    shutil.rmtree(stage)
+    log(f"patched llama.cpp in {llama_dir} ({n} files updated)")
+    paths = (f'set(FIRST_LLAMA_DIR "{cmake_path(llama_dir)}")\n'
+             f'set(FIRST_BINDINGS_DIR "{cmake_path(root)}")\n'
+             f'set(FIRST_LLAMA_CPP_PYTHON_VERSION "{LLAMA_CPP_PYTHON_VERSION}")\n'
+             f'set(FIRST_PATCHES_SHA256 "{digest}")\n')
+    out = work / "paths.cmake"
+    if not out.exists() or out.read_text() != paths:
+        out.write_text(paths)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--sdist-only", action="store_true", help="fetch and verify the sdist, print its path")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--work", type=Path, help="folder for the extracted sdist and the patched llama.cpp tree")
+    g.add_argument("--sdist-only", action="store_true", help="fetch and verify the sdist, print its path")
     args = ap.parse_args()
-
-    sdist = fetch_sdist()
     if args.sdist_only:
-        print(sdist)
+        print(fetch_sdist())
         return
-    root = extract_sdist(sdist)
-    stage = stage_patched(root / "vendor" / "llama.cpp")
-    n = sync_tree(stage, BUILD / "llama.cpp")
-    shutil.rmtree(stage)
-    log(f"patched tree in build/llama.cpp ({n} files updated)")
-    lib = build_native(BUILD / "llama.cpp", args.jobs)
-    log(f"libraries in {lib}")
+    prepare(args.work)
 
 
 if __name__ == "__main__":
