@@ -1,5 +1,5 @@
 // first-gguf: the graph side of layer skipping, as llm_graph_context hooks called from the
-// builders of the supported architectures (src/models/{llama,qwen2,qwen3}.cpp; the list is in
+// builders of the supported architectures (src/models/{llama,qwen2,qwen3,gemma3}.cpp; the list is in
 // llama-first.cpp). A builder calls two hooks per block:
 //   if (build_first_skip(inpL, inp_out_ids, il)) continue;   before the block, on its input
 //   cur = build_first_mix(cur, il);                          on the block's output

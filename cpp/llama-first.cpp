@@ -56,6 +56,7 @@ static const llm_arch FIRST_ARCHS[] = {
     LLM_ARCH_LLAMA_EMBED,
     LLM_ARCH_QWEN2,
     LLM_ARCH_QWEN3,
+    LLM_ARCH_GEMMA3,
 };
 
 static bool first_arch_supported(llm_arch arch) {
