@@ -560,3 +560,16 @@ def test_convert_takes_the_pre_tokenizer_from_a_gguf(qwen_ckpt, tmp_path):
                                "-o", str(tmp_path / "x.gguf")])
     assert res.exit_code != 0 and "reference GGUF for the pre-tokenizer not found" in res.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_supported_architectures_come_from_the_c_side():
+    """One list, kept in cpp/llama-first.cpp: first_supported_archs writes it like snprintf."""
+    from first_gguf._lib import supported_architectures
+
+    n = _lib.first_supported_archs(None, 0)
+    full = ctypes.create_string_buffer(n + 1)
+    assert _lib.first_supported_archs(full, n + 1) == n and len(full.value) == n
+    short = ctypes.create_string_buffer(6)
+    assert _lib.first_supported_archs(short, 6) == n and short.value == full.value[:5]
+    assert supported_architectures() == tuple(full.value.decode().split(","))
+    assert {a for a, _, _ in CONFIGS.values()} | {"llama"} <= set(supported_architectures())
