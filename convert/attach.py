@@ -12,8 +12,7 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from ..constants import (BYPASS_DEFINITION, FORMAT_VERSION, ROUTER_DEFINITION, SIDECAR_ADAPTER_TYPE,
-                         SUPPORTED_ARCHITECTURES, Keys, Tensors)
+from ..constants import BYPASS_DEFINITION, FORMAT_VERSION, ROUTER_DEFINITION, SIDECAR_ADAPTER_TYPE, Keys, Tensors
 from .gguf_edit import KV, GGUFEditError, rewrite_gguf
 
 
@@ -56,9 +55,10 @@ def _first_data(src, info, routers, rankings, router_source, bypasses, bypass_dt
         raise GGUFEditError("nothing to attach: give routers, bypasses and/or static rankings")
     if bypass_dtype not in ("f32", "f16"):
         raise GGUFEditError(f"bypass_dtype must be 'f32' or 'f16'; got {bypass_dtype!r}")
-    if info.architecture not in SUPPORTED_ARCHITECTURES:
-        raise GGUFEditError(f"{src}: architecture '{info.architecture}' is not covered by the layer-skip patch "
-                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if not info.supports_skip:
+        from .._lib import unsupported_architecture
+
+        raise GGUFEditError(f"{src}: {unsupported_architecture(info.architecture)}")
     set_kv: dict[str, KV] = {Keys.VERSION: KV(FORMAT_VERSION, gguf.GGUFValueType.UINT32)}
     tensors: list[tuple[str, np.ndarray]] = []
     if routers:

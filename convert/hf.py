@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,91 @@ from .attach import attach, write_sidecar
 from .gguf_edit import GGUFEditError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+# Runs upstream convert_hf_to_gguf.py (argv[1], its arguments after argv[2]) with the BPE pre-tokenizer
+# named argv[2] wherever upstream does not recognise the tokenizer's (get_vocab_base_pre raises
+# NotImplementedError); where it does recognise it as another one, it stops, naming both.
+_CONVERT_WITH_PRE = r"""
+import logging, os, runpy, sys
+from pathlib import Path
+script, pre = sys.argv[1], sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+sys.path.insert(0, str(Path(script).parent))
+if "NO_LOCAL_GGUF" not in os.environ:  # as the script does, before conversion imports gguf
+    sys.path.insert(1, str(Path(script).parent / "gguf-py"))
+from conversion import base
+upstream = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    logging.disable(logging.WARNING)  # upstream's banner for an unknown tokenizer; we name it
+    try:
+        found = upstream(self, tokenizer)
+    except NotImplementedError:
+        found = None
+    finally:
+        logging.disable(logging.NOTSET)
+    if found is not None and found != pre:
+        raise SystemExit(f"first-gguf: the tokenizer's pre-tokenizer is {found!r} (recognised by "
+                         f"convert_hf_to_gguf.py), not {pre!r} as named")
+    return pre
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _run_teeing_stderr(cmd: list[str], show: bool) -> tuple[int, str]:
+    """Run cmd; its stderr (upstream's log and progress bar) goes to ours as it comes when ``show``, and is
+    returned in any case, to explain a failure."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    chunks: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        while True:
+            b = proc.stderr.read1(1 << 16)
+            text = dec.decode(b, final=not b)
+            chunks.append(text)
+            if show and text:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            if not b:
+                break
+    return proc.returncode, "".join(chunks)
+
+
+def pre_tokenizer_from_gguf(path: str | os.PathLike) -> str:
+    """The BPE pre-tokenizer (``tokenizer.ggml.pre``) of a reference GGUF of the same tokenizer."""
+    from .gguf_edit import field_value, read_gguf
+
+    p = Path(path)
+    if not p.is_file():
+        raise GGUFEditError(f"reference GGUF for the pre-tokenizer not found: {p}")
+    pre = field_value(read_gguf(p), "tokenizer.ggml.pre")
+    if not pre:
+        raise GGUFEditError(f"{p} has no tokenizer.ggml.pre key; expected a GGUF with a BPE tokenizer "
+                            f"(tokenizer.ggml.model 'gpt2') to take the pre-tokenizer from")
+    return str(pre)
+
+
+def _check_pre_tokenizer(pre: str) -> str:
+    if not isinstance(pre, str) or not pre or not all(c.isalnum() or c in "-_." for c in pre):
+        raise GGUFEditError(f"invalid pre-tokenizer name {pre!r}; expected a llama.cpp pre-tokenizer name such as "
+                            f"'qwen2', 'llama3' or 'gpt2' (letters, digits, '-', '_', '.')")
+    return pre
+
+
+def _check_vocab_loads(path: Path, pre: str) -> None:
+    """llama.cpp's own word on a named pre-tokenizer: load the converted file's vocabulary only."""
+    from .._lib import llama_cpp
+    from ..model import _LOG
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    _LOG.lines.clear()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+    if not model:
+        raise GGUFEditError(f"llama.cpp cannot load the vocabulary with pre-tokenizer {pre!r}: "
+                            f"{_LOG.detail('unknown error')}")
+    llama_cpp.llama_model_free(model)
 
 
 def llama_source_dir() -> Path:
@@ -136,10 +222,14 @@ def merge_lora(base_dir: Path, lora_dir: Path, out_dir: Path) -> Path:
 def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f16",
                routers: str | os.PathLike | None = None, rankings: dict | None = None,
                lora: str | os.PathLike | None = None, sidecar: str | os.PathLike | None = None,
-               force: bool = False, progress: bool = False) -> Path:
+               force: bool = False, progress: bool = False, pre_tokenizer: str | None = None) -> Path:
     """Convert a Hugging Face checkpoint to ``output`` with upstream convert_hf_to_gguf.py and add the
     router file ``routers`` (with its bypasses and rankings) and ``rankings``: into ``output`` itself, or,
-    with ``sidecar``, into that sidecar GGUF beside an untouched ``output``. Returns ``output``."""
+    with ``sidecar``, into that sidecar GGUF beside an untouched ``output``. Returns ``output``.
+
+    ``pre_tokenizer``: the llama.cpp name of the checkpoint's BPE pre-tokenizer (e.g. 'qwen2'), for a
+    tokenizer upstream does not recognise by its hash (a retrained or trimmed one); see
+    pre_tokenizer_from_gguf to take it from a GGUF of the same tokenizer."""
     src, out = Path(model_dir), Path(output)
     side = Path(sidecar) if sidecar is not None else None
     if side is not None and (routers is None and not rankings):
@@ -148,6 +238,8 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
         raise GGUFEditError(f"output file exists: {side}; pass force=True (--force) to overwrite")
     if outtype not in OUTTYPES:
         raise GGUFEditError(f"unknown outtype {outtype!r}; expected one of {', '.join(OUTTYPES)}")
+    if pre_tokenizer is not None:
+        _check_pre_tokenizer(pre_tokenizer)
     _check_hf_dir(src)
     if out.exists() and not force:
         raise GGUFEditError(f"output file exists: {out}; pass force=True (--force) to overwrite")
@@ -164,13 +256,25 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
         if lora is not None:
             src = merge_lora(src, Path(lora), tmp_p / "merged")
         base = tmp_p / "base.gguf"
-        # upstream's own log and progress bar go straight to the terminal
-        res = subprocess.run([sys.executable, str(script), str(src), "--outfile", str(base), "--outtype", outtype],
-                             stdout=subprocess.DEVNULL,
-                             stderr=None if progress else subprocess.PIPE, text=True)
-        if res.returncode != 0 or not base.exists():
-            tail = "see its output above" if progress else "\n".join((res.stderr or "").strip().splitlines()[-5:])
-            raise GGUFEditError(f"convert_hf_to_gguf.py failed on {src} (exit {res.returncode}): {tail}")
+        # with progress, upstream's log and progress bar reach our stderr as they come
+        args = [str(src), "--outfile", str(base), "--outtype", outtype]
+        cmd = ([sys.executable, str(script)] if pre_tokenizer is None else
+               [sys.executable, "-c", _CONVERT_WITH_PRE, str(script), pre_tokenizer])
+        rc, err = _run_teeing_stderr(cmd + args, progress)
+        if rc != 0 or not base.exists():
+            if "BPE pre-tokenizer was not recognized" in err:
+                m = re.search(r"chkhsh:\s*([0-9a-f]{64})", err)
+                raise GGUFEditError(
+                    f"convert_hf_to_gguf.py does not recognise the BPE pre-tokenizer of {src}"
+                    + (f" (chkhsh {m.group(1)})" if m else "") + "; name it with --pre-tokenizer NAME (the "
+                    "llama.cpp name, e.g. qwen2 for a Qwen2/Qwen3 tokenizer, llama3, gpt2) or take it from a GGUF "
+                    "of the same tokenizer with --pre-tokenizer-from FILE")
+            lines = err.strip().splitlines()
+            first = next((ln for ln in lines if ln.startswith("first-gguf: ")), None)
+            tail = first or "\n".join(lines[-5:])
+            raise GGUFEditError(f"convert_hf_to_gguf.py failed on {src} (exit {rc}): {tail}")
+        if pre_tokenizer is not None:
+            _check_vocab_loads(base, pre_tokenizer)
         if rf is None and not rankings:
             os.replace(base, out)
             return out

@@ -47,8 +47,13 @@ extern "C" {
 #define FIRST_ERR_BUFFER         -6 // output buffer too small
 #define FIRST_ERR_SIDECAR        -7 // the sidecar file is unreadable or does not fit the model (see err)
 
-// 1 if the model's graph builder honours skip masks (llama family), else 0
+// 1 if the model's graph builder honours skip masks (an architecture of first_supported_archs), else 0
 FIRST_API int32_t first_model_supports_skip(const struct llama_model * model);
+
+// The GGUF names (general.architecture) of the architectures whose graph builder honours skip
+// masks, comma-separated ("llama,llama-embed,..."), written like snprintf into buf[size] (may be
+// NULL with size 0). Returns the length of the whole list, without the terminating NUL.
+FIRST_API int32_t first_supported_archs(char * buf, size_t size);
 
 // number of blocks that carry a router tensor
 FIRST_API int32_t first_model_n_routers(const struct llama_model * model);

@@ -14,7 +14,9 @@
 #include "ggml-cpp.h"
 #include "gguf.h"
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <cstdio>
 #include <stdexcept>
 
@@ -26,6 +28,7 @@ struct first_seq {
 };
 
 struct first_state {
+    const llama_model * model = nullptr;
     int32_t n_layer   = 0;
     int32_t n_routers  = 0;
     int32_t n_bypasses = 0;
@@ -46,9 +49,33 @@ struct first_state {
     }
 };
 
+// The architectures whose graph builder calls the build_first_* hooks (patches/0002): the one list,
+// read by Python through first_supported_archs.
+static const llm_arch FIRST_ARCHS[] = {
+    LLM_ARCH_LLAMA,
+    LLM_ARCH_LLAMA_EMBED,
+    LLM_ARCH_QWEN2,
+    LLM_ARCH_QWEN3,
+    LLM_ARCH_GEMMA3,
+};
+
 static bool first_arch_supported(llm_arch arch) {
-    // architectures whose graph builder calls the build_first_* hooks
-    return arch == LLM_ARCH_LLAMA || arch == LLM_ARCH_LLAMA_EMBED;
+    return std::find(std::begin(FIRST_ARCHS), std::end(FIRST_ARCHS), arch) != std::end(FIRST_ARCHS);
+}
+
+// "llama, llama-embed, ..." (GGUF names)
+static std::string first_archs_list(const char * sep) {
+    std::string out;
+    for (llm_arch arch : FIRST_ARCHS) {
+        out += out.empty() ? "" : sep;
+        out += llm_arch_name(arch);
+    }
+    return out;
+}
+
+static std::string first_unsupported_msg(llm_arch arch) {
+    return format("the model's architecture '%s' has no layer-skip support (supported: %s)", llm_arch_name(arch),
+            first_archs_list(", ").c_str());
 }
 
 static int32_t first_count_routers(const llama_model & model) {
@@ -69,11 +96,17 @@ static int32_t first_count_bypasses(const llama_model & model) {
 
 std::shared_ptr<first_state> first_state_make(const llama_model & model) {
     auto state = std::make_shared<first_state>();
+    state->model     = &model;
     state->n_layer   = (int32_t) model.hparams.n_layer();
     state->n_routers  = first_count_routers(model);
     state->n_bypasses = first_count_bypasses(model);
     state->supported  = first_arch_supported(model.arch);
     return state;
+}
+
+const llama_layer & first_state_layer(const first_state & state, int il) {
+    GGML_ASSERT(state.model && il >= 0 && il < state.n_layer);
+    return state.model->layers[il];
 }
 
 first_plan first_make_plan(const first_state & state, const llama_ubatch & ubatch) {
@@ -163,7 +196,8 @@ void first_collect_scores(first_state & state, ggml_backend_sched * sched, const
     }
 }
 
-void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b, int il) {
+// a block's router tensors as loaded (their shapes were checked by create_tensor)
+static void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b, int il) {
     if (router_b && !router) {
         throw std::runtime_error(format("first-gguf: tensor 'blk.%d.router.bias' has no matching 'blk.%d.router.weight'", il, il));
     }
@@ -177,7 +211,9 @@ void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b
     }
 }
 
-int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & down_name, int64_t n_embd) {
+// rank of a block's bypass adapter from its down tensor ([n_embd, rank], F32 or F16), 0 if absent;
+// throws with the tensor's name on a wrong shape or type (the up tensor is then required with [rank, n_embd])
+static int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & down_name, int64_t n_embd) {
     const ggml_tensor * down = ml.get_tensor_meta(down_name.c_str());
     if (!down) {
         return 0;
@@ -193,6 +229,44 @@ int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & dow
                 (long long) down->ne[3]));
     }
     return down->ne[1];
+}
+
+void first_load_tensors(llama_model_base & model, llama_model_loader & ml) {
+    const int     n_layer = (int) model.hparams.n_layer();
+    const int64_t n_embd  = model.hparams.n_embd;
+    const auto  & tn      = model.tn;
+    const int     TENSOR_NOT_REQUIRED = llama_model_loader::TENSOR_NOT_REQUIRED;
+
+    if (!first_arch_supported(model.arch)) {
+        // the builder would ignore them (and the loader would only count them as unused): say what they are
+        for (int il = 0; il < n_layer; ++il) {
+            for (const std::string name : { tn(LLM_TENSOR_LAYER_ROUTER, "weight", il).str(),
+                                            tn(LLM_TENSOR_LAYER_ROUTER, "bias", il).str(),
+                                            tn(LLM_TENSOR_LAYER_BYPASS_DOWN, "weight", il).str(),
+                                            tn(LLM_TENSOR_LAYER_BYPASS_UP, "weight", il).str() }) {
+                if (ml.get_tensor_meta(name.c_str())) {
+                    throw std::runtime_error(format("first-gguf: the file carries tensor '%s', but %s; remove the "
+                            "first-gguf data with first-gguf strip", name.c_str(), first_unsupported_msg(model.arch).c_str()));
+                }
+            }
+        }
+        return;
+    }
+
+    for (int il = 0; il < n_layer; ++il) {
+        auto & layer = model.layers[il];
+
+        // optional layer-skip router
+        layer.router   = model.create_tensor(tn(LLM_TENSOR_LAYER_ROUTER, "weight", il), {n_embd, 1}, TENSOR_NOT_REQUIRED);
+        layer.router_b = model.create_tensor(tn(LLM_TENSOR_LAYER_ROUTER, "bias",   il), {1},         TENSOR_NOT_REQUIRED);
+        first_check_router(layer.router, layer.router_b, il);
+
+        // optional bypass adapter of a skipped block (its rank is read from the file)
+        if (const int64_t n_rank = first_bypass_rank(ml, tn(LLM_TENSOR_LAYER_BYPASS_DOWN, "weight", il).str(), n_embd)) {
+            layer.bypass_down = model.create_tensor(tn(LLM_TENSOR_LAYER_BYPASS_DOWN, "weight", il), {n_embd, n_rank}, 0);
+            layer.bypass_up   = model.create_tensor(tn(LLM_TENSOR_LAYER_BYPASS_UP,   "weight", il), {n_rank, n_embd}, 0);
+        }
+    }
 }
 
 //
@@ -238,7 +312,7 @@ static std::shared_ptr<first_sidecar> first_load_sidecar(const llama_model & mod
     const int64_t n_embd  = model.hparams.n_embd;
     const int     n_layer = (int) model.hparams.n_layer();
     if (!first_arch_supported(model.arch)) {
-        throw std::runtime_error(format("the model's architecture '%s' has no layer-skip support", llm_arch_name(model.arch)));
+        throw std::runtime_error(first_unsupported_msg(model.arch));
     }
     for (const auto & layer : model.layers) {
         if (layer.router || layer.router_b || layer.bypass_down || layer.bypass_up) {
@@ -379,6 +453,14 @@ static first_seq * first_get_seq(const llama_context * ctx, llama_seq_id seq_id)
 
 int32_t first_model_supports_skip(const llama_model * model) {
     return first_arch_supported(model->arch) ? 1 : 0;
+}
+
+int32_t first_supported_archs(char * buf, size_t size) {
+    const std::string list = first_archs_list(",");
+    if (buf && size > 0) {
+        std::snprintf(buf, size, "%s", list.c_str());
+    }
+    return (int32_t) list.size();
 }
 
 int32_t first_model_n_routers(const llama_model * model) {

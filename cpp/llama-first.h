@@ -12,7 +12,9 @@
 
 struct ggml_tensor;
 struct ggml_backend_sched;
+struct llama_layer;
 struct llama_model;
+struct llama_model_base;
 struct llama_model_loader;
 struct llama_ubatch;
 class  llm_graph_result;
@@ -43,6 +45,9 @@ struct first_plan {
 
 std::shared_ptr<first_state> first_state_make(const llama_model & model);
 
+// the model's block il (its router, attn_norm and bypass tensors), for the graph hooks
+const llama_layer & first_state_layer(const first_state & state, int il);
+
 // plan for a real ubatch, from the masks and routing flags of its sequences
 first_plan first_make_plan(const first_state & state, const llama_ubatch & ubatch);
 
@@ -52,12 +57,11 @@ first_plan first_make_reserve_plan(const first_state & state);
 // after a ubatch was computed: copy the router scores of routing sequences out of the graph
 void first_collect_scores(first_state & state, ggml_backend_sched * sched, const llm_graph_result & res, const llama_ubatch & ubatch);
 
-// load-time check of a block's router tensors (shapes are checked by create_tensor)
-void first_check_router(const ggml_tensor * router, const ggml_tensor * router_b, int il);
-
-// load-time: rank of a block's bypass adapter from its down tensor ([n_embd, rank], F32 or F16), 0 if absent;
-// throws with the tensor's name on a wrong shape or type (the up tensor is then required with [rank, n_embd])
-int64_t first_bypass_rank(const llama_model_loader & ml, const std::string & down_name, int64_t n_embd);
+// Load time, once for every architecture (llama_model_base::load_tensors, after the architecture's
+// own tensors): the optional router (blk.N.router.{weight,bias}) and bypass (blk.N.bypass.{down,up}.weight)
+// tensors of every block. On an architecture without layer-skip support a file that carries any of
+// them is refused with an error naming the tensor and the supported architectures.
+void first_load_tensors(llama_model_base & model, llama_model_loader & ml);
 
 // per-token keep flag of block il for the tokens of a ubatch (1 = run the block)
 void first_fill_keep(const first_state & state, const llama_ubatch & ubatch, int il, float * keep);

@@ -68,6 +68,7 @@ def _bind(name, argtypes, restype):
 
 
 first_model_supports_skip = _bind("first_model_supports_skip", [_model_p], _c.c_int32)
+first_supported_archs = _bind("first_supported_archs", [_c.c_char_p, _c.c_size_t], _c.c_int32)
 first_model_n_routers = _bind("first_model_n_routers", [_model_p], _c.c_int32)
 first_set_skip_mask = _bind(
     "first_set_skip_mask", [_ctx_p, _c.c_int32, _c.POINTER(_c.c_uint8), _c.c_int32], _c.c_int32
@@ -91,6 +92,27 @@ first_model_attach_sidecar = _bind(
 )
 first_set_layer_inp_output = _bind("first_set_layer_inp_output", [_ctx_p, _c.c_int32, _c.c_bool], None)
 first_get_layer_inp = _bind("first_get_layer_inp", [_ctx_p, _c.c_int32], _c.POINTER(_c.c_float))
+
+
+_SUPPORTED: tuple[str, ...] | None = None
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """GGUF architecture names (``general.architecture``) whose graph builder honours skip masks: the one
+    list, kept by the C side (cpp/llama-first.cpp, first_supported_archs)."""
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        n = first_supported_archs(None, 0)
+        buf = _c.create_string_buffer(n + 1)
+        first_supported_archs(buf, n + 1)
+        _SUPPORTED = tuple(a for a in buf.value.decode("ascii").split(",") if a)
+    return _SUPPORTED
+
+
+def unsupported_architecture(arch: str) -> str:
+    """The words for an architecture without layer-skip support, naming it and the supported ones."""
+    return (f"architecture '{arch}' is not covered by the layer-skip patch "
+            f"(supported: {', '.join(supported_architectures())})")
 
 
 def check(rc: int, what: str) -> int:

@@ -480,17 +480,27 @@ def quantize(model, output, qtype, threads, allow_requantize, force):
               help="Write the routers and rankings to this sidecar GGUF and OUTPUT without them (the form every "
                    "llama.cpp tool opens; load with --routers SIDECAR).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
-def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force):
+@click.option("--pre-tokenizer", "pre_tokenizer", default=None, metavar="NAME",
+              help="llama.cpp name of the BPE pre-tokenizer (e.g. qwen2, llama3, gpt2), for a tokenizer that "
+                   "convert_hf_to_gguf.py does not recognise.")
+@click.option("--pre-tokenizer-from", "pre_tokenizer_from", type=click.Path(dir_okay=False), default=None,
+              metavar="GGUF", help="Take the BPE pre-tokenizer from this GGUF of the same tokenizer.")
+def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force, pre_tokenizer, pre_tokenizer_from):
     """Convert a Hugging Face checkpoint to GGUF (upstream convert_hf_to_gguf.py) with routers."""
-    from .convert.hf import convert_hf
+    from .convert.hf import convert_hf, pre_tokenizer_from_gguf
 
     def run():
+        pre = pre_tokenizer
+        if pre_tokenizer_from is not None:
+            if pre is not None:
+                raise ValueError("give --pre-tokenizer or --pre-tokenizer-from, not both")
+            pre = pre_tokenizer_from_gguf(pre_tokenizer_from)
         ranks = {}
         for path in rankings:
             r = _read_ranking(path)
             ranks[r["name"]] = r
         return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=ranks or None,
-                          lora=lora, sidecar=sidecar, force=force, progress=True)
+                          lora=lora, sidecar=sidecar, force=force, progress=True, pre_tokenizer=pre)
 
     out = _convert_errors(run)
     click.echo(f"wrote {out}", err=True)

@@ -64,5 +64,5 @@ FORMAT_VERSION = 1
 # adapter.type of a sidecar GGUF (general.type = "adapter"): first-gguf data for an untouched base GGUF
 SIDECAR_ADAPTER_TYPE = "first-gguf"
 
-# GGUF architectures whose graph builder honours skip masks (cpp/llama-first.cpp)
-SUPPORTED_ARCHITECTURES = ("llama", "llama-embed")
+# The GGUF architectures whose graph builder honours skip masks are listed once, on the C side
+# (cpp/llama-first.cpp): first_gguf._lib.supported_architectures().

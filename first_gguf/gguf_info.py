@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .constants import SIDECAR_ADAPTER_TYPE, SUPPORTED_ARCHITECTURES, Keys, Tensors
+from .constants import SIDECAR_ADAPTER_TYPE, Keys, Tensors
 from .convert.gguf_edit import GGUFEditError, field_value, read_gguf
 
 
@@ -38,7 +38,9 @@ class GGUFInfo:
 
     @property
     def supports_skip(self) -> bool:
-        return self.architecture in SUPPORTED_ARCHITECTURES
+        from ._lib import supported_architectures
+
+        return self.architecture in supported_architectures()
 
     @property
     def has_first_data(self) -> bool:
@@ -140,9 +142,12 @@ def read_info(path: str | Path) -> GGUFInfo:
             ranks.add(down[1])
     if len(ranks) > 1:
         errors.append(f"bypasses of different ranks {sorted(ranks)}")
-    if (blocks or n_bias or bypass) and arch not in SUPPORTED_ARCHITECTURES:
-        errors.append(f"router tensors on architecture '{arch}', which the layer-skip patch does not cover "
-                      f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if blocks or n_bias or bypass:
+        from ._lib import supported_architectures
+
+        if arch not in supported_architectures():
+            errors.append(f"router tensors on architecture '{arch}', which the layer-skip patch does not cover "
+                          f"(supported: {', '.join(supported_architectures())})")
 
     rankings: dict[str, list[int]] = {}
     sources: dict[str, dict] = {}

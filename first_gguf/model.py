@@ -601,8 +601,8 @@ class Model:
                 raise ValueError(f"skip_layers would skip all {self.n_layer} blocks; keep at least one")
         wants_skip = (layers and len(layers) > 0) or budget > 0
         if wants_skip and not self.supports_skip:
-            raise ValueError(f"{self.path}: architecture '{self.info.architecture}' is not covered by the "
-                             f"layer-skip patch; only skip_budget=0 is possible")
+            raise ValueError(f"{self.path}: {_lib.unsupported_architecture(self.info.architecture)}; only "
+                             f"skip_budget=0 is possible")
         if layers is None and budget > 0:
             if skip_strategy == "router" and self.n_routers == 0:
                 hint = " (try skip_strategy='static')" if self.info.static_rankings else ""

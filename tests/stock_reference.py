@@ -1,7 +1,10 @@
 """Runs under *stock* llama-cpp-python 0.3.36 (built from the same pinned sdist,
 unpatched, in build/stock-venv). Never imports first_gguf.
 
-stdin: JSON {"model": path, "prompts": [...], "max_tokens": N, "n_ctx": N, "out": dir}
+stdin: JSON {"model": path, "prompts": [...], "max_tokens": N, "n_ctx": N, "out": dir, "fresh": bool (optional)}
+"fresh": for sliding-window models (Gemma 3): clear the KV cache before each prompt and leave out
+create_completion ("text" and "finish_reason" are then null), which fails on them in llama-cpp-python 0.3.36
+("decode: failed to find a memory slot for batch of size 1"); the tokens and logits come from eval/generate.
 stdout: JSON list, per prompt: {"text", "tokens"}; last-prompt-token logits in out/logits_<i>.npy
 """
 import json
@@ -15,7 +18,14 @@ req = json.load(sys.stdin)
 llm = Llama(model_path=req["model"], n_ctx=req["n_ctx"], n_threads=2, n_threads_batch=2, seed=0, verbose=False)
 out = []
 for i, prompt in enumerate(req["prompts"]):
-    res = llm.create_completion(prompt, max_tokens=req["max_tokens"], temperature=0.0, repeat_penalty=1.0)
+    if req.get("fresh"):
+        import llama_cpp as lc
+
+        llm.reset()
+        lc.llama_memory_clear(lc.llama_get_memory(llm._ctx.ctx), True)
+        res = {"choices": [{"text": None, "finish_reason": None}]}
+    else:
+        res = llm.create_completion(prompt, max_tokens=req["max_tokens"], temperature=0.0, repeat_penalty=1.0)
     tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     llm.reset()
     llm.eval(tokens)

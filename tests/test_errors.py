@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,12 +18,22 @@ def _with_router_tensors(base, out, tensors):
 
 
 @pytest.fixture(scope="module")
-def qwen2_gguf(base_gguf, tmp_path_factory):
-    """The default model relabelled as a 'qwen2' GGUF: loads, but the skip patch does not cover it."""
+def exaone_gguf(base_gguf, tmp_path_factory):
+    """The default model relabelled as an 'exaone' GGUF (llama's tensors and keys): loads, but the skip patch
+    does not cover it."""
     r = read_gguf(base_gguf)
-    kv = {"qwen2" + f.name[len("llama"):]: _copy_kv(f) for f in r.fields.values() if f.name.startswith("llama.")}
-    out = tmp_path_factory.mktemp("arch") / "qwen2.gguf"
-    return rewrite_gguf(base_gguf, out, set_kv=kv, drop_kv=lambda k: k.startswith("llama."), arch="qwen2")
+    kv = {"exaone" + f.name[len("llama"):]: _copy_kv(f) for f in r.fields.values() if f.name.startswith("llama.")}
+    out = tmp_path_factory.mktemp("arch") / "exaone.gguf"
+    return rewrite_gguf(base_gguf, out, set_kv=kv, drop_kv=lambda k: k.startswith("llama."), arch="exaone")
+
+
+def _unsupported(arch):
+    """The error words for an unsupported architecture: it, and the list the C side keeps."""
+    from first_gguf._lib import supported_architectures
+
+    archs = supported_architectures()
+    assert {"llama", "qwen2", "qwen3"} <= set(archs) and arch not in archs
+    return re.escape(f"architecture '{arch}' is not covered by the layer-skip patch (supported: {', '.join(archs)})")
 
 
 # ---------------------------------------------------------------- arguments
@@ -85,24 +96,41 @@ def test_budget_needs_routers_or_ranking(base_model):
     assert base_model.generate("Hi", skip_layers=[4], max_tokens=2).skipped_layers == [4]
 
 
-def test_unsupported_architecture_refuses_skipping(qwen2_gguf):
-    m = first_gguf.load(qwen2_gguf, n_ctx=256)
+def test_unsupported_architecture_refuses_skipping(exaone_gguf):
+    m = first_gguf.load(exaone_gguf, n_ctx=256)
     try:
-        assert not m.supports_skip
+        assert not m.supports_skip and not m.info.supports_skip
         assert m.generate("Hello", 0.0, max_tokens=3).tokens
-        with pytest.raises(ValueError, match=r"architecture 'qwen2' is not covered"):
+        with pytest.raises(ValueError, match=_unsupported("exaone")):
             m.generate("Hello", 0.2)
-        with pytest.raises(ValueError, match=r"architecture 'qwen2' is not covered"):
+        with pytest.raises(ValueError, match=_unsupported("exaone")):
             m.generate("Hello", skip_layers=[3])
     finally:
         m.close()
 
 
-def test_routers_on_unsupported_architecture_are_refused(qwen2_gguf, tmp_path):
-    out = _with_router_tensors(qwen2_gguf, tmp_path / "q.gguf",
+def test_routers_on_unsupported_architecture_are_refused(exaone_gguf, tmp_path):
+    out = _with_router_tensors(exaone_gguf, tmp_path / "q.gguf",
                                [("blk.0.router.weight", np.zeros((1, 576), np.float32))])
-    with pytest.raises(ValueError, match=r"router tensors on architecture 'qwen2'"):
+    with pytest.raises(ValueError, match=r"router tensors on architecture 'exaone'.*\(supported: llama, "):
         first_gguf.load(out)
+
+
+def test_routers_on_unsupported_architecture_are_refused_by_llama_cpp(exaone_gguf, tmp_path):
+    """Below the Python check, llama.cpp's loader itself names the tensor and the supported architectures."""
+    from first_gguf._lib import supported_architectures
+    from first_gguf.model import _LOG
+
+    out = _with_router_tensors(exaone_gguf, tmp_path / "q.gguf",
+                               [("blk.2.bypass.down.weight", np.zeros((4, 576), np.float32))])
+    _LOG.lines.clear()
+    params = first_gguf.model.llama_cpp.llama_model_default_params()
+    model = first_gguf.model.llama_cpp.llama_model_load_from_file(str(out).encode(), params)
+    assert not model
+    log = "".join(_LOG.lines)
+    assert "the file carries tensor 'blk.2.bypass.down.weight'" in log, log[-2000:]
+    archs = ", ".join(supported_architectures())
+    assert f"the model's architecture 'exaone' has no layer-skip support (supported: {archs})" in log, log[-2000:]
 
 
 # ------------------------------------------------------------------- files
