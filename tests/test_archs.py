@@ -39,6 +39,7 @@ torch = pytest.importorskip("torch")
 import first_gguf  # noqa: E402
 from first_gguf import _lib  # noqa: E402
 from first_gguf._lib import llama_cpp  # noqa: E402
+from llama_batch import decode, make_ctx, set_mask  # noqa: E402
 from first_gguf.cli import main  # noqa: E402
 
 TOL = 2e-3
@@ -321,32 +322,7 @@ def test_bypass_logprobs_match_transformers(case, skip):
 
 
 def _ctx(model, n_seq):
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 256, 64, 64, n_seq
-    p.n_threads = p.n_threads_batch = 1
-    ctx = llama_cpp.llama_init_from_model(model._model, p)
-    assert ctx
-    return ctx
-
-
-def _decode(ctx, items, n_vocab):
-    """items: (token, pos, seq, want_logits). Returns the logits rows of the wanted items, in order."""
-    b = llama_cpp.llama_batch_init(len(items), 0, 1)
-    try:
-        b.n_tokens = len(items)
-        for i, (t, pos, seq, out) in enumerate(items):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, 1, out
-            b.seq_id[i][0] = seq
-        assert llama_cpp.llama_decode(ctx, b) == 0
-        rows = [i for i, it in enumerate(items) if it[3]]
-        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in rows]
-    finally:
-        llama_cpp.llama_batch_free(b)
-
-
-def _mask(ctx, seq, layers, n_layer):
-    mask = (ctypes.c_uint8 * n_layer)(*[1 if i in layers else 0 for i in range(n_layer)])
-    assert _lib.first_set_skip_mask(ctx, seq, mask, n_layer) == 0
+    return make_ctx(model, n_seq, n_ctx=256, n_threads=1)
 
 
 def test_mixed_ubatch_equals_each_sequence_alone(case):
@@ -362,19 +338,19 @@ def test_mixed_ubatch_equals_each_sequence_alone(case):
 
     ctx = _ctx(m, 2)
     try:
-        _decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)] + [(t, i, 1, False) for i, t in enumerate(p1)], nv)
-        _mask(ctx, 0, skip, case.n_layer)
-        both = _decode(ctx, step(0, p0, e0) + step(1, p1, e1), nv)
+        decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)] + [(t, i, 1, False) for i, t in enumerate(p1)], nv)
+        set_mask(ctx, 0, skip, case.n_layer)
+        both = decode(ctx, step(0, p0, e0) + step(1, p1, e1), nv)
     finally:
         llama_cpp.llama_free(ctx)
     alone = []
     for prompt, extra, masked in ((p0, e0, True), (p1, e1, False)):
         ctx = _ctx(m, 1)
         try:
-            _decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)], nv)
+            decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)], nv)
             if masked:
-                _mask(ctx, 0, skip, case.n_layer)
-            alone.append(_decode(ctx, step(0, prompt, extra), nv)[0])
+                set_mask(ctx, 0, skip, case.n_layer)
+            alone.append(decode(ctx, step(0, prompt, extra), nv)[0])
         finally:
             llama_cpp.llama_free(ctx)
     for seq in range(2):

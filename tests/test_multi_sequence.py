@@ -8,37 +8,13 @@ import pytest
 
 from first_gguf import _lib
 from first_gguf._lib import llama_cpp
+from llama_batch import decode, make_ctx, set_mask
 
 SKIP = [4, 5, 6, 12, 20]
 
 
 def _ctx(model, n_seq):
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 512, 64, 64, n_seq
-    p.n_threads = p.n_threads_batch = 2
-    ctx = llama_cpp.llama_init_from_model(model._model, p)
-    assert ctx
-    return ctx
-
-
-def _decode(ctx, items, n_vocab):
-    """items: (token, pos, seq, want_logits). Returns logits rows of the wanted items, in order."""
-    b = llama_cpp.llama_batch_init(len(items), 0, 1)
-    try:
-        b.n_tokens = len(items)
-        for i, (t, pos, seq, out) in enumerate(items):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, 1, out
-            b.seq_id[i][0] = seq
-        assert llama_cpp.llama_decode(ctx, b) == 0
-        rows = [i for i, it in enumerate(items) if it[3]]
-        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in rows]
-    finally:
-        llama_cpp.llama_batch_free(b)
-
-
-def _mask(ctx, seq, layers, n_layer):
-    m = (ctypes.c_uint8 * n_layer)(*[1 if i in layers else 0 for i in range(n_layer)])
-    assert _lib.first_set_skip_mask(ctx, seq, m, n_layer) == 0
+    return make_ctx(model, n_seq, n_ctx=512, n_threads=2)
 
 
 @pytest.fixture()
@@ -54,12 +30,12 @@ def test_mixed_batch_equals_each_sequence_alone(base_model, prompts):
     # together: both prompts at full depth, then one batch with seq 0 masked and seq 1 not
     ctx = _ctx(m, 2)
     try:
-        _decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)] + [(t, i, 1, False) for i, t in enumerate(p1)], nv)
-        _mask(ctx, 0, SKIP, nl)
-        both = _decode(ctx, [(p0[-1], len(p0), 0, True), (p1[-1], len(p1), 1, True)], nv)
+        decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)] + [(t, i, 1, False) for i, t in enumerate(p1)], nv)
+        set_mask(ctx, 0, SKIP, nl)
+        both = decode(ctx, [(p0[-1], len(p0), 0, True), (p1[-1], len(p1), 1, True)], nv)
         two_steps = [both]
         # a second mixed step (graph reuse with a MIXED block plan)
-        two_steps.append(_decode(ctx, [(11, len(p0) + 1, 0, True), (12, len(p1) + 1, 1, True)], nv))
+        two_steps.append(decode(ctx, [(11, len(p0) + 1, 0, True), (12, len(p1) + 1, 1, True)], nv))
     finally:
         llama_cpp.llama_free(ctx)
 
@@ -68,11 +44,11 @@ def test_mixed_batch_equals_each_sequence_alone(base_model, prompts):
     for seq_prompt, masked, extra in ((p0, True, 11), (p1, False, 12)):
         ctx = _ctx(m, 1)
         try:
-            _decode(ctx, [(t, i, 0, False) for i, t in enumerate(seq_prompt)], nv)
+            decode(ctx, [(t, i, 0, False) for i, t in enumerate(seq_prompt)], nv)
             if masked:
-                _mask(ctx, 0, SKIP, nl)
-            a = _decode(ctx, [(seq_prompt[-1], len(seq_prompt), 0, True)], nv)[0]
-            b = _decode(ctx, [(extra, len(seq_prompt) + 1, 0, True)], nv)[0]
+                set_mask(ctx, 0, SKIP, nl)
+            a = decode(ctx, [(seq_prompt[-1], len(seq_prompt), 0, True)], nv)[0]
+            b = decode(ctx, [(extra, len(seq_prompt) + 1, 0, True)], nv)[0]
             alone.append((a, b))
         finally:
             llama_cpp.llama_free(ctx)
