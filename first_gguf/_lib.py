@@ -8,6 +8,7 @@ process holds one libllama and one libggml, and the ``first_*`` symbols live in 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -94,19 +95,14 @@ first_set_layer_inp_output = _bind("first_set_layer_inp_output", [_ctx_p, _c.c_i
 first_get_layer_inp = _bind("first_get_layer_inp", [_ctx_p, _c.c_int32], _c.POINTER(_c.c_float))
 
 
-_SUPPORTED: tuple[str, ...] | None = None
-
-
+@functools.cache
 def supported_architectures() -> tuple[str, ...]:
     """GGUF architecture names (``general.architecture``) whose graph builder honours skip masks: the one
     list, kept by the C side (cpp/llama-first.cpp, first_supported_archs)."""
-    global _SUPPORTED
-    if _SUPPORTED is None:
-        n = first_supported_archs(None, 0)
-        buf = _c.create_string_buffer(n + 1)
-        first_supported_archs(buf, n + 1)
-        _SUPPORTED = tuple(a for a in buf.value.decode("ascii").split(",") if a)
-    return _SUPPORTED
+    n = first_supported_archs(None, 0)
+    buf = _c.create_string_buffer(n + 1)
+    first_supported_archs(buf, n + 1)
+    return tuple(a for a in buf.value.decode("ascii").split(",") if a)
 
 
 def unsupported_architecture(arch: str) -> str:
