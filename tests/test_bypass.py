@@ -262,37 +262,37 @@ def test_training_learns_bypasses(tiny, tmp_path):
 def test_mixed_batch_with_bypass_equals_each_sequence_alone(bypass_model):
     """Two sequences in one ubatch, one skipping blocks 1, 2 (MIXED plan: the skipping row takes the bypass)
     give the logits each gets alone (SKIP plan / full depth)."""
-    from test_multi_sequence import _ctx, _decode, _mask
+    from llama_batch import decode, make_ctx, set_mask
 
     _, m = bypass_model
     p0, p1 = m.tokenize("the value of"), m.tokenize("a list of the")
     nv, nl, skip = m.n_vocab, m.n_layer, [1, 2]
-    ctx = _ctx(m, 2)
+    ctx = make_ctx(m, 2, n_ctx=512, n_threads=2)
     try:
-        _decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)] + [(t, i, 1, False) for i, t in enumerate(p1)], nv)
-        _mask(ctx, 0, skip, nl)
-        both = _decode(ctx, [(p0[-1], len(p0), 0, True), (p1[-1], len(p1), 1, True)], nv)
+        decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)] + [(t, i, 1, False) for i, t in enumerate(p1)], nv)
+        set_mask(ctx, 0, skip, nl)
+        both = decode(ctx, [(p0[-1], len(p0), 0, True), (p1[-1], len(p1), 1, True)], nv)
     finally:
         first_gguf._lib.llama_cpp.llama_free(ctx)
     alone = []
     for prompt, masked in ((p0, True), (p1, False)):
-        ctx = _ctx(m, 1)
+        ctx = make_ctx(m, 1, n_ctx=512, n_threads=2)
         try:
-            _decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)], nv)
+            decode(ctx, [(t, i, 0, False) for i, t in enumerate(prompt)], nv)
             if masked:
-                _mask(ctx, 0, skip, nl)
-            alone.append(_decode(ctx, [(prompt[-1], len(prompt), 0, True)], nv)[0])
+                set_mask(ctx, 0, skip, nl)
+            alone.append(decode(ctx, [(prompt[-1], len(prompt), 0, True)], nv)[0])
         finally:
             first_gguf._lib.llama_cpp.llama_free(ctx)
     for seq in range(2):
         assert float(np.max(np.abs(both[seq] - alone[seq]))) < 1e-3
     # control: the masked row really used the bypass (plain skipping gives other logits)
-    ctx = _ctx(m, 1)
+    ctx = make_ctx(m, 1, n_ctx=512, n_threads=2)
     try:
         first_gguf._lib.first_set_bypass(ctx, False)
-        _decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)], nv)
-        _mask(ctx, 0, skip, nl)
-        plain = _decode(ctx, [(p0[-1], len(p0), 0, True)], nv)[0]
+        decode(ctx, [(t, i, 0, False) for i, t in enumerate(p0)], nv)
+        set_mask(ctx, 0, skip, nl)
+        plain = decode(ctx, [(p0[-1], len(p0), 0, True)], nv)[0]
     finally:
         first_gguf._lib.llama_cpp.llama_free(ctx)
     assert float(np.max(np.abs(plain - alone[0]))) > 0.05
