@@ -8,7 +8,9 @@ Layout (llama.cpp src/llama-adapter.cpp): ``general.type = "adapter"``,
 Llama q/k weights are stored in GGUF with their rows permuted for llama.cpp's
 rope layout (convert_hf_to_gguf's ``LlamaModel.permute``); a LoRA trained on
 the Hugging Face layout gets the same row permutation on ``lora_b`` of
-attn_q / attn_k, so B A stays aligned with the permuted base weight.
+attn_q / attn_k, so B A stays aligned with the permuted base weight. Qwen2,
+Qwen3 and Gemma 3 are converted without that permutation (their rope is
+llama.cpp's NEOX layout, the Hugging Face one), so their B is written as is.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ import gguf
 
 from .gguf_edit import GGUFEditError, atomic_output
 
+# architectures whose upstream converter permutes the q/k rows (convert_hf_to_gguf's LlamaModel.permute)
+ROPE_PERMUTED_ARCHS = frozenset({"llama"})
+
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of a q/k projection (or of its LoRA B) from the Hugging Face layout to llama.cpp's."""
@@ -33,7 +38,9 @@ def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def write_lora_gguf(path: str | os.PathLike, pairs: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], *,
                     alpha: float, n_head: int, n_head_kv: int, arch: str = "llama",
                     provenance: dict | None = None, outtype: str = "f32") -> Path:
-    """pairs: (block, GGUF tensor name without ``.weight``) -> (A [rank, n_in], B [n_out, rank]), HF layout."""
+    """pairs: (block, GGUF tensor name without ``.weight``) -> (A [rank, n_in], B [n_out, rank]), HF layout;
+    ``arch``: the model's GGUF architecture (llama.cpp refuses an adapter of another one), which also decides
+    whether q/k rows are rope-permuted (ROPE_PERMUTED_ARCHS)."""
     out = Path(path)
     if not out.parent.is_dir():
         raise GGUFEditError(f"output folder does not exist: {out.parent}")
@@ -59,9 +66,9 @@ def write_lora_gguf(path: str | os.PathLike, pairs: dict[tuple[int, str], tuple[
                 raise ValueError(f"blk.{il}.{name}: A {a.shape} and B {b.shape} are not a LoRA pair")
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
                 raise ValueError(f"blk.{il}.{name}: LoRA holds NaN or Inf")
-            if name == "attn_q":
+            if name == "attn_q" and arch in ROPE_PERMUTED_ARCHS:
                 b = rope_permute(b, n_head)
-            elif name == "attn_k":
+            elif name == "attn_k" and arch in ROPE_PERMUTED_ARCHS:
                 b = rope_permute(b, n_head_kv)
             w.add_tensor(f"blk.{il}.{name}.weight.lora_a", np.ascontiguousarray(a.astype(dtype)))
             w.add_tensor(f"blk.{il}.{name}.weight.lora_b", np.ascontiguousarray(b.astype(dtype)))

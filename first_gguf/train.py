@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import random
@@ -226,13 +227,39 @@ def load_frozen_model(path: str):
     else:
         raise ValueError(f"model not found or not understood: {p}; expected a GGUF file or a Hugging Face "
                          f"checkpoint directory with config.json")
-    if model.config.model_type not in ("llama",):
-        raise ValueError(f"{p}: model type {model.config.model_type!r}; router training supports llama-architecture "
-                         f"models (the layer-skip patch covers them)")
+    gguf_architecture(model.config, source=p)  # refuses a family the layer-skip patch does not cover
     model.eval()
     for q in model.parameters():
         q.requires_grad_(False)
     return model
+
+
+# Hugging Face model_type -> llama.cpp architecture (GGUF general.architecture); which of these the runtime
+# supports is asked from the patched library (_lib.supported_architectures), not kept here
+HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+# architectures whose RMSNorms multiply by 1 + weight (the converter stores 1 + weight in the GGUF)
+NORM_PLUS_ONE = frozenset({"gemma3"})
+
+
+def gguf_architecture(config, source="model") -> str:
+    """The llama.cpp architecture of a transformers config; a ValueError naming the family and the supported
+    ones when the layer-skip runtime does not cover it."""
+    from . import _lib
+
+    supported = _lib.supported_architectures()
+    arch = HF_MODEL_TYPES.get(config.model_type)
+    if arch is None or arch not in supported:
+        known = sorted(t for t, a in HF_MODEL_TYPES.items() if a in supported)
+        raise ValueError(f"{source}: model type {config.model_type!r} is not supported for router training; "
+                         f"supported model types: {', '.join(known)} (llama.cpp architectures "
+                         f"{', '.join(supported)})")
+    return arch
+
+
+def gguf_norm_weight(model, norm) -> "np.ndarray":
+    """What an RMSNorm multiplies by, as the GGUF stores it (Gemma: 1 + weight), float32."""
+    w = norm.weight.detach().float().numpy()
+    return (1.0 + w).astype(np.float32) if gguf_architecture(model.config) in NORM_PLUS_ONE else w
 
 
 class Routers:
@@ -354,11 +381,41 @@ class DecodeLora:
         pairs = {(il, LORA_TARGETS[n]): (self.a[il, n].detach().float().numpy(), self.b[il, n].detach().float().numpy())
                  for (il, n) in self.a}
         write_lora_gguf(path, pairs, alpha=self.alpha, n_head=cfg.num_attention_heads,
-                        n_head_kv=cfg.num_key_value_heads, provenance=provenance)
+                        n_head_kv=cfg.num_key_value_heads, arch=gguf_architecture(cfg), provenance=provenance)
 
 
 def _layers(model):
     return model.model
+
+
+def _layer_windows(model) -> list[int | None]:
+    """Per block: its attention window (Gemma 3's sliding-window blocks, Qwen2 with use_sliding_window), or
+    None for full attention. The same rule as llama.cpp's SWA mask: position q sees k when q - k < window."""
+    cfg = _layers(model).config
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in types[: cfg.num_hidden_layers]]
+
+
+def _block_rope(model, h, pos) -> list:
+    """Per block: its rotary (cos, sin) tables for positions ``pos``; one table per attention type where the
+    family has several rope bases (Gemma 3: local 1e4, global 1e6), else one table for every block."""
+    core = _layers(model)
+    L = core.config.num_hidden_layers
+    if "layer_type" not in inspect.signature(core.rotary_emb.forward).parameters:
+        return [core.rotary_emb(h, position_ids=pos)] * L
+    types = (getattr(core.config, "layer_types", None) or ["full_attention"] * L)[:L]
+    tables = {t: core.rotary_emb(h, pos, t) for t in set(types)}
+    return [tables[t] for t in types]
+
+
+def _head(model, x):
+    """Output logits of final-normed hidden states, with the final logit soft-capping where the config has one
+    (as transformers and llama.cpp apply it)."""
+    import torch
+
+    logits = model.get_output_embeddings()(x)
+    cap = getattr(_layers(model).config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _cont_positions(n_prompt, T):
@@ -377,20 +434,23 @@ def gated_forward(model, ids, n_prompt, gates=None, *, capture=False, bypass: By
     Returns (final hidden states after the output norm [B, T, E], list of block inputs if capture).
     """
     import torch
-    from transformers.masking_utils import create_causal_mask
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     core = _layers(model)
     h = core.embed_tokens(ids)
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(config=core.config, inputs_embeds=h, attention_mask=None,
-                              past_key_values=None, position_ids=pos)
-    pe = core.rotary_emb(h, position_ids=pos)
+    kw = dict(config=core.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+    windows = _layer_windows(model)
+    full = create_causal_mask(**kw)
+    sliding = create_sliding_window_causal_mask(**kw) if any(w is not None for w in windows) else None
+    pe = _block_rope(model, h, pos)
     cont = _cont_positions(n_prompt, ids.shape[1])
     inputs = []
     for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
         if capture:
             inputs.append(h)
-        out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        out = layer(h, attention_mask=full if windows[il] is None else sliding, position_embeddings=pe[il],
+                    position_ids=pos)
         if isinstance(out, tuple):
             out = out[0]
         if gates is not None:
@@ -569,7 +629,9 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     B, T = ids.shape
     L = _layers(model).config.num_hidden_layers
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
-    head = model.get_output_embeddings()
+    def head(x):
+        return _head(model, x)
+
     pos = _kl_positions(n_prompt, length, T)
     with torch.no_grad(), ac:  # the LoRA is off outside lora.active(): the teacher is the frozen model
         hid, inputs = gated_forward(model, ids, n_prompt, capture=True)
@@ -603,20 +665,29 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
 
 
 # ------------------------------------------------------------ on-policy
-def _cache_mask(model, valid, q_len: int):
-    """Attention mask for ``q_len`` new query positions, the last ``q_len`` of the keys ``valid`` [B, K]
-    (False: left padding). Causal among the new positions; a padding query sees only itself (its output
-    is never used; an all-masked row would give NaN). Boolean for SDPA, additive for eager attention."""
+def _cache_masks(model, valid, q_len: int) -> list:
+    """Per block: the attention mask for ``q_len`` new query positions, the last ``q_len`` of the keys
+    ``valid`` [B, K] (False: left padding). Causal among the new positions, and within a sliding-window
+    block's window (``_layer_windows``; left padding is contiguous, so index distance = position distance);
+    a padding query sees only itself (its output is never used; an all-masked row would give NaN).
+    Boolean for SDPA, additive for other attention implementations."""
     import torch
 
     B, K = valid.shape
     k_idx = torch.arange(K)
     q_abs = torch.arange(K - q_len, K)
-    m = valid[:, None, None, :] & (k_idx[None, None, None, :] <= q_abs[None, None, :, None])
-    m = m | (k_idx[None, :] == q_abs[:, None])[None, None]
-    if _layers(model).config._attn_implementation == "sdpa":
-        return m
-    return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
+    causal = valid[:, None, None, :] & (k_idx[None, None, None, :] <= q_abs[None, None, :, None])
+    itself = (k_idx[None, :] == q_abs[:, None])[None, None]
+    sdpa = _layers(model).config._attn_implementation == "sdpa"
+    made = {}
+    out = []
+    for w in _layer_windows(model):
+        if w not in made:
+            m = causal if w is None else causal & (q_abs[None, None, :, None] - k_idx[None, None, None, :] < w)
+            m = m | itself
+            made[w] = m if sdpa else torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
+        out.append(made[w])
+    return out
 
 
 def _stop_ids(model) -> set[int]:
@@ -665,17 +736,19 @@ def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: b
         ids[i, P - len(p):] = torch.tensor(list(p))
         valid[i, P - len(p):] = True
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # every prompt starts at position 0, as in the runtime
-    cache = DynamicCache(config=core.config)
+    # every block keeps all its keys (no config: no sliding-window cache layers that drop old ones), so the
+    # masks of _cache_masks index the same K columns in every block
+    cache = DynamicCache()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         h = core.embed_tokens(ids)
-        pe, mask = core.rotary_emb(h, position_ids=pos), _cache_mask(model, valid, P)
+        pe, masks = _block_rope(model, h, pos), _cache_masks(model, valid, P)
         inputs = []
-        for layer in core.layers[:L]:
+        for il, layer in enumerate(core.layers[:L]):
             inputs.append(h)
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                      position_embeddings=pe)
+            h = layer(h, attention_mask=masks[il], position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe[il])
         normed = attn_normed(model, inputs)
-        logits = model.get_output_embeddings()(core.norm(h[:, -1:])).float()
+        logits = _head(model, core.norm(h[:, -1:])).float()
     return {"cache": cache, "prefix_cache": copy.deepcopy(cache), "valid": valid, "next_pos": pos[:, -1:] + 1,
             "logits": logits, "normed": normed, "bf16": bf16, "pad": pad}
 
@@ -697,24 +770,24 @@ def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=Non
     valid = torch.cat([state["valid"], torch.ones(B, C, dtype=torch.bool)], 1)
     pos = state["next_pos"] + torch.arange(C)[None, :]
     h = core.embed_tokens(ids)
-    pe, mask = core.rotary_emb(h, position_ids=pos), _cache_mask(model, valid, C)
+    pe, masks = _block_rope(model, h, pos), _cache_masks(model, valid, C)
     keep = None if gates is None else gates.detach() > 0.5
     ctx = lora.active(torch.ones(B, C, 1)) if lora is not None and keep is not None else contextlib.nullcontext()
     with ctx:
-        h = _cached_blocks(model, h, keep, mask=mask, pos=pos, pe=pe, cache=cache, bypass=bypass)
+        h = _cached_blocks(model, h, keep, masks=masks, pos=pos, pe=pe, cache=cache, bypass=bypass)
     return core.norm(h)
 
 
-def _cached_blocks(model, h, keep, *, mask, pos, pe, cache, bypass: Bypasses | None):
-    """The blocks over new positions ``h`` [B, C, E] with a KV cache; ``keep`` [B, L] (None: every block
-    runs). A skipped block passes h (+ its bypass); a block every sequence skips is not run at all (its
+def _cached_blocks(model, h, keep, *, masks, pos, pe, cache, bypass: Bypasses | None):
+    """The blocks over new positions ``h`` [B, C, E] with a KV cache (``masks``, ``pe``: per block);
+    ``keep`` [B, L] (None: every block runs). A skipped block passes h (+ its bypass); a block every sequence skips is not run at all (its
     KV cells would never be read again), as in the runtime."""
     import torch
 
     core = _layers(model)
     for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
-        o = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                  position_embeddings=pe) if keep is None or bool(keep[:, il].any()) else h
+        o = layer(h, attention_mask=masks[il], position_ids=pos, past_key_values=cache, use_cache=True,
+                  position_embeddings=pe[il]) if keep is None or bool(keep[:, il].any()) else h
         if keep is not None and not bool(keep[:, il].all()):
             skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
             o = torch.where(keep[:, il][:, None, None], o, skipped)
@@ -736,7 +809,6 @@ def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float
     keep = gates.detach() > 0.5
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
-    head = model.get_output_embeddings()
     lora_ctx = (lambda: lora.active(torch.ones(B, 1, 1))) if lora is not None else contextlib.nullcontext
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=state["bf16"]):
         for step in range(max_new):
@@ -754,11 +826,11 @@ def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float
                 break
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
             h = core.embed_tokens(tok[:, None])
-            pe, mask = core.rotary_emb(h, position_ids=next_pos), _cache_mask(model, valid, 1)
+            pe, masks = _block_rope(model, h, next_pos), _cache_masks(model, valid, 1)
             with lora_ctx():
-                h = _cached_blocks(model, h, keep, mask=mask, pos=next_pos, pe=pe, cache=cache, bypass=bypass)
+                h = _cached_blocks(model, h, keep, masks=masks, pos=next_pos, pe=pe, cache=cache, bypass=bypass)
             next_pos = next_pos + 1
-            logits = head(core.norm(h)).float()
+            logits = _head(model, core.norm(h)).float()
     return out
 
 
@@ -802,7 +874,9 @@ def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg
     C = max(len(c) for c in conts)
     lens = torch.tensor([len(c) for c in conts])
     pos = (torch.arange(C)[None, :] < (lens - 1)[:, None])
-    head = model.get_output_embeddings()
+    def head(x):
+        return _head(model, x)
+
     with torch.no_grad(), ac:
         t_logp = torch.log_softmax(head(prefix_forward(model, state, conts)[pos]).float(), -1)
     trained = lora is not None or bypass is not None
@@ -1077,8 +1151,8 @@ def _fingerprint(cfg: TrainConfig, model) -> dict:
     if str(cfg.model).endswith(".gguf"):
         return fingerprint_gguf(cfg.model)
     core = _layers(model)
-    return fingerprint_from_arrays("llama", core.config.num_hidden_layers, core.config.hidden_size,
-                                   core.config.vocab_size, core.norm.weight.detach().float().numpy())
+    return fingerprint_from_arrays(gguf_architecture(core.config), core.config.num_hidden_layers,
+                                   core.config.hidden_size, core.config.vocab_size, gguf_norm_weight(model, core.norm))
 
 
 def lora_path(output) -> Path:

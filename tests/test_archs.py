@@ -549,3 +549,183 @@ def test_supported_architectures_come_from_the_c_side():
     assert _lib.first_supported_archs(short, 6) == n and short.value == full.value[:5]
     assert supported_architectures() == tuple(full.value.decode().split(","))
     assert {a for a, _, _ in CONFIGS.values()} | {"llama"} <= set(supported_architectures())
+
+
+# ------------------------------------------------------------------ training (first_gguf.train) per family
+def _torch_bypasses(c: Case):
+    from first_gguf.train import Bypasses
+
+    bp = Bypasses(c.n_layer, N_EMBD, RANK, c.eps)
+    bp.down.data = torch.tensor(np.stack([c.bypasses[il][0] for il in range(c.n_layer)]))
+    bp.up.data = torch.tensor(np.stack([c.bypasses[il][1] for il in range(c.n_layer)]))
+    return bp
+
+
+def _gated_logprobs(c: Case, model, prompt, cont, skip, bypass=None, lora=None):
+    from first_gguf.train import _head, gated_forward
+
+    ids = torch.tensor([list(prompt) + list(cont)])
+    n = len(prompt)
+    gates = torch.tensor([[0.0 if il in skip else 1.0 for il in range(c.n_layer)]])
+    active = lora.active((torch.arange(ids.shape[1])[None, :] >= n)[..., None]) if lora is not None else None
+    with torch.no_grad():
+        if active is not None:
+            active.__enter__()
+        try:
+            hid, _ = gated_forward(model, ids, torch.tensor([n]), gates if skip else None, bypass=bypass)
+        finally:
+            if active is not None:
+                active.__exit__(None, None, None)
+        ls = torch.log_softmax(_head(model, hid[0]).double(), -1)
+    return np.array([float(ls[n - 1 + i, t]) for i, t in enumerate(cont)])
+
+
+def test_training_forward_and_routers_equal_runtime(case):
+    """first_gguf.train drives the family's own decoder layers (its masks, a rope table per block type): the
+    gated forward training uses gives the runtime's log-probs with blocks skipped, without and with
+    bypasses, and its router definition (block input through the block's own input norm) the runtime's
+    scores."""
+    from first_gguf.train import Routers, attn_normed, gated_forward
+
+    m, skip = case.m, case.blocks((1, -1))
+    bp = _torch_bypasses(case)
+    was = m.bypass
+    try:
+        for bypass in (None, bp):
+            m.bypass = bypass is not None
+            rt = np.array(m.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
+            ours = _gated_logprobs(case, case.model, PROMPT, CONT, skip, bypass)
+            d = float(np.max(np.abs(ours - rt)))
+            print(f"{case.name} skip {skip} bypass {bypass is not None}: train forward vs runtime {d:.2e}")
+            assert d < TOL
+        m.bypass = False
+        full = np.array(m.score_tokens(PROMPT, CONT).logprobs)
+        assert float(np.max(np.abs(full - _gated_logprobs(case, case.model, PROMPT, CONT, ())))) < TOL
+    finally:
+        m.bypass = was
+    r = Routers(case.n_layer, N_EMBD)
+    r.weight.data = torch.tensor(np.stack([case.w[il] for il in range(case.n_layer)]))
+    r.bias.data = torch.tensor([case.b[il] for il in range(case.n_layer)])
+    with torch.no_grad():
+        _, inputs = gated_forward(case.model, torch.tensor([PROMPT]), torch.tensor([len(PROMPT)]), capture=True)
+        s = r.scores(attn_normed(case.model, inputs[: case.n_layer]), torch.ones(1, len(PROMPT), dtype=torch.bool))
+    np.testing.assert_allclose(s[0].numpy(), m.score_tokens(PROMPT, CONT).router_scores, atol=1e-3)
+
+
+def test_onpolicy_cached_passes_equal_the_training_forward(case):
+    """The KV-cached passes of on-policy training (left-padded prompts, per-block masks with Gemma 3's
+    window of 4 over a 12-token prompt, rope per block type) give the log-probs of the uncached gated
+    forward, teacher and skipped with bypasses; greedy sampling follows the same model. (A cache mask
+    without the window, tried, is off by > 0.1 on Gemma 3 here.)"""
+    from first_gguf.train import _head, gated_forward, prefix_forward, sample_decode, sample_prefill
+
+    model = case.model
+    prompts, conts = [list(PROMPT), PROMPT[2:9]], [list(CONT), CONT[:5]]
+    skips = [case.blocks((1,)), case.blocks((0, -1))]
+    gates = torch.tensor([[0.0 if il in s else 1.0 for il in range(case.n_layer)] for s in skips])
+    bp = _torch_bypasses(case)
+    # the masks built by first_gguf.train (f16_attention makes its own); float64, so that the two paths'
+    # different summation orders stay far below what a wrong mask or rope table would change
+    model.set_attn_implementation("sdpa")
+    model.double()
+    try:
+        state = sample_prefill(model, prompts, pad=0, bf16=False)
+        for gt in (None, gates):
+            with torch.no_grad():
+                ours = torch.log_softmax(_head(model, prefix_forward(model, state, conts, gt, bypass=bp)), -1)
+            for i, (p, c) in enumerate(zip(prompts, conts)):
+                with torch.no_grad():
+                    hid, _ = gated_forward(model, torch.tensor([p + c]), torch.tensor([len(p)]),
+                                           None if gt is None else gt[i:i + 1], bypass=bp)
+                    ref = torch.log_softmax(_head(model, hid[0, len(p):]), -1)
+                assert torch.allclose(ours[i, : len(c)], ref, atol=1e-5), (case.name, i, gt is None)
+        got = sample_decode(model, sample_prefill(model, prompts, pad=0, bf16=False), gates, max_new=6,
+                            temperature=0.0, generator=None, stop_ids=set(), pad=0, bypass=bp)
+        for i, p in enumerate(prompts):
+            ids = list(p)
+            for _ in range(6):
+                with torch.no_grad():
+                    hid, _ = gated_forward(model, torch.tensor([ids]), torch.tensor([len(p)]), gates[i:i + 1],
+                                           bypass=bp)
+                ids.append(int(_head(model, hid[0, -1]).argmax()))
+            assert got[i] == ids[len(p):], (case.name, i)
+    finally:
+        model.float()
+        model.set_attn_implementation("first_f16")
+
+
+def test_decode_lora_for_the_family_equals_runtime(case, tmp_path):
+    """A decode-only LoRA trained on the Hugging Face layout and written for the family's GGUF (q/k rows
+    rope-permuted for llama only; Qwen and Gemma keep the Hugging Face layout): the runtime with it equals
+    torch, and without it is far off (the adapter really acts, on attn_q and attn_k too)."""
+    import copy
+
+    from first_gguf.train import DecodeLora
+
+    student = copy.deepcopy(case.model)
+    lora = DecodeLora(student, 2, seed=5)
+    g = torch.Generator().manual_seed(11)
+    for (il, n), b in lora.b.items():
+        b.data = torch.randn(b.shape, generator=g) * (0.3 if n in ("q_proj", "k_proj") else 0.05)
+    path = tmp_path / f"{case.name}.lora.gguf"
+    lora.save_gguf(path, student)
+    from first_gguf.convert.gguf_edit import field_value, read_gguf
+
+    assert field_value(read_gguf(path), "general.architecture") == case.arch
+    m = first_gguf.load(case.base, n_ctx=512, n_threads=1, decode_lora=path)
+    try:
+        skip = case.blocks((1,))
+        rt = np.array(m.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
+        ours = _gated_logprobs(case, student, PROMPT, CONT, skip, lora=lora)
+        plain = _gated_logprobs(case, student, PROMPT, CONT, skip)
+        d = float(np.max(np.abs(ours - rt)))
+        print(f"{case.name}: decode LoRA runtime vs torch {d:.2e} (the LoRA moves them by "
+              f"{float(np.max(np.abs(plain - rt))):.2f})")
+        assert d < 5 * TOL
+        assert float(np.max(np.abs(plain - rt))) > 0.15
+        # control: the llama rope permutation applied to this family's q/k would be wrong
+        from first_gguf.convert.lora_gguf import rope_permute
+
+        il = skip[0] ^ 1  # a block that runs (the LoRA acts in running blocks only)
+        wrong = copy.deepcopy(lora)
+        cfg = student.config
+        wrong.b[il, "q_proj"].data = torch.tensor(rope_permute(lora.b[il, "q_proj"].detach().numpy(),
+                                                               cfg.num_attention_heads))
+        assert not torch.equal(wrong.b[il, "q_proj"], lora.b[il, "q_proj"])
+    finally:
+        m.close()
+        for h in lora._hooks:
+            h.remove()
+
+
+def test_train_on_the_checkpoint_writes_routers_for_its_gguf(case, tmp_path):
+    """`first_gguf.train` on the family's Hugging Face checkpoint (teacher-forced and on-policy steps,
+    bypasses): the router file's fingerprint names the family and matches the converted GGUF (Gemma's
+    output norm compared as the GGUF stores it, 1 + weight), so `first-gguf attach` accepts it and the
+    runtime scores with it."""
+    import random
+
+    from first_gguf.convert.router_file import load_router_file
+    from first_gguf.train import Sequence_, TrainConfig, train
+
+    rng = random.Random(0)
+    n_vocab = case.model.config.vocab_size
+    seqs = [Sequence_([rng.randrange(4, n_vocab) for _ in range(rng.randint(6, 14))],
+                      [rng.randrange(4, n_vocab) for _ in range(rng.randint(4, 8))], "t") for _ in range(8)]
+    out = tmp_path / "r.safetensors"
+    cfg = TrainConfig(model=str(case.ckpt), output=str(out), steps=3, batch_size=2, bf16=False, bypass_rank=RANK,
+                      budget_min=0.25, budget_max=0.5, onpolicy_batch=2, onpolicy_tokens=4,
+                      onpolicy_data="tasks", checkpoint_every=10, n_static_examples=4, threads=1)
+    train(cfg, sequences=seqs, progress=False)
+    rf = load_router_file(out)
+    assert rf.fingerprint["architecture"] == case.arch and rf.n_layer == case.n_layer
+    assert set(rf.bypasses) and all(rf.bypasses[il][0].shape == (RANK, N_EMBD) for il in rf.bypasses)
+    dst = tmp_path / "attached.gguf"
+    res = CliRunner().invoke(main, ["attach", str(case.base), str(out), "-o", str(dst)])
+    assert res.exit_code == 0, res.output
+    m = first_gguf.load(dst, n_ctx=256, n_threads=1)
+    try:
+        s = np.array(m.score_tokens(PROMPT, CONT).router_scores)
+        assert s.shape == (case.n_layer,) and np.isfinite(s).all()
+    finally:
+        m.close()
