@@ -239,6 +239,8 @@ def load_frozen_model(path: str):
 HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 # architectures whose RMSNorms multiply by 1 + weight (the converter stores 1 + weight in the GGUF)
 NORM_PLUS_ONE = frozenset({"gemma3"})
+# architectures whose llama.cpp builder has sliding-window blocks (config.layer_types "sliding_attention")
+SLIDING_WINDOW_ARCHS = frozenset({"gemma3"})
 
 
 def gguf_architecture(config, source="model") -> str:
@@ -389,9 +391,13 @@ def _layers(model):
 
 
 def _layer_windows(model) -> list[int | None]:
-    """Per block: its attention window (Gemma 3's sliding-window blocks, Qwen2 with use_sliding_window), or
-    None for full attention. The same rule as llama.cpp's SWA mask: position q sees k when q - k < window."""
+    """Per block: its attention window (Gemma 3's sliding-window blocks), or None for full attention. The
+    same rule as llama.cpp's SWA mask: position q sees k when q - k < window. Only for the architectures
+    whose llama.cpp builder has sliding-window blocks (SLIDING_WINDOW_ARCHS): llama.cpp's qwen2 attends
+    to every position even where a config sets use_sliding_window, and training follows the runtime."""
     cfg = _layers(model).config
+    if gguf_architecture(cfg) not in SLIDING_WINDOW_ARCHS:
+        return [None] * cfg.num_hidden_layers
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     return [cfg.sliding_window if t == "sliding_attention" else None for t in types[: cfg.num_hidden_layers]]
 
@@ -629,6 +635,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     B, T = ids.shape
     L = _layers(model).config.num_hidden_layers
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+
     def head(x):
         return _head(model, x)
 
