@@ -648,8 +648,11 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     # before loading the model, so a typo fails at once
     heldout = _parse_option("--heldout", parse_heldout, heldout)
     measures = _parse_option("--measures", parse_measures, measures)
-    if model is not None and not os.path.isfile(model):
-        raise _UserError(f"model not found: {model}")
+    from .default_model import MODELS
+
+    if model is not None and model not in MODELS and not os.path.isfile(model):
+        raise _UserError(f"model not found: {model}; expected a GGUF file or one of the known models "
+                         f"{', '.join(sorted(MODELS))}")
     m = _load(model, 4096, threads, decode_lora=decode_lora, routers=routers)
     m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
