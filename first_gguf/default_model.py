@@ -69,10 +69,7 @@ MODELS = {m.name: m for m in (
 )}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# the default model's pins, by their former names
-WHEEL_NAME, WHEEL_VERSION, WHEEL_FILE, WHEEL_SHA256, GGUF_MEMBER = (
-    lambda w: (w.name, w.version, w.file, w.sha256, w.member))(MODELS[DEFAULT_MODEL].wheels[0])
-GGUF_SHA256 = MODELS[DEFAULT_MODEL].gguf_sha256
+GGUF_SHA256 = MODELS[DEFAULT_MODEL].gguf_sha256  # the default model's GGUF pin
 
 
 def resolve(model, routers=None) -> tuple:

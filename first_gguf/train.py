@@ -398,8 +398,13 @@ def _layer_windows(model) -> list[int | None]:
     cfg = _layers(model).config
     if gguf_architecture(cfg) not in SLIDING_WINDOW_ARCHS:
         return [None] * cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    return [cfg.sliding_window if t == "sliding_attention" else None for t in types[: cfg.num_hidden_layers]]
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in _layer_types(cfg)]
+
+
+def _layer_types(cfg) -> list[str]:
+    """Per block: its attention type from the config (``layer_types``; full attention where a config has none)."""
+    L = cfg.num_hidden_layers
+    return list((getattr(cfg, "layer_types", None) or ["full_attention"] * L)[:L])
 
 
 def _block_rope(model, h, pos) -> list:
@@ -409,7 +414,7 @@ def _block_rope(model, h, pos) -> list:
     L = core.config.num_hidden_layers
     if "layer_type" not in inspect.signature(core.rotary_emb.forward).parameters:
         return [core.rotary_emb(h, position_ids=pos)] * L
-    types = (getattr(core.config, "layer_types", None) or ["full_attention"] * L)[:L]
+    types = _layer_types(core.config)
     tables = {t: core.rotary_emb(h, pos, t) for t in set(types)}
     return [tables[t] for t in types]
 
