@@ -8,6 +8,10 @@ The checkpoint holds the routers, bypasses (and the optimiser state) of the last
 static rankings `first-gguf train` computes at the end: fingerprint and rankings are copied from ``--like``
 (the file the run started from), so ``router_mean`` / ``block_influence`` there describe the *old* routers;
 use the router strategy or a ranking from outside (`--ranking`) when measuring such a file.
+
+A run with ``--lora-rank`` also checkpoints its decode-only LoRA: ``--lora-out X.lora.gguf --model BASE.gguf``
+writes it as the llama.cpp adapter the run would write at its end (head counts and architecture from BASE);
+a checkpoint without one is refused.
 """
 from __future__ import annotations
 
@@ -18,12 +22,59 @@ import sys
 import numpy as np
 
 
+def check_lora_args(st: dict, a) -> None:
+    """Refuse --lora-out before anything is written."""
+    from pathlib import Path
+
+    from first_gguf.convert.router_file import RouterFileError
+
+    if not a.model:
+        raise RouterFileError("--lora-out needs --model BASE.gguf (the model the run trained on)")
+    if "lora" not in st:
+        raise RouterFileError(f"{a.checkpoint} has no decode-only LoRA (the run had no --lora-rank)")
+    if Path(a.lora_out).exists() and not a.force:
+        raise RouterFileError(f"{a.lora_out} exists; pass --force to overwrite")
+
+
+def write_checkpoint_lora(st: dict, a) -> None:
+    """The checkpoint's LoRA state ("<block>.<module>.a|b", DecodeLora.state_dict) as a llama.cpp adapter."""
+    import gguf
+
+    from first_gguf.convert.gguf_edit import field_value
+    from first_gguf.convert.lora_gguf import write_lora_gguf
+    from first_gguf.convert.router_file import RouterFileError
+    from first_gguf.train import LORA_TARGETS
+
+    try:
+        reader = gguf.GGUFReader(a.model)
+    except (OSError, ValueError) as e:
+        raise RouterFileError(f"cannot read --model {a.model}: {e}") from None
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    n_head = field_value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
+    n_head_kv = field_value(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)) or n_head
+    if not n_head:
+        raise RouterFileError(f"{a.model}: no {arch}.attention.head_count (not a model GGUF?)")
+    lora = {k: v.float().numpy() for k, v in st["lora"].items()}
+    pairs = {}
+    for key in lora:
+        il, mod, ab = key.split(".")
+        if ab == "a":
+            pairs[int(il), LORA_TARGETS[mod]] = (lora[key], lora[f"{il}.{mod}.b"])
+    rank = next(iter(pairs.values()))[0].shape[0]
+    write_lora_gguf(a.lora_out, pairs, alpha=2.0 * rank, n_head=int(n_head), n_head_kv=int(n_head_kv),
+                    arch=str(arch), provenance={"checkpoint": a.checkpoint, "step": int(st["step"]),
+                                                        "rank": rank})
+    print(f"wrote {a.lora_out}: rank {rank}, {len(pairs)} LoRA pairs", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="OUTPUT.ckpt.pt written by first-gguf train")
     ap.add_argument("--like", required=True, help="router file for the same model (fingerprint, rankings)")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    ap.add_argument("--lora-out", help="also write the checkpoint's decode-only LoRA (llama.cpp adapter GGUF)")
+    ap.add_argument("--model", help="the base GGUF (head counts, architecture); needed with --lora-out")
     a = ap.parse_args()
 
     import torch
@@ -51,7 +102,11 @@ def main() -> None:
         rf = dataclasses.replace(like, weights={il: w[il] for il in range(like.n_layer)},
                                  biases={il: float(b[il]) for il in range(like.n_layer)}, bypasses=bypasses,
                                  provenance=prov)
+        if a.lora_out:
+            check_lora_args(st, a)
         save_router_file(a.output, rf, force=a.force)
+        if a.lora_out:
+            write_checkpoint_lora(st, a)
     except (RouterFileError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {a.output}: step {st['step']}, {len(bypasses)} bypasses", file=sys.stderr)

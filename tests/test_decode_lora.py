@@ -147,3 +147,53 @@ def test_bench_and_cli_with_decode_lora(lora_setup):
     out = CliRunner().invoke(main, ["generate", "x", "--model", str(d / "tiny.bypass.gguf"),
                                     "--decode-lora", str(d / "nope.gguf"), "--raw"])
     assert out.exit_code != 0 and "decode LoRA adapter not found" in out.output and "nope.gguf" in out.output
+
+
+def test_ckpt_routers_writes_the_checkpoints_decode_lora(lora_setup, tiny_routers, tiny_gguf_model, tmp_path):
+    """scripts/ckpt_routers.py --lora-out (measuring a --lora-rank run mid-run) writes the checkpoint's LoRA as
+    the adapter the run writes at its end: same tensors as DecodeLora.save_gguf, same decoded tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gguf
+
+    student, lora, _, m, _, d = lora_setup
+    w = np.stack([tiny_routers[1][il] for il in range(N_LAYER)])
+    st = {"weight": torch.tensor(w), "bias": torch.tensor([tiny_routers[2][il] for il in range(N_LAYER)]),
+          "step": 7, "lora": lora.state_dict()}
+    ckpt = tmp_path / "run.ckpt.pt"
+    torch.save(st, ckpt)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ckpt_routers.py"
+    base = [sys.executable, str(script), str(ckpt), "--like", str(tiny_routers[0]), "-o", str(tmp_path / "r.safetensors")]
+    out = tmp_path / "run.lora.gguf"
+    res = subprocess.run(base + ["--lora-out", str(out), "--model", str(tiny_gguf_model.path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    want = {t.name: np.array(t.data) for t in gguf.GGUFReader(d / "tiny.lora.gguf").tensors}
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
+    assert sorted(got) == sorted(want) and len(got) == 2 * 7 * N_LAYER
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    ck = first_gguf.load(d / "tiny.bypass.gguf", n_ctx=1024, n_threads=2, decode_lora=out)
+    try:
+        assert (ck.generate("the value of", skip_layers=[1, 2], max_tokens=10).tokens
+                == m.generate("the value of", skip_layers=[1, 2], max_tokens=10).tokens)
+    finally:
+        ck.close()
+    # refused before anything is written: no --model, a checkpoint without a LoRA, an existing output
+    res = subprocess.run(base[:-1] + [str(tmp_path / "r2.safetensors"), "--lora-out", str(tmp_path / "x.gguf")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "--lora-out needs --model" in res.stderr
+    assert not (tmp_path / "r2.safetensors").exists()
+    del st["lora"]
+    torch.save(st, tmp_path / "plain.ckpt.pt")
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "plain.ckpt.pt"), "--like", str(tiny_routers[0]),
+                          "-o", str(tmp_path / "r3.safetensors"), "--lora-out", str(tmp_path / "y.gguf"),
+                          "--model", str(tiny_gguf_model.path)], capture_output=True, text=True)
+    assert res.returncode != 0 and "plain.ckpt.pt has no decode-only LoRA" in res.stderr
+    res = subprocess.run(base + ["--force", "--lora-out", str(out), "--model", str(tiny_gguf_model.path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(base + ["--force", "--lora-out", str(out)], capture_output=True, text=True)
+    assert res.returncode != 0
