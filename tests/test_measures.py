@@ -197,3 +197,35 @@ def test_news_cut_falls_back_to_words():
     cut = heldout._cut(one_line)
     assert len(cut) <= heldout.NEWS_MAX_CHARS and cut.endswith("word") and one_line.startswith(cut)
     assert heldout._cut("short") == "short" and np.isscalar(len(heldout._cut("x" * 3000)))
+
+
+def test_compare_measures_pairs_prompts_with_the_first_folder(tmp_path):
+    """scripts/compare_measures.py: the paired on-policy table is the mean per-prompt difference with the first
+    folder (exact per-state KL where both have it), its standard error and the count of lower prompts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(3)
+    base = {t: rng.uniform(0.2, 1.0, 6) for t in ("news", "de")}
+    new = {t: base[t] + rng.normal(-0.05, 0.05, 6) for t in base}
+    for label, vals in (("a", base), ("b", new)):
+        d = tmp_path / label
+        d.mkdir()
+        rows = [{"task": t, "group": "held-out source", "strategy": "router", "budget": 0.2, "n": 6,
+                 "onpolicy_kl": float(v.mean()) + 1.0, "onpolicy_kl_exact": float(v.mean()), "skipped": [[3, 4]] * 6,
+                 "onpolicy": {"per_prompt": list(v + 1.0), "per_prompt_exact": list(v)}} for t, v in vals.items()]
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "run.json").write_text(json.dumps({"measures": ["onpolicy"], "seed": 0}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_measures.py"
+    res = subprocess.run([sys.executable, str(script), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    diff = np.concatenate([new[t] - base[t] for t in ("news", "de")])
+    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    want = f"| 0.2 | router | held-out source | {diff.mean():+.3f} +- {se:.3f} (lower on {int((diff < 0).sum())}/12) |"
+    assert want in res.stdout, res.stdout
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"measures": ["onpolicy"], "seed": 1}))
+    res = subprocess.run([sys.executable, str(script), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "other settings (seed)" in res.stderr
