@@ -22,10 +22,13 @@ import sys
 import numpy as np
 
 
-def check_lora_args(st: dict, a) -> None:
-    """Refuse --lora-out before anything is written."""
+def check_lora_args(st: dict, a) -> tuple[str, int, int]:
+    """Refuse --lora-out before anything is written; (architecture, n_head, n_head_kv) of --model."""
     from pathlib import Path
 
+    import gguf
+
+    from first_gguf.convert.gguf_edit import field_value
     from first_gguf.convert.router_file import RouterFileError
 
     if not a.model:
@@ -34,36 +37,30 @@ def check_lora_args(st: dict, a) -> None:
         raise RouterFileError(f"{a.checkpoint} has no decode-only LoRA (the run had no --lora-rank)")
     if Path(a.lora_out).exists() and not a.force:
         raise RouterFileError(f"{a.lora_out} exists; pass --force to overwrite")
-
-
-def write_checkpoint_lora(st: dict, a) -> None:
-    """The checkpoint's LoRA state ("<block>.<module>.a|b", DecodeLora.state_dict) as a llama.cpp adapter."""
-    import gguf
-
-    from first_gguf.convert.gguf_edit import field_value
-    from first_gguf.convert.lora_gguf import write_lora_gguf
-    from first_gguf.convert.router_file import RouterFileError
-    from first_gguf.train import LORA_TARGETS
-
     try:
         reader = gguf.GGUFReader(a.model)
     except (OSError, ValueError) as e:
         raise RouterFileError(f"cannot read --model {a.model}: {e}") from None
     arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
     n_head = field_value(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
+    if not arch or not n_head:
+        raise RouterFileError(f"{a.model}: no general.architecture / attention.head_count (not a model GGUF?)")
     n_head_kv = field_value(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)) or n_head
-    if not n_head:
-        raise RouterFileError(f"{a.model}: no {arch}.attention.head_count (not a model GGUF?)")
+    return str(arch), int(n_head), int(n_head_kv)
+
+
+def write_checkpoint_lora(st: dict, a, arch: str, n_head: int, n_head_kv: int) -> None:
+    """The checkpoint's LoRA state ("<block>.<module>.a|b", DecodeLora.state_dict) as a llama.cpp adapter, with
+    DecodeLora's alpha (2 x rank)."""
+    from first_gguf.convert.lora_gguf import write_lora_gguf
+    from first_gguf.train import LORA_TARGETS
+
     lora = {k: v.float().numpy() for k, v in st["lora"].items()}
-    pairs = {}
-    for key in lora:
-        il, mod, ab = key.split(".")
-        if ab == "a":
-            pairs[int(il), LORA_TARGETS[mod]] = (lora[key], lora[f"{il}.{mod}.b"])
+    pairs = {(int(k.split(".")[0]), LORA_TARGETS[k.split(".")[1]]): (v, lora[k[:-1] + "b"])
+             for k, v in lora.items() if k.endswith(".a")}
     rank = next(iter(pairs.values()))[0].shape[0]
-    write_lora_gguf(a.lora_out, pairs, alpha=2.0 * rank, n_head=int(n_head), n_head_kv=int(n_head_kv),
-                    arch=str(arch), provenance={"checkpoint": a.checkpoint, "step": int(st["step"]),
-                                                        "rank": rank})
+    write_lora_gguf(a.lora_out, pairs, alpha=2.0 * rank, n_head=n_head, n_head_kv=n_head_kv, arch=arch,
+                    provenance={"checkpoint": a.checkpoint, "step": int(st["step"]), "rank": rank})
     print(f"wrote {a.lora_out}: rank {rank}, {len(pairs)} LoRA pairs", file=sys.stderr)
 
 
@@ -102,12 +99,11 @@ def main() -> None:
         rf = dataclasses.replace(like, weights={il: w[il] for il in range(like.n_layer)},
                                  biases={il: float(b[il]) for il in range(like.n_layer)}, bypasses=bypasses,
                                  provenance=prov)
-        if a.lora_out:
-            check_lora_args(st, a)
+        shape = check_lora_args(st, a) if a.lora_out else None
         save_router_file(a.output, rf, force=a.force)
-        if a.lora_out:
-            write_checkpoint_lora(st, a)
-    except (RouterFileError, OSError) as e:
+        if shape is not None:
+            write_checkpoint_lora(st, a, *shape)
+    except (RouterFileError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {a.output}: step {st['step']}, {len(bypasses)} bypasses", file=sys.stderr)
 

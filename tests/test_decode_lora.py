@@ -186,6 +186,10 @@ def test_ckpt_routers_writes_the_checkpoints_decode_lora(lora_setup, tiny_router
                          capture_output=True, text=True)
     assert res.returncode != 0 and "--lora-out needs --model" in res.stderr
     assert not (tmp_path / "r2.safetensors").exists()
+    res = subprocess.run(base[:-1] + [str(tmp_path / "r2.safetensors"), "--lora-out", str(tmp_path / "x.gguf"),
+                                      "--model", str(ckpt)], capture_output=True, text=True)
+    assert res.returncode != 0 and f"cannot read --model {ckpt}" in res.stderr
+    assert not (tmp_path / "r2.safetensors").exists() and not (tmp_path / "x.gguf").exists()
     del st["lora"]
     torch.save(st, tmp_path / "plain.ckpt.pt")
     res = subprocess.run([sys.executable, str(script), str(tmp_path / "plain.ckpt.pt"), "--like", str(tiny_routers[0]),
