@@ -56,12 +56,12 @@ def _get(r: dict, key: str):
 def _fmt(v, key):
     if v is None:
         return ""
-    return {"onpolicy_kl": "{:.3f}", "onpolicy_kl_exact": "{:.3f}", "extra_nll": "{:+.3f}", "token_4gram": "{:.1%}", "looping": "{:.0%}",
-            "long_runs": "{:.0%}"}[key].format(v)
+    return {"onpolicy_kl": "{:.3f}", "onpolicy_kl_exact": "{:.3f}", "extra_nll": "{:+.3f}", "token_4gram": "{:.1%}",
+            "looping": "{:.0%}", "long_runs": "{:.0%}"}[key].format(v)
 
 
-MEASURES = (("onpolicy_kl_exact", "on-policy KL, exact"), ("onpolicy_kl", "on-policy KL"), ("extra_nll", "extra NLL"), ("token_4gram", "repeated token 4-grams"),
-            ("looping", "looping replies"))
+MEASURES = (("onpolicy_kl_exact", "on-policy KL, exact"), ("onpolicy_kl", "on-policy KL"), ("extra_nll", "extra NLL"),
+            ("token_4gram", "repeated token 4-grams"), ("looping", "looping replies"))
 
 
 def _per_prompt(r: dict, exact: bool):
@@ -74,6 +74,7 @@ def _paired(runs: dict, labels: list[str], keys) -> list[str]:
     if len(labels) < 2:
         return []
     base = labels[0]
+    base_rows = {(x["budget"], x["strategy"], x["task"]): x for x in runs[base]["rows"]}
     lines = ["", f"On-policy KL paired by prompt with `{base}` (mean difference +- standard error over the "
              "prompts of every task/source; lower on: prompts where it is lower):", "",
              "| budget | strategy | group | " + " | ".join(labels[1:]) + " |", "|---|---|---|" + "---|" * (len(labels) - 1)]
@@ -88,12 +89,11 @@ def _paired(runs: dict, labels: list[str], keys) -> list[str]:
                 for r in runs[lab]["rows"]:
                     if (r["budget"], r["strategy"], r.get("group", "in-distribution")) != (budget, strategy, group):
                         continue
-                    b = [x for x in runs[base]["rows"] if (x["budget"], x["strategy"], x["task"]) ==
-                         (budget, strategy, r["task"])]
-                    if not b:
+                    b = base_rows.get((budget, strategy, r["task"]))
+                    if b is None:
                         continue
-                    exact = _per_prompt(r, True) is not None and _per_prompt(b[0], True) is not None
-                    pa, pb = _per_prompt(r, exact), _per_prompt(b[0], exact)
+                    exact = _per_prompt(r, True) is not None and _per_prompt(b, True) is not None
+                    pa, pb = _per_prompt(r, exact), _per_prompt(b, exact)
                     if pa is None or pb is None or len(pa) != len(pb):
                         continue
                     diffs += [u - v for u, v in zip(pa, pb) if u is not None and v is not None]
