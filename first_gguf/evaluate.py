@@ -49,6 +49,7 @@ from typing import Callable
 
 import numpy as np
 
+from .default_model import _sha256
 from .heldout import load_heldout, parse_heldout
 from .measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
                        pool_repetition)
@@ -267,7 +268,11 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
 
 def _run_settings(model: Model, cfg: EvalConfig) -> dict:
     """What rows are measured with: resumed rows must share all of it."""
-    run = {"model": str(Path(model.path).resolve()), "bypass": model.bypass,
+    sidecar = None if model.routers_path is None else Path(model.routers_path)
+    # files by content too: shipping a router file rewrites it in place, under the same path
+    run = {"model": str(Path(model.path).resolve()), "model_sha256": _sha256(Path(model.path)),
+           "routers": None if sidecar is None else str(sidecar.resolve()),
+           "routers_sha256": None if sidecar is None else _sha256(sidecar), "bypass": model.bypass,
            "decode_lora": None if model.decode_lora_path is None else str(model.decode_lora_path.resolve()),
            "gen_tokens": cfg.gen_tokens, "split": cfg.split, "measures": cfg.measures}
     if "onpolicy" in cfg.measures:
@@ -278,8 +283,10 @@ def _run_settings(model: Model, cfg: EvalConfig) -> dict:
 
 
 def _check_resume(out: Path, run: dict) -> None:
-    """Refuse a folder whose rows were measured otherwise (another model file, bypass or decode-LoRA
-    setting, generation length, measures, ...): resuming would mix runs. Then record this run's settings."""
+    """Refuse a folder whose rows were measured otherwise (another model or router sidecar file, by path or
+    content, bypass or decode-LoRA setting, generation length, measures, ...): resuming would mix runs. Then
+    record this run's settings. Folders written before a setting was recorded are refused too (their
+    value is unknown)."""
     run_path = out / "run.json"
     if (out / "results.jsonl").exists() and run_path.exists():
         before = json.loads(run_path.read_text())

@@ -55,6 +55,34 @@ def test_eval_end_to_end_on_tiny_model(tiny_gguf_model, tmp_path, monkeypatch):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
 
 
+def test_resume_refuses_another_router_file(tmp_path):
+    """The sidecar is part of a run's settings, by path and by content: shipping a router file rewrites it
+    under the same name, and rows measured with the old one must not be resumed with the new one."""
+    from types import SimpleNamespace
+
+    model_file, side = tmp_path / "m.gguf", tmp_path / "r.sidecar.gguf"
+    model_file.write_bytes(b"model")
+    side.write_bytes(b"routers one")
+    model = SimpleNamespace(path=model_file, routers_path=side, bypass=True, decode_lora_path=None)
+    cfg, out = ev.EvalConfig(tasks=["qa"], budgets=[0.25], strategies=["router"]), tmp_path / "out"
+    out.mkdir()
+    run = ev._run_settings(model, cfg)
+    assert run["routers"] == str(side.resolve()) and len(run["routers_sha256"]) == 64
+    ev._check_resume(out, run)
+    (out / "results.jsonl").write_text("{}\n")
+    ev._check_resume(out, ev._run_settings(model, cfg))  # same files: resumable
+    side.write_bytes(b"routers two")
+    with pytest.raises(ValueError, match=r"another run \(routers_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"):
+        ev._check_resume(out, ev._run_settings(model, cfg))
+    other = tmp_path / "other.sidecar.gguf"
+    other.write_bytes(b"routers one")
+    with pytest.raises(ValueError, match=r"another run \(routers: .*r\.sidecar\.gguf' there, .*other"):
+        ev._check_resume(out, ev._run_settings(SimpleNamespace(**{**model.__dict__, "routers_path": other}), cfg))
+    model_file.write_bytes(b"model two")
+    with pytest.raises(ValueError, match=r"model_sha256"):
+        ev._check_resume(out, ev._run_settings(SimpleNamespace(**{**model.__dict__, "routers_path": None}), cfg))
+
+
 def test_eval_bad_arguments(tiny_gguf_model, tmp_path):
     bad = [(dict(tasks=["cooking"]), "unknown task"), (dict(tasks=["xsum"]), "reserved"),
            (dict(budgets=[1.2]), "out of range"), (dict(strategies=["magic"]), "unknown strategy"),
