@@ -229,3 +229,41 @@ def test_compare_measures_pairs_prompts_with_the_first_folder(tmp_path):
     res = subprocess.run([sys.executable, str(script), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "other settings (seed)" in res.stderr
+
+
+def test_oracle_sets_report_cross_fits_choices(tmp_path):
+    """scripts/oracle_sets.py --report: the best single set, the best set per source and the per-prompt oracle,
+    each chosen on one sample and scored on the other; the prompt-dependent spread of a set's cost."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "oracle_sets", Path(__file__).resolve().parents[1] / "scripts" / "oracle_sets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # set A costs 0.5 everywhere; set B 0.3 on news, 0.9 on de; seed 1 = seed 0 + 0.1 (no noise in the choice)
+    rows = []
+    for src, b in (("news", 0.3), ("de", 0.9)):
+        for i in range(4):
+            for seed in (0, 1):
+                for blocks, v in (((1, 2), 0.5), ((3, 4), b)):
+                    rows.append({"source": src, "uid": f"{src}{i}", "set": list(blocks), "seed": seed,
+                                 "kl_exact": v + 0.1 * seed, "n_tokens": 10, "reply": ""})
+    rows.append({"source": "de", "uid": "de9", "set": [1, 2], "seed": 0, "kl_exact": 0.0, "n_tokens": 10,
+                 "reply": ""})  # a prompt without every set and seed: left out
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = mod.report(out)
+    assert rep.startswith("8 prompts with all 2 sets x 2 samples")
+    # single: A (0.5 mean < 0.6), scored 0.55 on average over the two directions
+    assert "- best single set: 0.550" in rep
+    # per source / per prompt: B on news (0.35), A on de (0.55): 0.45 on average, 0.1 lower on the 4 news prompts
+    gain = np.array([-0.2] * 4 + [0.0] * 4)
+    se = gain.std(ddof=1) / np.sqrt(8)
+    assert f"- best set per source: 0.450; per source - single, paired: -0.100 +- {se:.3f} (lower on 4 of 8" in rep
+    assert "- per-prompt oracle: 0.450;" in rep
+    # B - A is +0.4 or -0.2 by source, the same on both samples: sd 0.3 (population, n/(n-1) corrected), no noise
+    d = np.array([-0.2] * 4 + [0.4] * 4)
+    assert f"3,4: mean +0.100, prompt-dependent sd {np.sqrt(d.var(ddof=1)):.3f}" in rep
+    assert "sample noise sd 0.000" in rep
+    assert "| 3,4 | - | - | 0.350 | 0.950 | 0.650 |" in rep
