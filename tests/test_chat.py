@@ -15,7 +15,9 @@ CLI = str(Path(sys.executable).with_name("first-gguf"))
 def _spawn(router_gguf, *args):
     # Ctrl-C must reach the chat as KeyboardInterrupt even when this suite runs as a background job of a
     # non-interactive shell (CI), whose children start with SIGINT ignored (Python then keeps it ignored)
-    child = pexpect.spawn(CLI, ["chat", "--model", str(router_gguf), "--threads", "2", *args], encoding="utf-8",
+    # one thread: llama.cpp's worker threads spin while they wait, so two of them on a machine whose cores are
+    # busy (a training run beside the suite) slowed a 400-token reply past the 180 s timeout
+    child = pexpect.spawn(CLI, ["chat", "--model", str(router_gguf), "--threads", "1", *args], encoding="utf-8",
                           timeout=120, dimensions=(50, 200),
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("/help for commands")
