@@ -275,6 +275,8 @@ def _run_settings(model: Model, cfg: EvalConfig) -> dict:
            "routers_sha256": None if sidecar is None else _sha256(sidecar), "bypass": model.bypass,
            "decode_lora": None if model.decode_lora_path is None else str(model.decode_lora_path.resolve()),
            "gen_tokens": cfg.gen_tokens, "split": cfg.split, "measures": cfg.measures}
+    if "static" in cfg.strategies:  # "static" is the file's first ranking: name it, a sidecar may lack greedy_nll
+        run["static_ranking"] = model.info.default_static_ranking
     if "onpolicy" in cfg.measures:
         run.update(onpolicy_tokens=cfg.onpolicy_tokens, seed=cfg.seed)
     if "repetition" in cfg.measures:

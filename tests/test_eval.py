@@ -63,8 +63,13 @@ def test_resume_refuses_another_router_file(tmp_path):
     model_file, side = tmp_path / "m.gguf", tmp_path / "r.sidecar.gguf"
     model_file.write_bytes(b"model")
     side.write_bytes(b"routers one")
-    model = SimpleNamespace(path=model_file, routers_path=side, bypass=True, decode_lora_path=None)
+    model = SimpleNamespace(path=model_file, routers_path=side, bypass=True, decode_lora_path=None,
+                            info=SimpleNamespace(default_static_ranking="block_influence"))
     cfg, out = ev.EvalConfig(tasks=["qa"], budgets=[0.25], strategies=["router"]), tmp_path / "out"
+    assert "static_ranking" not in ev._run_settings(model, cfg)
+    # which ranking "static" means is recorded: a sidecar written without --ranking has no greedy_nll
+    assert ev._run_settings(model, ev.EvalConfig(**{**cfg.__dict__, "strategies": ["router", "static"]})
+                            )["static_ranking"] == "block_influence"
     out.mkdir()
     run = ev._run_settings(model, cfg)
     assert run["routers"] == str(side.resolve()) and len(run["routers_sha256"]) == 64
