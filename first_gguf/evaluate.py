@@ -293,11 +293,17 @@ def _check_resume(out: Path, run: dict) -> None:
     if (out / "results.jsonl").exists() and run_path.exists():
         before = json.loads(run_path.read_text())
         before.setdefault("measures", ["nll"])  # folders written before the measures were selectable
-        diff = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
+        diff = {k: (before.get(k), v) for k, v in run.items() if k not in _INFO_ONLY and before.get(k) != v}
         if diff:
             what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"{out} holds results of another run ({what}); use another --output folder")
+        run = {**{k: before[k] for k in _INFO_ONLY if k in before}, **run}
     run_path.write_text(json.dumps(run, indent=1) + "\n")
+
+
+# recorded, not compared: they follow from the model and sidecar files, which are compared by content (a
+# resumed run may add the static strategy to a folder measured without it)
+_INFO_ONLY = ("static_ranking",)
 
 
 def _examples(task: str, group: str, cfg: EvalConfig) -> list[Example]:

@@ -76,6 +76,10 @@ def test_resume_refuses_another_router_file(tmp_path):
     ev._check_resume(out, run)
     (out / "results.jsonl").write_text("{}\n")
     ev._check_resume(out, ev._run_settings(model, cfg))  # same files: resumable
+    static = ev.EvalConfig(**{**cfg.__dict__, "strategies": ["static"]})
+    ev._check_resume(out, ev._run_settings(model, static))  # ... with the static strategy added too
+    ev._check_resume(out, ev._run_settings(model, cfg))
+    assert json.loads((out / "run.json").read_text())["static_ranking"] == "block_influence"
     side.write_bytes(b"routers two")
     with pytest.raises(ValueError, match=r"another run \(routers_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"):
         ev._check_resume(out, ev._run_settings(model, cfg))
