@@ -67,17 +67,18 @@ def test_models_by_name_and_unknown_names(tmp_path, monkeypatch):
     assert resolve("smollm2-135m-instruct") == resolve(None)
     assert resolve(str(tmp_path / "x.gguf")) == (str(tmp_path / "x.gguf"), None)  # a path is taken as is
     res = CliRunner().invoke(main, ["generate", "Hi", "--model", "gemma-9b", "--max-tokens", "2"])
-    assert res.exit_code != 0 and "unknown model name 'gemma-9b'; first-gguf fetches gemma3-270m" in res.output
+    assert res.exit_code != 0 and "unknown model name 'gemma-9b'; first-gguf fetches gemma3-270m, " \
+        "qwen2.5-coder-1.5b, smollm2-135m-instruct by name" in res.output
     import pytest
 
     with pytest.raises(ValueError, match=r"unknown model name 'gemma-9b'; first-gguf fetches gemma3-270m, "
-                                         r"smollm2-135m-instruct by name"):
+                                         r"qwen2.5-coder-1.5b, smollm2-135m-instruct by name"):
         known_model("gemma-9b")
     # a file named like a known model wins over the name
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gemma3-270m").write_bytes(b"not a gguf")
     assert resolve("gemma3-270m") == ("gemma3-270m", None)
-    assert set(MODELS) == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert set(MODELS) == {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b"}
 
 
 def test_a_wrong_pin_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
@@ -128,3 +129,27 @@ def test_gemma3_270m_by_name_with_its_shipped_routers():
     res = CliRunner().invoke(main, ["info", "gemma3-270m"])
     assert res.exit_code == 0, res.output
     assert "architecture   gemma3" in res.output and "blocks         18" in res.output
+
+
+def test_qwen_coder_1_5b_by_name():
+    """The real-size model: 22 sha-pinned chunk wheels concatenated into the upstream GGUF (checked), loaded by
+    name with whatever is shipped for it; full depth and skipping both decode."""
+    from first_gguf.default_model import MODELS
+
+    km = MODELS["qwen2.5-coder-1.5b"]
+    assert len(km.wheels) == 22 and len({w.sha256 for w in km.wheels}) == 22
+    m = first_gguf.load("qwen2.5-coder-1.5b", n_ctx=1024, n_threads=2)
+    try:
+        assert m.path.name == km.gguf_file and m.path.stat().st_size == 1_117_320_768
+        assert _sha256(m.path) == km.gguf_sha256
+        assert m.info.architecture == "qwen2" and m.n_layer == 28 and m.info.n_embd == 1536 and m.has_chat_template
+        msgs = [{"role": "user", "content": "What is 2 + 3? Answer with the number only."}]
+        full = m.chat(msgs, 0.0, max_tokens=4)
+        assert full.skipped_layers == [] and "5" in full.text
+        skipped = m.chat(msgs, 0.0, skip_layers=[10, 12, 14], max_tokens=4)
+        assert skipped.skipped_layers == [10, 12, 14] and skipped.tokens
+    finally:
+        m.close()
+    res = CliRunner().invoke(main, ["info", "qwen2.5-coder-1.5b"])
+    assert res.exit_code == 0, res.output
+    assert "architecture   qwen2" in res.output and "blocks         28" in res.output
