@@ -356,6 +356,55 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
     click.echo(f"wrote {out}: {result['ranking']}", err=True)
 
 
+@main.command()
+@click.option("--model", default=None,
+              help="GGUF file or known model name (default: the embedded model's upstream GGUF).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Router file (.safetensors) to write: routers, bypass adapters, the single_kl ranking.")
+@click.option("--work", type=click.Path(file_okay=False), required=True,
+              help="Folder for the cached stages (replies, moments, costs); a rerun resumes from it.")
+@click.option("--n-prompts", type=int, default=192, show_default=True, help="Calibration replies for the bypasses.")
+@click.option("--n-cost", type=int, default=48, show_default=True,
+              help="Replies (of those) on which every candidate block's cost is measured (routers, ranking).")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens per calibration reply.")
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--rank", "rank_", type=int, default=64, show_default=True, help="Bypass rank.")
+@click.option("--ridge", type=float, default=1e-3, show_default=True,
+              help="Bypass ridge penalty, relative to the mean input energy.")
+@click.option("--candidates", default="1-", show_default=True,
+              help="Blocks that may be skipped: 'a-b,c' ('1-': every block but the first and the last).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@threads_option()
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, ridge, candidates, seed, threads,
+        force):
+    """Fit routers, bypass adapters and a static ranking in closed form, without training.
+
+    Bypasses: least squares on the runtime's block inputs and outputs over the full model's replies to
+    calibration chat requests; ranking and routers: every candidate block's cost, skipped alone, on
+    --n-cost of those replies (see first_gguf/fit.py)."""
+    from .default_model import resolve
+    from .fit import FitConfig, run_fit
+
+    cfg = FitConfig(n_prompts=n_prompts, n_cost=n_cost, max_tokens=max_tokens, temperature=temperature, rank=rank_,
+                    ridge=ridge, candidates=candidates, seed=seed, threads=threads)
+    try:
+        cfg.check()
+        path, _ = resolve(model)
+        if not os.path.isfile(path):
+            raise ValueError(f"model file not found: {path}")
+        report = run_fit(path, work, output, cfg, force=force)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise _UserError(str(e)) from None
+    click.echo(f"wrote {output}: ranking single_kl {report and _first_ranking(output)}", err=True)
+
+
+def _first_ranking(path: str) -> list[int]:
+    from .convert.router_file import load_router_file
+
+    return load_router_file(path).static_rankings["single_kl"]["ranking"]
+
+
 def _read_ranking(path: str, *, need_name: bool = True) -> dict:
     """A static ranking file, as first-gguf rank writes it: a JSON object with a 'ranking' list of block indices
     and (when it is stored in a GGUF) the 'name' it is stored under. Raises ValueError naming the file and field."""

@@ -971,6 +971,19 @@ class Model:
     def layer_inputs(self, prompt: str, layers: Sequence[int]) -> tuple[list[int], dict[int, np.ndarray]]:
         """Block-input hidden states [n_tokens, n_embd] of a full-depth pass over ``prompt`` (analysis, tests)."""
         tokens = self.tokenize(prompt)
+        return tokens, self.layer_inputs_tokens(tokens, layers)
+
+    @_open
+    def layer_inputs_tokens(self, tokens: Sequence[int], layers: Sequence[int]) -> dict[int, np.ndarray]:
+        """layer_inputs() on token ids: {block: F32 [n_tokens, n_embd]}; at most n_batch (512) tokens, which
+        the runtime evaluates in one llama_decode."""
+        tokens = self._check_tokens(tokens, "input")
+        if len(tokens) > self.n_batch:
+            raise ValueError(f"layer_inputs_tokens takes at most {self.n_batch} tokens; got {len(tokens)}")
+        layers = [int(il) for il in layers]
+        bad = [il for il in layers if not 0 <= il < self.n_layer]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range; the model has blocks 0..{self.n_layer - 1}")
         for il in layers:
             _lib.first_set_layer_inp_output(self._ctx, il, True)
         try:
@@ -985,7 +998,7 @@ class Model:
             for il in layers:
                 _lib.first_set_layer_inp_output(self._ctx, il, False)
             self.reset()
-        return tokens, out
+        return out
 
     @_open
     def cached_router_scores(self) -> np.ndarray:

@@ -1,0 +1,388 @@
+"""Training-free routers, bypass adapters and a static ranking for a GGUF, fitted in closed form from
+the runtime's own hidden states (``first-gguf fit``).
+
+Training a 1.5B model's adapters by distillation in torch costs hours a step on a 2-core CPU. This module
+fits everything from what the patched runtime itself computes, at quantized speed:
+
+1. **Calibration replies.** The full model replies (at full depth, sampled at ``temperature``) to chat
+   requests of the training sources (``broad.chat_prompts``; none on a subject of the held-out everyday
+   prompts, see heldout.py). Replies are what a skipped block's bypass sees in decoding.
+2. **Bypasses by least squares** (ReplaceMe-style, arXiv 2505.02819, one linear map per block): over the
+   reply positions, the runtime's block inputs h_i and outputs h_{i+1} give
+   ``X = rmsnorm(h_i)`` (no weight, model eps; the bypass definition) and ``D = h_{i+1} - h_i``; the
+   ridge solution ``W = (X'X + lam I)^-1 X'D`` is reduced to rank r exactly (reduced-rank regression:
+   the top r eigenvectors V of W' X'X W; ``up = V``, ``down = (W V)'``), so ``h + up @ down @ rmsnorm(h)``
+   is the best rank-r map of that form on these states. Only second moments are kept (d x d per block).
+3. **Per-prompt block costs.** For each of ``n_cost`` replies, every candidate block is skipped alone
+   (with its bypass) for the reply tokens, the prompt at full depth, and the exact
+   ``KL(p_skip || p_full)`` over the vocabulary is averaged over the reply positions but the first
+   (which the full-depth prompt predicts): a teacher-forced cost on the full model's own text.
+4. **Static ranking** ``single_kl``: candidates by mean cost (cheapest first).
+5. **Routers by ridge regression.** Block i's router reads ``x_t = rmsnorm(h_t) * attn_norm.weight`` (the
+   runtime's router input) and scores ``mean_t sigmoid(w . x_t + b)``. Its target is the standardised
+   log cost of block i on the prompt (common scale over blocks, so scores compare across blocks); w, b are
+   fitted on the prompt-mean input by ridge regression, lambda chosen by leave-prompts-out cross-validation
+   on the rank correlation of held-out prompts' costs. A large lambda gives biases only: the static ranking.
+
+Each stage is cached in the work folder (``--work``) and resumed: replies and moments are checkpointed
+every few prompts; an interrupted run continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FIT_VERSION = 1
+
+
+@dataclass
+class FitConfig:
+    n_prompts: int = 192          # calibration replies for the bypass moments
+    n_cost: int = 48              # of those, replies for the per-prompt block costs (routers, ranking)
+    max_tokens: int = 64          # reply tokens per prompt
+    temperature: float = 0.7
+    rank: int = 64                # bypass rank
+    ridge: float = 1e-3           # bypass ridge, relative to tr(X'X)/d
+    candidates: str = "1-"        # blocks that may be skipped ("1-": all but block 0 and the last)
+    seed: int = 0
+    threads: int | None = None
+
+    def check(self) -> None:
+        def bad(msg):
+            raise ValueError(msg)
+        if not 1 <= self.n_prompts:
+            bad(f"n_prompts must be >= 1; got {self.n_prompts}")
+        if not 4 <= self.n_cost <= self.n_prompts:
+            bad(f"n_cost must be in [4, n_prompts={self.n_prompts}]; got {self.n_cost}")
+        if not 2 <= self.max_tokens <= 1024:
+            bad(f"max_tokens must be in [2, 1024]; got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            bad(f"temperature must be in [0, 2]; got {self.temperature}")
+        if not 1 <= self.rank <= 4096:
+            bad(f"rank must be in [1, 4096]; got {self.rank}")
+        if not 0 < self.ridge < 1:
+            bad(f"ridge must be in (0, 1); got {self.ridge}")
+
+
+def parse_blocks(spec: str, n_layer: int) -> list[int]:
+    """Block indices from "1-", "2-20", "3,5,7-9": ranges inclusive, "a-" up to the last block but one."""
+    out: set[int] = set()
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), (int(b) if b else n_layer - 2)
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"candidate blocks {spec!r}: {part!r} is not a block index or range a-b") from None
+    bad = sorted(b for b in out if not 0 <= b < n_layer)
+    if bad or not out:
+        raise ValueError(f"candidate blocks {spec!r} must name blocks in [0, {n_layer}); got {bad or 'none'}")
+    return sorted(out)
+
+
+def rmsnorm(h: np.ndarray, eps: float) -> np.ndarray:
+    h = np.asarray(h, dtype=np.float32)
+    return h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + eps)
+
+
+class Moments:
+    """Per-block second moments of (X = rmsnorm(h_i), D = h_{i+1} - h_i) over reply positions."""
+
+    def __init__(self, blocks: list[int], d: int):
+        self.blocks = list(blocks)
+        self.xx = {b: np.zeros((d, d)) for b in blocks}
+        self.xd = {b: np.zeros((d, d)) for b in blocks}
+        self.dd = {b: 0.0 for b in blocks}
+        self.n = 0
+        self.n_prompts = 0
+
+    def add(self, states: dict[int, np.ndarray], rows: slice, eps: float) -> None:
+        for b in self.blocks:
+            h, h1 = states[b][rows], states[b + 1][rows]
+            x, dlt = rmsnorm(h, eps), (h1 - h).astype(np.float32)
+            self.xx[b] += (x.T @ x).astype(np.float64)
+            self.xd[b] += (x.T @ dlt).astype(np.float64)
+            self.dd[b] += float(np.sum(dlt.astype(np.float64) ** 2))
+        self.n += rows.stop - rows.start
+        self.n_prompts += 1
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".part.npz")
+        arrays = {f"xx.{b}": self.xx[b] for b in self.blocks} | {f"xd.{b}": self.xd[b] for b in self.blocks}
+        arrays["dd"] = np.array([self.dd[b] for b in self.blocks])
+        arrays["meta"] = np.array([self.n, self.n_prompts])
+        arrays["blocks"] = np.array(self.blocks)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Moments":
+        z = np.load(path)
+        blocks = [int(b) for b in z["blocks"]]
+        m = cls(blocks, z[f"xx.{blocks[0]}"].shape[0])
+        for i, b in enumerate(blocks):
+            m.xx[b], m.xd[b], m.dd[b] = z[f"xx.{b}"], z[f"xd.{b}"], float(z["dd"][i])
+        m.n, m.n_prompts = int(z["meta"][0]), int(z["meta"][1])
+        return m
+
+
+def solve_bypass(xx: np.ndarray, xd: np.ndarray, dd: float, n: int, rank: int, ridge: float
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(down [rank, d], up [d, rank], R^2 on the fitting states) of the best rank-``rank`` map
+    rmsnorm(h) -> h_out - h under a ridge penalty ``ridge * tr(X'X) / d``."""
+    d = xx.shape[0]
+    a = xx / n
+    lam = ridge * np.trace(a) / d
+    w = np.linalg.solve(a + lam * np.eye(d), xd / n)            # [d, d]: D ~ X W
+    m = w.T @ a @ w
+    vals, vecs = np.linalg.eigh((m + m.T) / 2)
+    v = vecs[:, np.argsort(vals)[::-1][:rank]]                  # [d, r]
+    wr = w @ v                                                  # [d, r]
+    # residual of D ~ X wr v' on the fitting states: tr(D'D) - 2 tr(wr' X'D v) + tr(wr' X'X wr)
+    resid = dd / n - 2 * np.trace(wr.T @ (xd / n) @ v) + np.trace(wr.T @ a @ wr)
+    r2 = 1.0 - resid / (dd / n) if dd > 0 else 0.0
+    return wr.T.astype(np.float32), v.astype(np.float32), float(r2)
+
+
+def kl_rows(ls_skip: np.ndarray, ls_full: np.ndarray) -> np.ndarray:
+    """Per-row exact KL(p_skip || p_full) from two log-softmax arrays [T, V]."""
+    p = np.exp(ls_skip.astype(np.float64))
+    return np.sum(p * (ls_skip.astype(np.float64) - ls_full.astype(np.float64)), axis=-1)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def fit_routers(feats: np.ndarray, costs: np.ndarray, lambdas=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4, 1e6),
+                folds: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Ridge routers. feats [P, B, d] prompt-mean router inputs, costs [P, B] per-prompt block costs.
+    Target z = standardised log cost (common scale). Returns (weights [B, d], biases [B], report) with
+    lambda chosen by leave-prompts-out cross-validation on the mean Spearman correlation between a held-out
+    prompt's predicted and measured costs; the report gives it for every lambda and for the biases alone."""
+    p_n, b_n, d = feats.shape
+    y = np.log(np.maximum(costs, 1e-6))
+    mu, sd = float(y.mean()), float(y.std() or 1.0)
+    z = (y - mu) / sd
+    order = np.random.default_rng(seed).permutation(p_n)
+    fold_of = np.empty(p_n, dtype=int)
+    fold_of[order] = np.arange(p_n) % folds
+
+    def fit(idx, lam):
+        w = np.zeros((b_n, d))
+        bias = np.zeros(b_n)
+        for b in range(b_n):
+            x, t = feats[idx, b].astype(np.float64), z[idx, b]
+            xm, tm = x.mean(0), t.mean()
+            xc = x - xm
+            # dual form: n_prompts << d
+            k = xc @ xc.T
+            alpha = np.linalg.solve(k + lam * np.eye(len(idx)), t - tm)
+            w[b] = xc.T @ alpha
+            bias[b] = tm - xm @ w[b]
+        return w, bias
+
+    def cv(lam):
+        rho = []
+        for f in range(folds):
+            tr, te = np.where(fold_of != f)[0], np.where(fold_of == f)[0]
+            if lam is None:  # biases only: every prompt gets the training prompts' mean ranking
+                pred = np.tile(z[tr].mean(0), (len(te), 1))
+            else:
+                w, bias = fit(tr, lam)
+                pred = np.einsum("pbd,bd->pb", feats[te], w) + bias
+            rho += [spearman(pred[i], costs[te[i]]) for i in range(len(te))]
+        return float(np.mean(rho))
+
+    report = {"bias_only_spearman": cv(None), "lambda_spearman": {}}
+    best = (report["bias_only_spearman"], None)
+    for lam in lambdas:
+        s = cv(lam)
+        report["lambda_spearman"][f"{lam:g}"] = s
+        if s > best[0] + 1e-4:
+            best = (s, lam)
+    report["lambda"] = best[1]
+    report["target"] = {"log_cost_mean": mu, "log_cost_sd": sd}
+    if best[1] is None:
+        w, bias = np.zeros((b_n, d)), z.mean(0)
+    else:
+        w, bias = fit(np.arange(p_n), best[1])
+    return w.astype(np.float32), bias.astype(np.float32), report
+
+
+def _log(msg: str) -> None:
+    print(f"[first-gguf fit] {msg}", file=sys.stderr, flush=True)
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    from .broad import chat_prompts
+
+    rows = chat_prompts()
+    idx = np.random.default_rng(seed).permutation(len(rows))[:n]
+    return [rows[i]["prompt"] for i in idx]
+
+
+def _norm_facts(path: str | os.PathLike, n_layer: int) -> tuple[float, list[np.ndarray]]:
+    """(RMSNorm eps, attn_norm.weight of every block) read from the GGUF."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from .convert.gguf_edit import field_value
+
+    r = gguf.GGUFReader(str(path))
+    arch = field_value(r, gguf.Keys.General.ARCHITECTURE)
+    eps = field_value(r, gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch))
+    if eps is None:
+        raise ValueError(f"{path}: no {arch}.attention.layer_norm_rms_epsilon (the bypass's RMSNorm eps)")
+    by_name = {t.name: t for t in r.tensors}
+    out = []
+    for il in range(n_layer):
+        t = by_name.get(f"blk.{il}.attn_norm.weight")
+        if t is None:
+            raise ValueError(f"{path}: no blk.{il}.attn_norm.weight (the router input's norm weight)")
+        out.append(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1))
+    return float(eps), out
+
+
+def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | os.PathLike, cfg: FitConfig,
+            *, force: bool = False) -> dict:
+    """Run (or resume) every stage in ``work`` and write the router file ``out`` (routers, bypasses, the
+    ``single_kl`` static ranking). Returns the report also written to ``work/report.json``."""
+    from .convert.router_file import RouterFile, fingerprint_gguf, save_router_file
+    from .model import Model
+
+    cfg.check()
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"output file exists: {out}; pass --force to overwrite")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {"fit_version": FIT_VERSION, "model": str(model_path), "n_prompts": cfg.n_prompts,
+                "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+    sfile = work / "settings.json"
+    if sfile.exists():
+        old = json.loads(sfile.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{work} holds a fit with other settings {diff}; use another --work folder")
+    else:
+        sfile.write_text(json.dumps(settings, indent=1))
+    t_start = time.time()
+    m = Model(model_path, n_ctx=2048, n_threads=cfg.threads, verbose=False)
+    try:
+        n_layer, d = m.n_layer, m.info.n_embd
+        cands = parse_blocks(cfg.candidates, n_layer)
+        cands = [b for b in cands if b < n_layer - 1]
+        blocks = list(range(n_layer - 1))
+        eps, norms = _norm_facts(model_path, n_layer)
+        # ---- stage 1+2: replies and moments (resumable)
+        replies_path, mom_path = work / "replies.jsonl", work / "moments.npz"
+        replies = [json.loads(x) for x in replies_path.read_text().splitlines()] if replies_path.exists() else []
+        mom = Moments.load(mom_path) if mom_path.exists() else Moments(blocks, d)
+        if mom.n_prompts != len(replies):  # moments are saved after replies: redo the unsaved tail
+            replies = replies[:mom.n_prompts]
+            replies_path.write_text("".join(json.dumps(r) + "\n" for r in replies))
+        feats_path = work / "router_inputs.npy"
+        feats = list(np.load(feats_path)) if feats_path.exists() else []
+        feats = feats[:len(replies)]
+        prompts = _prompts(cfg.n_prompts, cfg.seed)
+        t0 = time.time()
+        for i in range(len(replies), cfg.n_prompts):
+            msgs = [{"role": "user", "content": prompts[i]}]
+            ptoks, _ = m.prompt_tokens_for(msgs)
+            g = m.chat(msgs, 0.0, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed + i)
+            reply = list(g.tokens)
+            if len(reply) < 2:
+                reply = reply + m.tokenize(" ok", add_bos=False)
+            toks = ptoks + reply
+            states = m.layer_inputs_tokens(toks, list(range(n_layer)))
+            mom.add(states, slice(len(ptoks), len(toks)), eps)
+            feats.append(np.stack([(rmsnorm(states[b][:len(ptoks)], eps) * norms[b]).mean(0)
+                                   for b in range(n_layer)]))
+            replies.append({"prompt": prompts[i], "prompt_tokens": ptoks, "reply_tokens": reply})
+            if (i + 1) % 8 == 0 or i + 1 == cfg.n_prompts:
+                np.save(feats_path.with_suffix(".part.npy"), np.stack(feats))
+                os.replace(feats_path.with_suffix(".part.npy"), feats_path)
+                with open(replies_path, "w") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in replies))
+                mom.save(mom_path)
+                el = time.time() - t0
+                _log(f"calibration replies {i + 1}/{cfg.n_prompts} ({el:.0f} s this run)")
+        # ---- bypasses
+        bypasses, r2 = {}, {}
+        for b in cands:
+            down, up, r2[b] = solve_bypass(mom.xx[b], mom.xd[b], mom.dd[b], mom.n, cfg.rank, cfg.ridge)
+            bypasses[b] = (down, up)
+        _log("bypass R^2 on the fitting states: " + " ".join(f"{b}:{r2[b]:.2f}" for b in cands))
+        # ---- stage 3: per-prompt single-block costs with the bypasses (resumable)
+        rf = RouterFile(n_layer, d, {b: np.zeros(d, np.float32) for b in cands}, {b: 0.0 for b in cands},
+                        fingerprint=fingerprint_gguf(model_path), bypasses=bypasses)
+        tmp_rf = work / f"bypass-r{cfg.rank}.safetensors"
+        save_router_file(tmp_rf, rf, force=True)
+        costs_path = work / f"costs-r{cfg.rank}-{'_'.join(map(str, cands))}.npy"
+        costs = list(np.load(costs_path)) if costs_path.exists() else []
+        if len(costs) < cfg.n_cost:
+            m.close()
+            from .convert.attach import write_sidecar
+
+            side = work / f"bypass-r{cfg.rank}.sidecar.gguf"
+            write_sidecar(model_path, side, routers=rf.routers(), bypasses=rf.bypasses, force=True)
+            m = Model(model_path, n_ctx=2048, n_threads=cfg.threads, routers=side, verbose=False)
+            t0 = time.time()
+            for i in range(len(costs), cfg.n_cost):
+                r = replies[i]
+                full = m.score_tokens(r["prompt_tokens"], r["reply_tokens"], skip_layers=[], logprob_rows=True)
+                row = []
+                for b in cands:
+                    s = m.score_tokens(r["prompt_tokens"], r["reply_tokens"], skip_layers=[b], logprob_rows=True)
+                    row.append(float(kl_rows(s.logprob_rows[1:], full.logprob_rows[1:]).mean()))
+                costs.append(np.array(row))
+                np.save(costs_path.with_suffix(".part.npy"), np.stack(costs))
+                os.replace(costs_path.with_suffix(".part.npy"), costs_path)
+                _log(f"block costs {i + 1}/{cfg.n_cost} ({time.time() - t0:.0f} s this run)")
+        costs_a = np.stack(costs)[:cfg.n_cost]
+        mean_cost = costs_a.mean(0)
+        ranking = [cands[j] for j in np.argsort(mean_cost, kind="stable")]
+        ranking += [b for b in range(n_layer) if b not in ranking]
+        feats_a = np.stack(feats)[:cfg.n_cost][:, cands]
+        w, bias, rep = fit_routers(feats_a, costs_a, seed=cfg.seed)
+        _log(f"routers: lambda {rep['lambda']}, held-out Spearman {rep['lambda_spearman']}, "
+             f"biases only {rep['bias_only_spearman']:.3f}")
+    finally:
+        m.close()
+    report = {"settings": settings, "rank": cfg.rank, "ridge": cfg.ridge, "candidates": cands,
+              "n_states": mom.n, "bypass_r2": {str(b): r2[b] for b in cands},
+              "mean_single_cost": {str(b): float(c) for b, c in zip(cands, mean_cost)},
+              "routers": rep, "seconds_this_run": round(time.time() - t_start, 1)}
+    static = {"single_kl": {
+        "name": "single_kl", "ranking": ranking,
+        "method": "mean exact KL(skipped || full) over the full model's own replies to calibration chat "
+                  "requests, each block skipped alone with its fitted bypass (first-gguf fit)",
+        "single_block_cost": {str(b): float(c) for b, c in zip(cands, mean_cost)},
+        "n_prompts": cfg.n_cost}}
+    rf = RouterFile(n_layer, d, {b: w[j] for j, b in enumerate(cands)},
+                    {b: float(bias[j]) for j, b in enumerate(cands)},
+                    fingerprint=fingerprint_gguf(model_path), static_rankings=static,
+                    provenance={"method": "first-gguf fit (closed-form bypasses and ridge routers)",
+                                "command": " ".join(sys.argv), "report": report},
+                    bypasses=bypasses)
+    save_router_file(out, rf, force=force)
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+__all__ = ["FitConfig", "Moments", "fit_routers", "parse_blocks", "rmsnorm", "run_fit", "solve_bypass"]

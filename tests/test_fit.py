@@ -1,0 +1,130 @@
+"""first-gguf fit: closed-form bypasses, per-prompt block costs, ridge routers (first_gguf/fit.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from first_gguf.fit import Moments, fit_routers, parse_blocks, rmsnorm, solve_bypass
+
+
+def test_solve_bypass_recovers_a_low_rank_map_and_is_the_best_of_its_rank():
+    rng = np.random.default_rng(0)
+    n, d, r = 4000, 24, 3
+    x = rng.standard_normal((n, d)) * rng.uniform(0.2, 3.0, d)        # anisotropic inputs
+    a, b = rng.standard_normal((d, r)), rng.standard_normal((r, d))
+    dlt = x @ a @ b + 0.05 * rng.standard_normal((n, d))
+    down, up, r2 = solve_bypass(x.T @ x, x.T @ dlt, float((dlt ** 2).sum()), n, rank=r, ridge=1e-9)
+    assert down.shape == (r, d) and up.shape == (d, r)
+    w = (up @ down).T                                                  # dlt ~ x @ w
+    assert np.abs(w - a @ b).max() / np.abs(a @ b).max() < 0.02
+    resid = ((x @ w - dlt) ** 2).sum() / (dlt ** 2).sum()
+    assert r2 == pytest.approx(1 - resid, abs=1e-6) and r2 > 0.99
+    # with a rank below the truth, reduced-rank regression beats truncating the least-squares map's SVD
+    full = np.linalg.lstsq(x, dlt, rcond=None)[0]
+    u, s, vt = np.linalg.svd(full)
+    trunc = (u[:, :2] * s[:2]) @ vt[:2]
+    down2, up2, _ = solve_bypass(x.T @ x, x.T @ dlt, float((dlt ** 2).sum()), n, rank=2, ridge=1e-9)
+    rrr = (up2 @ down2).T
+    assert ((x @ rrr - dlt) ** 2).sum() <= ((x @ trunc - dlt) ** 2).sum() + 1e-6
+
+
+def test_moments_accumulate_the_bypass_regression_and_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    states = {i: rng.standard_normal((10, 8)).astype(np.float32) for i in range(4)}
+    m = Moments([0, 2], 8)
+    m.add(states, slice(3, 10), 1e-5)
+    x = rmsnorm(states[2][3:], 1e-5)
+    assert np.allclose(x, states[2][3:] / np.sqrt((states[2][3:] ** 2).mean(-1, keepdims=True) + 1e-5))
+    dlt = states[3][3:] - states[2][3:]
+    assert np.allclose(m.xx[2], x.T @ x, atol=1e-4) and np.allclose(m.xd[2], x.T @ dlt, atol=1e-4)
+    assert m.dd[2] == pytest.approx(float((dlt.astype(np.float64) ** 2).sum()), rel=1e-5)
+    assert (m.n, m.n_prompts) == (7, 1)
+    m.save(tmp_path / "m.npz")
+    m2 = Moments.load(tmp_path / "m.npz")
+    assert m2.blocks == [0, 2] and (m2.n, m2.n_prompts) == (7, 1) and np.array_equal(m2.xd[0], m.xd[0])
+
+
+def test_ridge_routers_use_the_prompt_when_it_predicts_the_costs():
+    rng = np.random.default_rng(2)
+    p, b, d = 64, 6, 12
+    feats = rng.standard_normal((p, b, d))
+    base = np.linspace(-2, 1, b)
+    costs = np.exp(base + 0.8 * feats[:, :, 0] + 0.1 * rng.standard_normal((p, b)))
+    w, bias, rep = fit_routers(feats, costs)
+    assert rep["lambda"] is not None
+    best = max(rep["lambda_spearman"].values())
+    assert best > rep["bias_only_spearman"] + 0.1
+    pred = np.einsum("pbd,bd->pb", feats, w) + bias
+    assert np.mean([np.corrcoef(pred[i], np.log(costs[i]))[0, 1] for i in range(p)]) > 0.8
+    # costs that do not depend on the prompt: the biases alone order the blocks by mean cost
+    flat = np.exp(np.tile(base, (p, 1)) + 0.01 * rng.standard_normal((p, b)))
+    w, bias, rep = fit_routers(feats, flat)
+    pred = np.einsum("pbd,bd->pb", feats, w) + bias
+    assert all(list(np.argsort(pred[i])) == list(range(b)) for i in range(p))
+
+
+def test_parse_blocks():
+    assert parse_blocks("1-", 6) == [1, 2, 3, 4]
+    assert parse_blocks("3,5,7-9", 12) == [3, 5, 7, 8, 9]
+    with pytest.raises(ValueError, match=r"candidate blocks 'x': 'x' is not a block index"):
+        parse_blocks("x", 6)
+    with pytest.raises(ValueError, match=r"must name blocks in \[0, 6\); got \[7\]"):
+        parse_blocks("2,7", 6)
+
+
+def test_fit_on_the_default_model_end_to_end_and_resumes(tmp_path, base_gguf, monkeypatch):
+    """The real model, a small fit: a router file with routers and bypasses for the candidates and the
+    single_kl ranking; the sidecar attaches and the router and static strategies skip candidates only;
+    a rerun in the same folder takes every stage from the cache (no generation), and other settings are
+    refused."""
+    import first_gguf
+    from first_gguf.cli import main
+    from first_gguf.convert.attach import write_sidecar
+    from first_gguf.convert.router_file import load_router_file
+
+    work, out = tmp_path / "work", tmp_path / "fit.safetensors"
+    args = ["fit", "--model", str(base_gguf), "--work", str(work), "-o", str(out), "--n-prompts", "6",
+            "--n-cost", "4", "--max-tokens", "12", "--rank", "4", "--candidates", "8-15", "--threads", "2"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rf = load_router_file(out)
+    cands = list(range(8, 16))
+    assert sorted(rf.weights) == cands and sorted(rf.bypasses) == cands and rf.bypass_rank == 4
+    ranking = rf.static_rankings["single_kl"]["ranking"]
+    assert sorted(ranking) == list(range(30)) and sorted(ranking[:8]) == cands
+    report = json.loads((work / "report.json").read_text())
+    assert report["n_states"] > 6 * 5 and all(0 < v <= 1 for v in report["bypass_r2"].values())
+    costs = report["mean_single_cost"]
+    assert ranking[:8] == sorted(cands, key=lambda b: costs[str(b)])
+    side = tmp_path / "fit.sidecar.gguf"
+    write_sidecar(base_gguf, side, routers=rf.routers(), rankings=rf.static_rankings, bypasses=rf.bypasses)
+    m = first_gguf.load(base_gguf, routers=side, n_ctx=1024, n_threads=2)
+    try:
+        g = m.generate("The capital of France is", 0.1, max_tokens=4)
+        assert g.skip_strategy == "router" and set(g.skipped_layers) <= set(cands) and len(g.skipped_layers) == 3
+        assert g.bypassed_layers == g.skipped_layers
+        s = m.generate("The capital of France is", 0.1, skip_strategy="static", max_tokens=4)
+        assert s.skipped_layers == sorted(ranking[:3])
+    finally:
+        m.close()
+    # resume: nothing is generated or scored again
+    from first_gguf import model as model_mod
+
+    def boom(*a, **k):
+        raise AssertionError("a resumed fit generated or scored again")
+
+    monkeypatch.setattr(model_mod.Model, "chat", boom)
+    monkeypatch.setattr(model_mod.Model, "score_tokens", boom)
+    res = CliRunner().invoke(main, args + ["--force"])
+    assert res.exit_code == 0, res.output
+    assert load_router_file(out).static_rankings["single_kl"]["ranking"] == ranking
+    res = CliRunner().invoke(main, args[:-2] + ["--temperature", "0.3", "--force"])
+    assert res.exit_code != 0 and "holds a fit with other settings" in res.output and "temperature" in res.output
+    res = CliRunner().invoke(main, ["fit", "--model", str(base_gguf), "--work", str(work), "-o", str(out)])
+    assert res.exit_code != 0 and "output file exists" in res.output
+    res = CliRunner().invoke(main, ["fit", "--model", str(tmp_path / "nope.gguf"), "--work", str(work), "-o",
+                                    str(tmp_path / "x.safetensors")])
+    assert res.exit_code != 0 and "nope.gguf" in res.output
