@@ -415,11 +415,14 @@ class Model:
 
     @_open
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+        """The text of token ids (ValueError for an id outside [0, n_vocab): llama.cpp would abort the process)."""
+        tokens = self._check_tokens(tokens, "detokenize", allow_empty=True)
+        return self._llama.detokenize(tokens).decode("utf-8", errors="replace")
 
     @_open
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token's piece (special tokens rendered), as the OpenAI API's logprobs report them."""
+        token = self._check_tokens([token], "token_bytes")[0]
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
         if n < 0:
@@ -744,7 +747,10 @@ class Model:
                     elif isinstance(r.sampler, Sampler):
                         tok = d.sample(r.sampler)
                     else:
-                        tok = int(r.sampler(d.logits))
+                        tok = r.sampler(d.logits)
+                        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < self.n_vocab:
+                            raise ValueError(f"sampler returned {tok!r}; expected a token id in [0, {self.n_vocab})")
+                        tok = int(tok)
                     if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
                         finish = "stop"
                         break
@@ -941,15 +947,15 @@ class Model:
                            None if d.router_scores is None else [float(s) for s in d.router_scores],
                            ls.astype(np.float32) if logprob_rows else None)
 
-    def _check_tokens(self, tokens, what: str) -> list[int]:
-        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+    def _check_tokens(self, tokens, what: str, allow_empty: bool = False) -> list[int]:
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
             raise TypeError(f"{what} tokens must be a list of token ids; got {type(tokens).__name__}")
         out = []
         for t in tokens:
             if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.n_vocab:
                 raise ValueError(f"{what} token {t!r} is not a token id in [0, {self.n_vocab})")
             out.append(int(t))
-        if not out:
+        if not out and not allow_empty:
             raise ValueError(f"the {what} is empty after tokenization")
         return out
 

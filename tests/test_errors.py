@@ -218,3 +218,37 @@ def test_chat_on_a_model_without_a_chat_template_uses_the_raw_text(tiny1):
     assert tokens == tiny1.tokenize("the sum of\n") and stops == []
     g = tiny1.chat(msgs, max_tokens=5)
     assert g.tokens == tiny1.generate("the sum of\n", max_tokens=5).tokens and g.n_prompt_tokens == len(tokens)
+
+
+def test_out_of_range_token_ids_raise_instead_of_aborting(base_gguf):
+    """detokenize / token_bytes / a research sampler with an id outside [0, n_vocab) raise ValueError naming it;
+    llama.cpp itself throws std::out_of_range and aborts the process (exit 134), so this runs in a child."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import first_gguf
+        m = first_gguf.load({str(base_gguf)!r}, n_ctx=64, n_threads=1)
+        calls = [lambda: m.detokenize([10**9]), lambda: m.detokenize([5, -1]), lambda: m.token_bytes(-1),
+                 lambda: m.token_bytes(m.n_vocab),
+                 lambda: m.generate_tokens(m.tokenize("Hi"), max_tokens=2, sampler=lambda logits: -1)]
+        for call in calls:
+            try:
+                call()
+                print("no error")
+            except ValueError as e:
+                print("ValueError:", e)
+        print(repr(m.detokenize([])), m.detokenize(m.tokenize("Hello", add_bos=False)))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    lines = res.stdout.splitlines()
+    assert lines[:5] == [
+        "ValueError: detokenize token 1000000000 is not a token id in [0, 49152)",
+        "ValueError: detokenize token -1 is not a token id in [0, 49152)",
+        "ValueError: token_bytes token -1 is not a token id in [0, 49152)",
+        "ValueError: token_bytes token 49152 is not a token id in [0, 49152)",
+        "ValueError: sampler returned -1; expected a token id in [0, 49152)",
+    ], res.stdout
+    assert lines[5] == "'' Hello"
