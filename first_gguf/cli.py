@@ -1,6 +1,7 @@
 """first-gguf command line. Each command mirrors a library function's keyword arguments."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -120,6 +121,22 @@ def _sampling(kw: dict) -> dict:
                 from None
     out["grammar"] = grammar
     return out
+
+
+def _check_output(out, force: bool) -> None:
+    """An output file a command can write when it is done: not there (or --force), in a writable folder."""
+    from pathlib import Path
+
+    out = Path(out)
+    if out.is_dir():
+        raise _UserError(f"output {out} is a folder; expected a file path")
+    if out.exists() and not force:
+        raise _UserError(f"output file exists: {out}; pass --force to overwrite")
+    parent = out.parent
+    if not parent.is_dir():
+        raise _UserError(f"output folder does not exist: {parent} (for {out})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _UserError(f"output folder is not writable: {parent} (for {out})")
 
 
 def _fmt_summary(gen) -> str:
@@ -337,8 +354,7 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
     from .ranking import compute_static_ranking
 
     out = Path(output)
-    if out.exists() and not force:
-        raise _UserError(f"output file exists: {out}; pass --force to overwrite")
+    _check_output(out, force)  # before minutes of computing
     if model is None:
         from .default_model import base_gguf_path
 
@@ -350,9 +366,17 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
                                         progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
         raise _UserError(str(e)) from None
+    text = json.dumps(result, indent=2) + "\n"
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as e:  # the folder went away or filled up while computing: the result is not lost
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        click.echo(text, nl=False)
+        raise _UserError(f"cannot write {out}: {e.strerror or e}; the ranking was printed to stdout instead") \
+            from None
     click.echo(f"wrote {out}: {result['ranking']}", err=True)
 
 

@@ -113,9 +113,25 @@ def onpolicy_calibration_prompts(n: int, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(pool, n)
 
 
+class _Ticker:
+    """Progress inside a long phase: at most one line per ``every`` seconds (the first after ``every``)."""
+
+    def __init__(self, progress: Callable[[str], None], what: str, total: int, every: float) -> None:
+        self.progress, self.what, self.total, self.every = progress, what, total, every
+        self.t0 = self.last = time.time()
+        self.done = 0
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            self.progress(f"rank: {self.what}: {self.done}/{self.total} ({now - self.t0:.0f} s)")
+
+
 def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int = 15, n_candidates: int = 10,
                            seed: int = 0, criterion: str = "nll", onpolicy_tokens: int = 32,
-                           progress: Callable[[str], None] = lambda s: None) -> dict:
+                           progress: Callable[[str], None] = lambda s: None, progress_every: float = 10.0) -> dict:
     """Greedy forward selection of skip sets by cost (see the module docstring).
 
     ``criterion``: ``nll``: extra NLL per token of reference continuations (teacher-forced, docstrings);
@@ -123,6 +139,8 @@ def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int =
     (first_gguf.measures.onpolicy_kl, ``onpolicy_tokens`` per reply, the same per-prompt seeds for every
     candidate set), on ``n_examples`` broad prompts: the cost of a set as the user's generated text sees it.
     The model's bypass adapters (and decode LoRA) apply, so the ranking fits them.
+    ``progress`` gets a line as each phase starts and ends, and within a phase at most one per
+    ``progress_every`` seconds (a phase can take minutes).
     """
     if n_examples < 2:
         raise ValueError(f"n_examples must be >= 2; got {n_examples}")
@@ -137,29 +155,39 @@ def compute_static_ranking(model: Model, *, n_examples: int = 24, max_set: int =
         prompts = onpolicy_calibration_prompts(n_examples, seed)
         progress(f"rank: {len(prompts)} on-policy calibration prompts")
 
-        def costs(configs: list[list[int]]) -> list[float]:
-            return [onpolicy_kl(model, prompts, 0.0, skip_layers=skip, max_tokens=onpolicy_tokens, seed=seed).kl
-                    for skip in configs]
+        def costs(configs: list[list[int]], what: str) -> list[float]:
+            ticker = _Ticker(progress, what, len(configs), progress_every)
+            out = []
+            for skip in configs:
+                out.append(onpolicy_kl(model, prompts, 0.0, skip_layers=skip, max_tokens=onpolicy_tokens,
+                                       seed=seed).kl)
+                ticker.tick()
+            return out
     else:
+        progress(f"rank: building {n_examples} calibration examples (chat examples: the full model's replies)")
         examples = calibration_examples(model, n_examples, seed=seed)
         progress(f"rank: {len(examples)} calibration examples")
         full = [np.array(model.score(p, c)) for _, p, c in examples]
 
-        def costs(configs: list[list[int]]) -> list[float]:
+        def costs(configs: list[list[int]], what: str) -> list[float]:
             # example-outer: the prompt stays in the KV cache across the configurations
+            ticker = _Ticker(progress, what + " (examples x sets)", len(examples) * len(configs), progress_every)
             extra = np.zeros((len(examples), len(configs)))
             for i, ((_, p, c), base) in enumerate(zip(examples, full)):
                 for j, skip in enumerate(configs):
                     extra[i, j] = float(np.mean(base - np.array(model.score(p, c, skip_layers=skip))))
+                    ticker.tick()
             return [float(x) for x in extra.mean(axis=0)]
 
-    single = dict(enumerate(costs([[il] for il in range(n)])))
+    progress(f"rank: measuring the cost of each of the {n} blocks skipped alone, then {max_set} greedy steps "
+             f"of up to {min(n_candidates, n)} candidate sets each")
+    single = dict(enumerate(costs([[il] for il in range(n)], "single-block costs")))
     progress("rank: single-block costs " + " ".join(f"{il}:+{v:.2f}" for il, v in single.items()))
     chosen: list[int] = []
     steps = []
     for step in range(max_set):
         rest = sorted((il for il in range(n) if il not in chosen), key=lambda il: single[il])[:n_candidates]
-        trials = dict(zip(rest, costs([sorted(chosen + [il]) for il in rest])))
+        trials = dict(zip(rest, costs([sorted(chosen + [il]) for il in rest], f"step {step + 1}")))
         best = min(trials, key=lambda il: (trials[il], il))
         chosen.append(best)
         steps.append({"block": best, "set_cost": trials[best]})

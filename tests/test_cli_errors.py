@@ -435,3 +435,61 @@ def test_chat_states_the_session_seed_when_sampling(base_model):
         out = io.StringIO()
         run(ChatSession(base_model, out=out, **sampling), _reader([]))
         assert (f"blocks), seed {base_model.seed}. /help" in out.getvalue()) == shown, out.getvalue()
+
+
+# ---------------------------------------------------------------- rank (issue 27, defect 3)
+def test_rank_checks_its_output_before_loading_or_computing(tmp_path, monkeypatch):
+    """An output that cannot be written is refused before the model loads (rank computes for minutes)."""
+    from first_gguf import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("rank loaded the model before checking its output")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    missing = tmp_path / "nonexistent-dir"
+    res = _invoke("rank", "--model", tmp_path / "m.gguf", "-o", missing / "r.json", "--threads", 1)
+    assert res.exit_code == 1, res.output
+    assert f"output folder does not exist: {missing}" in _error_line(res.output)
+    res = _invoke("rank", "--model", tmp_path / "m.gguf", "-o", tmp_path, "--threads", 1)
+    assert res.exit_code != 0 and str(tmp_path) in _error_line(res.output)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        res = _invoke("rank", "--model", tmp_path / "m.gguf", "-o", locked / "r.json", "--threads", 1)
+        assert res.exit_code == 1 and f"not writable: {locked}" in _error_line(res.output)
+
+
+def test_rank_write_failure_keeps_the_result(tiny_gguf_model, tmp_path, monkeypatch):
+    """A folder that goes away while rank computes: the ranking goes to stdout, the error says so."""
+    from first_gguf import cli, ranking
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real = ranking.compute_static_ranking
+
+    def compute_then_remove(*a, **k):
+        res = real(*a, **{**k, "n_examples": 2, "max_set": 1, "n_candidates": 1})
+        out_dir.rmdir()
+        return res
+
+    monkeypatch.setattr(ranking, "compute_static_ranking", compute_then_remove)
+    res = _invoke("rank", "--model", tiny_gguf_model.path, "-o", out_dir / "r.json", "--threads", 1)
+    assert res.exit_code == 1, res.output
+    assert "printed to stdout" in _error_line(res.output)
+    printed = json.loads(res.stdout[:res.stdout.rindex("}") + 1])
+    assert sorted(printed["ranking"]) == list(range(tiny_gguf_model.n_layer))
+
+
+def test_rank_reports_progress_within_each_phase(tiny_gguf_model):
+    from first_gguf.ranking import compute_static_ranking
+
+    lines = []
+    compute_static_ranking(tiny_gguf_model, n_examples=2, max_set=1, n_candidates=2, progress=lines.append,
+                           progress_every=0.0)
+    n = tiny_gguf_model.n_layer
+    assert lines[0].startswith("rank: building 2 calibration examples")
+    assert any(line.startswith("rank: measuring the cost of each of the 4 blocks") for line in lines)
+    # within the single-block phase: a line per (example, block) pair but the last, when every=0
+    assert [line.rsplit(" (", 1)[0] for line in lines if "single-block costs (examples x sets):" in line] == \
+        [f"rank: single-block costs (examples x sets): {i}/{2 * n}" for i in range(1, 2 * n)]
+    assert any(line.startswith("rank: step 1 (examples x sets): 1/4") for line in lines)
