@@ -764,7 +764,6 @@ class Model:
                     if cut >= 0:
                         text = text[:cut]
                         finish = "stop"
-                        decoder = None  # the text ends at the stop string
                         break
                     safe = len(text) - hold if r.stops else len(text)
                     yield GenerationChunk(text[emitted:safe] if safe > emitted else "", tok, logprob=lp)
@@ -772,8 +771,8 @@ class Model:
                     if len(generated) >= r.max_tokens or n_prompt + len(generated) >= self.n_ctx:
                         break
                     d.step(tok)
-                if decoder is not None:
-                    text += decoder.decode(b"", final=True)  # bytes of an incomplete character, if any
+                # the bytes of a character the generation ended inside (a max_tokens or n_ctx cut, or an
+                # end-of-generation token) stay in the decoder: dropped, as llama-cpp-python drops them
         finally:
             if isinstance(r.sampler, Sampler):
                 r.sampler.close()

@@ -255,3 +255,26 @@ def test_fewer_blocks_than_the_budget_asks_warns_once_and_is_reported(base_gguf,
         assert g.n_skip_requested == 6 and full.n_skip_requested == 1 == len(full.skipped_layers)
     finally:
         s.close()
+
+
+def test_a_cut_inside_a_multibyte_character_drops_its_bytes(m):
+    """max_tokens (or an end-of-generation token) ending a reply inside a character: its incomplete bytes are
+    dropped, as llama-cpp-python drops them, streamed or not; never a U+FFFD."""
+    prompt = m.tokenize("Hi")
+    emoji = m.tokenize("🙂", add_bos=False)
+    nihon = m.tokenize("日本", add_bos=False)
+    assert len(emoji) == 2 and len(nihon) == 3  # the tokenizer splits them inside the UTF-8 bytes
+
+    def forced(tokens):
+        it = iter(tokens)
+        return lambda logits: next(it)
+
+    eos = m._llama.token_eos()
+    for tokens, n, want in [(emoji, 1, ""), (emoji, 2, "🙂"), (nihon, 1, ""), (nihon, 2, "日"), (nihon, 3, "日本"),
+                            ([*nihon[:1], eos], 5, "")]:
+        g = m.generate_tokens(prompt, max_tokens=n, sampler=forced(tokens))
+        assert g.text == want, (tokens, n, g.text)
+        chunks = list(m.stream_tokens(prompt, max_tokens=n, sampler=forced(tokens)))
+        assert "".join(c.text for c in chunks) == want and chunks[-1].generation.text == want
+        g = m.generate_tokens(prompt, max_tokens=n, sampler=forced(tokens), stop="\n")  # the held-back path
+        assert g.text == want
