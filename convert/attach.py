@@ -153,6 +153,9 @@ def attach(src: str | os.PathLike, dst: str | os.PathLike, *,
 
 def strip(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = False) -> Path:
     """Write ``dst`` = ``src`` without any first-gguf tensor or key (loads in stock llama.cpp)."""
+    from .gguf_edit import read_gguf, refuse_sidecar
+
+    refuse_sidecar(read_gguf(src), src, "strip")
     return rewrite_gguf(src, dst, drop_kv=lambda k: k.startswith(Keys.PREFIX), drop_tensor=Tensors.is_first_tensor,
                         force=force, progress=progress)
 

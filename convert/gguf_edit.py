@@ -73,6 +73,21 @@ def field_value(reader: gguf.GGUFReader, key: str) -> Any:
     return field.contents() if field is not None else None
 
 
+def refuse_sidecar(reader: gguf.GGUFReader, path: str | os.PathLike, action: str) -> None:
+    """GGUFEditError when ``path`` is a first-gguf sidecar (routers, bypasses and rankings for a base GGUF,
+    no model weights): ``action`` ("strip", "quantize") is for the model it belongs to."""
+    from ..constants import SIDECAR_ADAPTER_TYPE
+
+    if (field_value(reader, gguf.Keys.General.TYPE) == gguf.GGUFType.ADAPTER
+            and field_value(reader, gguf.Keys.Adapter.TYPE) == SIDECAR_ADAPTER_TYPE):
+        what = (f"{path} is a first-gguf sidecar (routers, bypass adapters and rankings for a base GGUF), not a "
+                f"model")
+        if action == "strip":
+            raise GGUFEditError(f"{what}: there is nothing to strip; its base GGUF has no first-gguf data and "
+                                f"loads in stock llama.cpp as it is")
+        raise GGUFEditError(f"{what}: {action} the base GGUF instead")
+
+
 def _copy_kv(field) -> KV:
     vtype = field.types[0]
     sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None

@@ -5,7 +5,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from .gguf_edit import GGUFEditError, atomic_output, read_gguf
+from .gguf_edit import GGUFEditError, atomic_output, read_gguf, refuse_sidecar
 
 
 def _llama_cpp():
@@ -23,7 +23,7 @@ def quant_types() -> list[str]:
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, force: bool = False,
              n_threads: int | None = None, allow_requantize: bool = False, progress: bool = False) -> Path:
     src_p, dst_p = Path(src), Path(dst)
-    read_gguf(src_p)  # clear error for a missing or corrupt input
+    refuse_sidecar(read_gguf(src_p), src_p, "quantize")  # clear error for a missing or corrupt input, or a sidecar
     if dst_p.exists() and dst_p.resolve() == src_p.resolve():
         raise GGUFEditError(f"output path {dst_p} is the input file; choose another output")
     if dst_p.exists() and not force:

@@ -493,3 +493,26 @@ def test_rank_reports_progress_within_each_phase(tiny_gguf_model):
     assert [line.rsplit(" (", 1)[0] for line in lines if "single-block costs (examples x sets):" in line] == \
         [f"rank: single-block costs (examples x sets): {i}/{2 * n}" for i in range(1, 2 * n)]
     assert any(line.startswith("rank: step 1 (examples x sets): 1/4") for line in lines)
+
+
+# ---------------------------------------------------------------- sidecar given as a model (issue 27, defect 7)
+def test_strip_and_quantize_refuse_a_sidecar(base_gguf, tmp_path):
+    """strip wrote a useless 305-byte file and quantize said "key not found in model: llama.context_length":
+    both now say the file is a sidecar, not a model, and write nothing."""
+    import numpy as np
+
+    from first_gguf.convert.attach import write_sidecar
+    from first_gguf.gguf_info import read_info
+
+    info = read_info(base_gguf)
+    rng = np.random.default_rng(0)
+    side = write_sidecar(base_gguf, tmp_path / "side.gguf",
+                         routers={il: (rng.standard_normal(info.n_embd).astype(np.float32), 0.0) for il in range(3)})
+    for args in (["strip", side, "-o", tmp_path / "x.gguf"],
+                 ["quantize", side, tmp_path / "q.gguf", "--type", "Q4_0", "--threads", 1]):
+        res = _invoke(*args)
+        assert res.exit_code == 1, res.output
+        line = _error_line(res.output)
+        assert f"{side} is a first-gguf sidecar" in line and "not a model" in line, line
+        assert "context_length" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["side.gguf"]
