@@ -145,7 +145,8 @@ def _fmt_summary(gen) -> str:
                f"{','.join(map(str, gen.skipped_layers))}" if gen.skipped_layers else "skipped no blocks")
     return (f"[first-gguf] {skipped} | "
             f"prompt {gen.n_prompt_tokens} tok, prefill {gen.prefill_tokens_per_s:.1f} tok/s | "
-            f"{len(gen.tokens)} tok generated, decode {gen.decode_tokens_per_s:.1f} tok/s | {gen.finish_reason}")
+            f"{len(gen.tokens)} tok generated, decode {gen.decode_tokens_per_s:.1f} tok/s | {gen.finish_reason}"
+            + (f" | seed {gen.seed}" if gen.seed is not None else ""))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,8 +172,8 @@ def main():
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @threads_option(help="CPU threads (default: half the cores)")
-@click.option("--seed", type=click.IntRange(0, 0xFFFFFFFE), default=0, show_default=True,
-              help="Sampling seed: the same seed gives the same text.")
+@click.option("--seed", type=click.IntRange(-1, 0xFFFFFFFE), default=0, show_default=True,
+              help="Sampling seed: the same seed gives the same text; -1: a random one (shown in the summary).")
 @click.option("--logprobs", type=click.IntRange(0, 20), default=None,
               help="With --json: each token's log-probability and its N most likely alternatives.")
 @click.option("--no-bypass", is_flag=True, help="Skipped blocks pass their input through even if the GGUF "
@@ -194,6 +195,10 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
         except ValueError:
             raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
     sampling = _sampling(sampling)
+    if seed == -1:  # llama.cpp's "random"
+        from .sampling import random_seed
+
+        seed = random_seed()
     m = _load(model, n_ctx, threads, seed, decode_lora, routers)
     m.bypass = not no_bypass
     kw = dict(max_tokens=max_tokens, skip_strategy=skip_strategy, skip_layers=layers, seed=seed, logprobs=logprobs,
@@ -750,9 +755,9 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens per reply (at most half of --n-ctx, so the conversation keeps the other half).")
 @sampling_options(CHAT_SAMPLING)
-@click.option("--seed", type=click.IntRange(0, 0xFFFFFFFE), default=None,
+@click.option("--seed", type=click.IntRange(-1, 0xFFFFFFFE), default=None,
               help="Seed of the session's replies: the same seed and messages give the same replies "
-                   "(default: a random one).")
+                   "(default or -1: a random one, shown at the start).")
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @threads_option()
 @decode_lora_option
@@ -767,7 +772,7 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, thr
     from .chat import ChatSession, run
 
     sampling = _sampling(sampling)
-    seed = random.SystemRandom().randrange(0xFFFFFFFF) if seed is None else seed
+    seed = random.SystemRandom().randrange(0xFFFFFFFF) if seed is None or seed == -1 else seed
     m = _load(model, n_ctx, threads, seed=seed, decode_lora=decode_lora, routers=routers)
     try:
         session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,

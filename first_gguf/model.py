@@ -33,7 +33,7 @@ import numpy as np
 from . import _lib
 from ._lib import llama_cpp
 from .gguf_info import GGUFInfo, read_info, read_with_sidecar
-from .sampling import SEED_MAX, Sampler, SamplingParams, top_logprobs
+from .sampling import RANDOM_SEEDS, SEED_MAX, Sampler, SamplingParams, random_seed, top_logprobs
 
 # the sampling keywords of generate / chat / their streaming forms (llama-cpp-python's create_completion names)
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
@@ -274,7 +274,8 @@ class Model:
         n_threads: CPU threads for prefill and decode, 1 to 4x the logical CPUs (default: llama-cpp-python's,
             half the cores).
         seed: seeds the generator that gives each sampled generation without its own ``seed`` its seed
-            (a fresh Model makes the same sequence of calls reproducible).
+            (a fresh Model makes the same sequence of calls reproducible); -1 (llama.cpp's "random"): a seed
+            drawn from the OS, kept in ``Model.seed``.
         verbose: print llama.cpp's log to stderr.
         decode_lora: a llama.cpp LoRA adapter GGUF (``first-gguf train --lora-rank`` writes one) attached
             only while blocks are skipped: to decoded / scored tokens after the full-depth prefill, never
@@ -292,7 +293,9 @@ class Model:
         if n_threads is not None:
             n_threads = _check_int("n_threads", n_threads, 1, max_threads(),
                                    f" (1 to 4x the {os.cpu_count()} logical CPUs)")
-        self.seed = _check_int("seed", seed, 0)
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed in RANDOM_SEEDS:
+            seed = random_seed()
+        self.seed = _check_int("seed", seed, 0, why=" or -1 (a random seed)")
         if routers is not None and not Path(routers).is_file():
             raise ValueError(f"router sidecar not found: {routers}; expected a first-gguf sidecar GGUF "
                              f"(first-gguf attach --sidecar writes one)")
@@ -839,7 +842,8 @@ class Model:
                 The penalties look at the last 64 generated tokens.
             seed: in [0, 4294967294]: the same seed gives the same tokens whatever ran before (its prompt is
                 evaluated whole, without reusing a cached prefix); None draws one from the Model's seeded
-                generator (reported in Generation.seed).
+                generator; -1 (llama.cpp's and llama-cpp-python's "random") draws one from the OS. The seed
+                used is reported in Generation.seed.
             logit_bias: {token id: bias in [-100, 100]} added to the logits.
             grammar: a GBNF grammar (string with a ``root`` rule, or llama_cpp.LlamaGrammar) the text must
                 follow.

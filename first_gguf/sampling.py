@@ -20,6 +20,7 @@ import numpy as np
 from ._lib import llama_cpp
 
 SEED_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is LLAMA_DEFAULT_SEED (a random seed)
+RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's and llama-cpp-python's "random seed" (-1 is LLAMA_DEFAULT_SEED as uint32)
 PENALTY_LAST_N = 64    # llama-cpp-python's last_n_tokens_size: penalties look at the last 64 generated tokens
 MAX_LOGPROBS = 20      # OpenAI's top_logprobs limit
 
@@ -42,7 +43,15 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 def range_text(name: str) -> str:
     lo, hi, lo_open, hi_open, integer = RANGES[name]
     hi_s = "inf" if math.isinf(hi) else str(hi) if integer else f"{hi:g}"
-    return f"{'(' if lo_open else '['}{lo:g}, {hi_s}{')' if hi_open else ']'}"
+    text = f"{'(' if lo_open else '['}{lo:g}, {hi_s}{')' if hi_open else ']'}"
+    return text + " or -1 (a random seed)" if name == "seed" else text
+
+
+def random_seed() -> int:
+    """A seed for seed=-1: drawn from the OS, not from any generator (reported, so the reply can be replayed)."""
+    import secrets
+
+    return secrets.randbelow(SEED_MAX + 1)
 
 
 def check_value(name: str, value):
@@ -52,6 +61,8 @@ def check_value(name: str, value):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer in {range_text(name)}; got {value!r}")
         v = int(value)
+        if name == "seed" and v in RANDOM_SEEDS:
+            return -1
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number in {range_text(name)}; got {value!r}")
@@ -81,7 +92,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None     # None: drawn from the Model's seeded generator
+    seed: int | None = None     # None: drawn from the Model's seeded generator; -1 given: drawn from the OS
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF text
     logprobs: int | None = None  # top-n log-probabilities per generated token; None: none
@@ -95,7 +106,8 @@ class SamplingParams:
             ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
             ("typical_p", typical_p), ("repeat_penalty", repeat_penalty),
             ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty))}
-        return cls(**nums, seed=None if seed is None else check_value("seed", seed),
+        seed = None if seed is None else check_value("seed", seed)
+        return cls(**nums, seed=random_seed() if seed == -1 else seed,
                    logit_bias=check_logit_bias(logit_bias, n_vocab),
                    grammar=None if grammar is None else grammar_text(grammar),
                    logprobs=None if logprobs is None else check_value("logprobs", logprobs))

@@ -7,7 +7,8 @@ server-sent events, like the OpenAI API).
 
 Every request field is honoured or refused with a 400 that names it (never silently ignored): the
 sampling fields run on llama.cpp's sampler chain (Model's keywords, a per-request ``seed`` gives the same
-output whatever else runs), ``response_format`` json_object / json_schema becomes a GBNF grammar
+output whatever else runs; ``seed: -1`` is llama.cpp's "random", a seed reported in ``first.seed``;
+``temperature`` in OpenAI's [0, 2]), ``response_format`` json_object / json_schema becomes a GBNF grammar
 (llama-cpp-python's converter), ``logprobs`` / ``top_logprobs`` come from the model's raw logits. Refused:
 ``n`` > 1, tools and function calling, ``echo``, ``suffix``, ``best_of`` > 1, audio, predictions, and any
 unknown field. Extra request fields: ``skip_budget`` (default 0), ``skip_strategy`` (default "auto"),
@@ -281,12 +282,14 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
                            param="stop")
         opts = dict(skip_budget=budget, skip_strategy=strategy, max_tokens=max_tokens, stop=stop)
         temperature = body.get("temperature")
-        if temperature is not None:
-            t = _checked("temperature", check_value, "temperature", temperature)
-            if t > TEMPERATURE_MAX:
+        if temperature is not None:  # OpenAI's range, narrower than Model's [0, inf): the message says this one
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+                raise APIError(400, f"temperature must be a number in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
+                               param="temperature")
+            if math.isnan(temperature) or not 0 <= temperature <= TEMPERATURE_MAX:
                 raise APIError(400, f"temperature must be in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
                                param="temperature")
-            opts["temperature"] = t
+            opts["temperature"] = float(temperature)
         for key in SAMPLING_FIELDS[1:-1]:
             if body.get(key) is not None:
                 opts[key] = _checked(key, check_value, key, body[key])
@@ -299,7 +302,10 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
             if top is not None:
                 if not lp:
                     raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-                top = _checked("top_logprobs", check_value, "logprobs", top)
+                try:
+                    top = check_value("logprobs", top)
+                except (TypeError, ValueError) as e:  # the message names the field the request used
+                    raise APIError(400, "top_logprobs" + str(e)[len("logprobs"):], param="top_logprobs") from None
             if lp:
                 opts["logprobs"] = top or 0
         elif body.get("logprobs") is not None:

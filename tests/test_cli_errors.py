@@ -516,3 +516,17 @@ def test_strip_and_quantize_refuse_a_sidecar(base_gguf, tmp_path):
         assert f"{side} is a first-gguf sidecar" in line and "not a model" in line, line
         assert "context_length" not in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["side.gguf"]
+
+
+def test_generate_seed_minus_one_is_random_and_shown(base_gguf):
+    """--seed -1 (llama.cpp's "random") is accepted; the seed drawn is reported, so the text can be replayed."""
+    args = ["generate", "Name a fruit.", "--model", base_gguf, "--temperature", 1, "--max-tokens", 4,
+            "--threads", 1]
+    res = _invoke(*args, "--seed", -1, "--json")
+    assert res.exit_code == 0, res.output
+    seed = json.loads(res.stdout)["seed"]
+    assert isinstance(seed, int) and 0 <= seed <= 0xFFFFFFFE
+    again = _invoke(*args, "--seed", seed, "--json")
+    assert json.loads(again.stdout)["tokens"] == json.loads(res.stdout)["tokens"]
+    res = _invoke(*args, "--seed", -1)
+    assert res.exit_code == 0 and " | seed " in res.stderr, res.output

@@ -173,7 +173,7 @@ def test_importing_llama_cpp_loads_no_second_libllama(m):
     (dict(repeat_penalty=0), ValueError, "repeat_penalty must be in (0, inf); got 0"),
     (dict(presence_penalty=3), ValueError, "presence_penalty must be in [-2, 2]; got 3"),
     (dict(frequency_penalty=math.nan), ValueError, "frequency_penalty must be in [-2, 2]; got nan"),
-    (dict(seed=-1), ValueError, "seed must be in [0, 4294967294]; got -1"),
+    (dict(seed=-2), ValueError, "seed must be in [0, 4294967294] or -1 (a random seed); got -2"),
     (dict(seed=2 ** 32), ValueError, "seed must be in [0, 4294967294]"),
     (dict(logprobs=21), ValueError, "logprobs must be in [0, 20]; got 21"),
     (dict(logit_bias={10 ** 6: 1.0}), ValueError, "logit_bias key 1000000 is not a token id"),
@@ -278,3 +278,19 @@ def test_a_cut_inside_a_multibyte_character_drops_its_bytes(m):
         assert "".join(c.text for c in chunks) == want and chunks[-1].generation.text == want
         g = m.generate_tokens(prompt, max_tokens=n, sampler=forced(tokens), stop="\n")  # the held-back path
         assert g.text == want
+
+
+def test_seed_minus_one_is_a_random_seed_that_is_reported(m, base_gguf):
+    """seed=-1 (and 0xFFFFFFFF, LLAMA_DEFAULT_SEED) is llama.cpp's and llama-cpp-python's "random seed": a seed
+    drawn from the OS, reported in Generation.seed, which replays the reply."""
+    from first_gguf.sampling import SEED_MAX
+
+    g1 = m.chat(MSG, max_tokens=8, temperature=1.0, seed=-1)
+    g2 = m.chat(MSG, max_tokens=8, temperature=1.0, seed=0xFFFFFFFF)
+    assert all(isinstance(g.seed, int) and 0 <= g.seed <= SEED_MAX for g in (g1, g2))
+    assert g1.seed != g2.seed  # 1 in 4e9 to collide
+    assert m.chat(MSG, max_tokens=8, temperature=1.0, seed=g1.seed).tokens == g1.tokens
+    with first_gguf.load(base_gguf, n_ctx=64, n_threads=1, seed=-1) as m2:
+        assert 0 <= m2.seed <= SEED_MAX
+    with pytest.raises(ValueError, match=r"seed must be >= 0 or -1 \(a random seed\); got -2"):
+        first_gguf.load(base_gguf, n_ctx=64, n_threads=1, seed=-2)

@@ -392,3 +392,27 @@ def test_text_parts_and_null_assistant_content(client):
     sys_ = client.chat.completions.create(model=mid, max_tokens=6, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).choices[0].message.content
     assert dev == sys_
+
+
+def test_errors_name_the_servers_own_ranges_and_seed_minus_one_is_random(server, client):
+    """The server's temperature range is OpenAI's [0, 2], and its messages say so (not Model's [0, inf));
+    top_logprobs errors name top_logprobs; seed -1 is llama.cpp's "random": accepted, the seed drawn is
+    reported in first.seed and replays the reply."""
+    for t in (-1, 2.5, "hot"):
+        status, err = _post(server, "/v1/completions", {"prompt": "hi", "temperature": t, "max_tokens": 2})
+        assert status == 400 and err["error"]["param"] == "temperature", err
+        assert "[0, 2]" in err["error"]["message"] and "inf" not in err["error"]["message"], err
+    status, err = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                          "logprobs": True, "top_logprobs": 30})
+    assert status == 400 and err["error"]["message"] == "top_logprobs must be in [0, 20]; got 30", err
+    status, err = _post(server, "/v1/completions", {"prompt": "hi", "seed": -3})
+    assert status == 400 and "or -1 (a random seed); got -3" in err["error"]["message"], err
+    mid = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Write one sentence about the sea."}]
+    r = client.chat.completions.create(model=mid, messages=msgs, max_tokens=8, temperature=1.0, seed=-1)
+    seed = r.model_extra["first"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed <= 0xFFFFFFFE
+    again = client.chat.completions.create(model=mid, messages=msgs, max_tokens=8, temperature=1.0, seed=seed)
+    assert again.choices[0].message.content == r.choices[0].message.content
+    r2 = client.completions.create(model=mid, prompt="The sea", max_tokens=4, temperature=1.0, seed=-1)
+    assert r2.model_extra["first"]["seed"] not in (None, -1)
