@@ -188,6 +188,11 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
     The text streams to stdout; a one-line summary (skipped blocks,
     prefill/decode tok/s) goes to stderr.
     """
+    if logprobs is not None and not as_json:
+        raise _UserError(f"--logprobs {logprobs} needs --json (the log-probabilities are part of the JSON result)")
+    if system is not None and not chat:
+        raise _UserError("--system needs --chat: a --raw prompt is completed as it is, with no system message "
+                         "(put the text into PROMPT instead)")
     layers = None
     if skip_layers is not None:
         try:

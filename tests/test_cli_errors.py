@@ -530,3 +530,14 @@ def test_generate_seed_minus_one_is_random_and_shown(base_gguf):
     assert json.loads(again.stdout)["tokens"] == json.loads(res.stdout)["tokens"]
     res = _invoke(*args, "--seed", -1)
     assert res.exit_code == 0 and " | seed " in res.stderr, res.output
+
+
+@pytest.mark.parametrize("args,shown", [
+    (["--logprobs", 3], "--logprobs 3 needs --json"),
+    (["--raw", "--system", "Be brief."], "--system needs --chat"),
+])
+def test_generate_refuses_options_it_would_ignore(args, shown):
+    """--logprobs without --json and --system with --raw were silently ignored; refused before loading."""
+    res = _invoke("generate", "hi", "--model", "/no/such/model.gguf", *args)  # a load would fail otherwise
+    assert res.exit_code == 1, res.output
+    assert shown in _error_line(res.output)
