@@ -26,7 +26,7 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
             sidecar: routers, bypass adapters, static rankings), downloading and
             verifying it on first use; a known model's name ("smollm2-135m-instruct",
             "gemma3-270m") loads that one the same way.
-        n_ctx: context length in tokens.
+        n_ctx: context length in tokens; 0: the model's training context (as in llama-cpp-python).
         n_threads: CPU threads (default: half the cores).
         seed: sampler seed.
         verbose: show llama.cpp's log.

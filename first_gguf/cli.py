@@ -16,14 +16,27 @@ class _UserError(click.ClickException):
     """One clear line, non-zero exit, no traceback."""
 
 
-def _load(model, n_ctx, threads, seed=0, decode_lora=None, routers=None):
+def _load(model, n_ctx, threads, seed=0, decode_lora=None, routers=None, ctx_warning=True):
+    """The model, or a one-line error; the warning for an n_ctx above the training context as one 'Warning:'
+    line (``ctx_warning=False``: none, for commands whose context is not the user's choice)."""
+    import warnings
+
     import first_gguf
 
-    try:
-        return first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed, decode_lora=decode_lora,
-                               routers=routers)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise _UserError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            m = first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed, decode_lora=decode_lora,
+                                routers=routers)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise _UserError(str(e)) from None
+    for w in caught:
+        if issubclass(w.category, UserWarning) and str(w.message).startswith("n_ctx "):
+            if ctx_warning:
+                click.echo(f"Warning: {w.message} (--n-ctx)", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return m
 
 
 MAX_THREADS = (os.cpu_count() or 1) * 4  # beyond this llama.cpp hangs or crashes (issue 15)
@@ -170,7 +183,8 @@ def main():
 @click.option("--chat/--raw", "chat", default=True, show_default=True,
               help="Wrap PROMPT as a user message with the GGUF's chat template, or complete it raw.")
 @click.option("--system", default=None, help="System message (with --chat).")
-@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--n-ctx", type=int, default=4096, show_default=True,
+              help="Context length in tokens; 0: the model's training context.")
 @threads_option(help="CPU threads (default: half the cores)")
 @click.option("--seed", type=click.IntRange(-1, 0xFFFFFFFE), default=0, show_default=True,
               help="Sampling seed: the same seed gives the same text; -1: a random one (shown in the summary).")
@@ -331,7 +345,7 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
     if prompt_tokens + gen_tokens + 1 > n_ctx:
         raise _UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} do not fit the bench's "
                          f"context of {n_ctx} tokens; expected a sum below {n_ctx}")
-    m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers)
+    m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers, ctx_warning=False)
     try:
         result = run_bench(m, values, skip_strategy=skip_strategy, repeats=repeats, gen_tokens=gen_tokens,
                            prompt_tokens=prompt_tokens, progress=lambda s: click.echo(s, err=True))
@@ -369,7 +383,7 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
         from .default_model import base_gguf_path
 
         model = base_gguf_path()
-    m = _load(model, 4096, threads, routers=routers)
+    m = _load(model, 4096, threads, routers=routers, ctx_warning=False)
     try:
         result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set, n_candidates=n_candidates, seed=seed,
                                         criterion=criterion, onpolicy_tokens=onpolicy_tokens,
@@ -736,7 +750,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     if model is not None and model not in MODELS and not os.path.isfile(model):
         raise _UserError(f"model not found: {model}; expected a GGUF file or one of the known models "
                          f"{', '.join(sorted(MODELS))}")
-    m = _load(model, 4096, threads, decode_lora=decode_lora, routers=routers)
+    m = _load(model, 4096, threads, decode_lora=decode_lora, routers=routers, ctx_warning=False)
     m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
                      strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
@@ -763,7 +777,8 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--seed", type=click.IntRange(-1, 0xFFFFFFFE), default=None,
               help="Seed of the session's replies: the same seed and messages give the same replies "
                    "(default or -1: a random one, shown at the start).")
-@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--n-ctx", type=int, default=4096, show_default=True,
+              help="Context length in tokens; 0: the model's training context.")
 @threads_option()
 @decode_lora_option
 @routers_option
@@ -831,7 +846,8 @@ def _echo_when_listening(host: str, port: int, text: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
-@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--n-ctx", type=int, default=4096, show_default=True,
+              help="Context length in tokens; 0: the model's training context.")
 @threads_option()
 @decode_lora_option
 @routers_option

@@ -270,7 +270,8 @@ class Model:
 
     Args:
         path: GGUF file.
-        n_ctx: context length in tokens.
+        n_ctx: context length in tokens; 0 (as in llama-cpp-python): the model's training context
+            (``n_ctx_train``). Above the training context a UserWarning says so.
         n_threads: CPU threads for prefill and decode, 1 to 4x the logical CPUs (default: llama-cpp-python's,
             half the cores).
         seed: seeds the generator that gives each sampled generation without its own ``seed`` its seed
@@ -289,7 +290,9 @@ class Model:
                  seed: int = 0, verbose: bool = False, decode_lora: str | os.PathLike | None = None,
                  routers: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
-        self.n_ctx = _check_int("n_ctx", n_ctx, 16)
+        self.n_ctx = _check_int("n_ctx", n_ctx, 0)
+        if 0 < self.n_ctx < 16:
+            raise ValueError(f"n_ctx must be 0 (the model's training context) or >= 16; got {n_ctx}")
         if n_threads is not None:
             n_threads = _check_int("n_threads", n_threads, 1, max_threads(),
                                    f" (1 to 4x the {os.cpu_count()} logical CPUs)")
@@ -321,6 +324,13 @@ class Model:
             self._attach_sidecar(verbose)
         self._ctx = self._llama._ctx.ctx
         self._model = self._llama._model.model
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        if self.n_ctx == 0:  # llama-cpp-python's n_ctx=0: the model's training context
+            self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        elif self.n_ctx > self.n_ctx_train > 0:
+            warnings.warn(f"n_ctx {self.n_ctx} is above the context {self.path.name} was trained on "
+                          f"({self.n_ctx_train} tokens); replies past {self.n_ctx_train} tokens may degrade",
+                          UserWarning, stacklevel=2)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self._model))
@@ -602,7 +612,11 @@ class Model:
                 if not 0 <= il < self.n_layer:
                     raise ValueError(f"skip_layers index {il} out of range; the model has blocks 0..{self.n_layer - 1}")
                 layers.append(int(il))
-            layers = sorted(set(layers))
+            repeated = sorted({il for il in layers if layers.count(il) > 1})
+            if repeated:
+                raise ValueError(f"skip_layers lists block{'s' if len(repeated) > 1 else ''} "
+                                 f"{', '.join(map(str, repeated))} more than once; got {layers}")
+            layers = sorted(layers)
             if len(layers) == self.n_layer:
                 raise ValueError(f"skip_layers would skip all {self.n_layer} blocks; keep at least one")
         wants_skip = (layers and len(layers) > 0) or budget > 0

@@ -10,9 +10,13 @@ Argument names and meanings are llama-cpp-python's ``Llama.create_completion``'s
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import numbers
+import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,10 +165,13 @@ class Sampler:
             self._add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, p.repeat_penalty,
                                                              p.frequency_penalty, p.presence_penalty))
         if p.grammar is not None:
-            g = llama_cpp.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
+            with _stderr_captured() as captured:  # llama.cpp prints a parse error straight to stderr
+                g = llama_cpp.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
+            why, rest = _grammar_parse_error(captured[0], p.grammar)
+            _pass_on(rest)  # whatever else reached stderr meanwhile (another thread's output)
             if not g:
                 raise ValueError(f"grammar is not valid GBNF (with a 'root' rule): "
-                                 f"{log_detail('llama.cpp could not parse it')}")
+                                 f"{why or log_detail('llama.cpp could not parse it')}")
             self._add(g)
         if p.temperature == 0.0:
             self._add(llama_cpp.llama_sampler_init_greedy())
@@ -191,6 +198,51 @@ class Sampler:
 
     def __del__(self) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 redirected to a temporary file for the block (C code's fprintf(stderr) included);
+    ``captured[0]`` holds the bytes written, after the block."""
+    captured: list[bytes] = [b""]
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured[0] = tmp.read()
+
+
+def _grammar_parse_error(data: bytes, grammar: str) -> tuple[str | None, bytes]:
+    """llama.cpp's "<func>: error parsing grammar: <why>\n\n<grammar>\n" in ``data``: (<why> on one line, or
+    None; the rest of ``data``)."""
+    text = data.decode("utf-8", errors="replace")
+    i = text.find(": error parsing grammar: ")
+    if i < 0:
+        return None, data
+    start = text.rfind("\n", 0, i) + 1
+    body = i + len(": error parsing grammar: ")
+    tail = "\n\n" + grammar + "\n"
+    end = text.find(tail, body)
+    why, stop = (text[body:end], end + len(tail)) if end >= 0 else (text[body:].split("\n\n", 1)[0], len(text))
+    why = why.strip()
+    if why.endswith(" at"):  # llama.cpp quotes the text left at the error; none left: the grammar ended early
+        why += " the end of the grammar"
+    elif " at " in why:
+        head, _, at = why.partition(" at ")
+        why = f"{head} at {at[:60]!r}{'...' if len(at) > 60 else ''}"
+    return why, (text[:start] + text[stop:]).encode("utf-8")
+
+
+def _pass_on(data: bytes) -> None:
+    if data.strip():
+        os.write(2, data)
 
 
 def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:

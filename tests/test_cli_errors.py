@@ -541,3 +541,51 @@ def test_generate_refuses_options_it_would_ignore(args, shown):
     res = _invoke("generate", "hi", "--model", "/no/such/model.gguf", *args)  # a load would fail otherwise
     assert res.exit_code == 1, res.output
     assert shown in _error_line(res.output)
+
+
+# ---------------------------------------------------------------- issue 27, defect 10
+@pytest.mark.parametrize("grammar,why", [
+    ("root ::= (", "expecting ')' at the end of the grammar"),
+    ('root ::= "a" ) x', "expecting newline or end at ') x'"),
+    ('root ::= "a" | foo', "Undefined rule identifier 'foo'"),
+])
+def test_bad_grammar_is_one_line_naming_the_fault(base_gguf, grammar, why):
+    """llama.cpp prints its GBNF parse error (three lines) straight to stderr; the CLI shows only its one Error line,
+    which now carries llama.cpp's reason."""
+    res = _cli("generate", "hi", "--model", base_gguf, "--threads", 1, "--max-tokens", 2, "--grammar", grammar)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines() == [f"Error: grammar is not valid GBNF (with a 'root' rule): {why}"], \
+        res.stderr
+
+
+def test_grammar_errors_leave_stderr_alone_in_the_api(base_model, capfd):
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"not valid GBNF \(with a 'root' rule\): expecting '\)' at the end"):
+        base_model.generate("hi", grammar="root ::= (", max_tokens=2)
+    assert capfd.readouterr().err == ""
+    assert base_model.generate("hi", grammar='root ::= "yes"', max_tokens=2).text == "yes"
+    assert capfd.readouterr().err == ""
+
+
+def test_n_ctx_above_training_context_warns_and_zero_means_training_context(tiny_gguf_model):
+    """The tiny model was trained on 1024 tokens: n_ctx 2048 warns (API: UserWarning; CLI: one Warning line);
+    n_ctx=0 is llama-cpp-python's "the model's training context"."""
+    import warnings
+
+    import first_gguf
+
+    path = tiny_gguf_model.path
+    with pytest.warns(UserWarning, match=r"n_ctx 2048 is above the context tiny.gguf was trained on \(1024 tokens\)"):
+        first_gguf.load(path, n_ctx=2048, n_threads=1).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with first_gguf.load(path, n_ctx=0, n_threads=1) as m:
+            assert m.n_ctx == m.n_ctx_train == 1024
+        first_gguf.load(path, n_ctx=1024, n_threads=1).close()
+    with pytest.raises(ValueError, match=r"n_ctx must be 0 \(the model's training context\) or >= 16; got 8"):
+        first_gguf.load(path, n_ctx=8, n_threads=1)
+    res = _invoke("generate", "hi", "--model", path, "--threads", 1, "--max-tokens", 2, "--raw", "--n-ctx", 2048)
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warned) == 1 and "above the context tiny.gguf was trained on (1024 tokens)" in warned[0], res.stderr
+    assert "UserWarning" not in res.stderr

@@ -252,3 +252,15 @@ def test_out_of_range_token_ids_raise_instead_of_aborting(base_gguf):
         "ValueError: sampler returned -1; expected a token id in [0, 49152)",
     ], res.stdout
     assert lines[5] == "'' Hello"
+
+
+def test_repeated_skip_layers_are_refused(router_model):
+    """skip_layers=[3, 3] was accepted silently (as [3]): a repeated block is most likely a typo."""
+    with pytest.raises(ValueError, match=r"skip_layers lists block 3 more than once; got \[3, 3\]"):
+        router_model.generate("Hi", skip_layers=[3, 3], max_tokens=2)
+    with pytest.raises(ValueError, match=r"skip_layers lists blocks 2, 5 more than once"):
+        router_model.score("Hi", " there", skip_layers=[5, 2, 5, 2])
+    res = CliRunner().invoke(main, ["generate", "Hi", "--model", str(router_model.path), "--skip-layers", "4,4",
+                                    "--threads", "1", "--max-tokens", "2"])
+    assert res.exit_code == 1 and "Error: skip_layers lists block 4 more than once" in res.output, res.output
+    assert router_model.generate("Hi", skip_layers=[5, 2], max_tokens=2).skipped_layers == [2, 5]
