@@ -21,7 +21,8 @@ one dedicated worker thread, so the event loop keeps accepting requests and a
 request's output never depends on what else is running. A client that hangs up
 mid-stream cannot leak the queue: the generator is closed on the worker thread
 (after any call still running there) and the lock is released when that close
-finishes, even if the request task itself is being cancelled. Errors are OpenAI-style JSON
+finishes, even if the request task itself is being cancelled. A non-streaming generation runs in
+quarter-second slices and stops as soon as its client has hung up (a client timeout frees the queue). Errors are OpenAI-style JSON
 bodies with a 4xx status; a failing request never takes the worker down.
 """
 from __future__ import annotations
@@ -79,6 +80,7 @@ REFUSED = {
 }
 ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 DEFAULT_MAX_TOKENS = 256
+SLICE_S = 0.25  # a non-streaming generation checks this often whether its client is still there
 TEMPERATURE_MAX = 2.0  # OpenAI's range
 
 
@@ -339,7 +341,8 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         return {"prompt_tokens": g.n_prompt_tokens, "completion_tokens": len(g.tokens),
                 "total_tokens": g.n_prompt_tokens + len(g.tokens)}
 
-    async def run(make_stream, chat: bool, body: dict, opts: dict, grammar_field: str | None):
+    async def run(make_stream, chat: bool, body: dict, opts: dict, grammar_field: str | None,
+                  request: Request | None = None):
         """Run one generation under the queue lock; returns a response."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
@@ -353,12 +356,20 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
             return _logprobs_chat(model, lps) if chat else _logprobs_completion(model, lps, offset)
 
         if not stream:
-            async with lock:
-                try:
-                    g = await on_worker(lambda: _last(make_stream()))
-                    lp = await on_worker(logprobs, g.logprobs)
-                except (ValueError, TypeError) as e:
-                    raise bad(e) from None
+            await lock.acquire()
+            it = None
+            try:
+                it = await on_worker(make_stream)
+                g = None
+                while g is None:  # in slices, so a client that hung up stops the generation (and frees the queue)
+                    g = await on_worker(_advance, it, SLICE_S)
+                    if g is None and request is not None and await request.is_disconnected():
+                        raise APIError(499, "client closed the request")  # nobody reads it
+                lp = await on_worker(logprobs, g.logprobs)
+            except (ValueError, TypeError) as e:
+                raise bad(e) from None
+            finally:
+                await close_and_release(it)
             choice = ({"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
                        "finish_reason": g.finish_reason} if chat else
                       {"index": 0, "text": g.text, "finish_reason": g.finish_reason, "logprobs": lp})
@@ -458,7 +469,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
         opts, grammar_field, max_field = options(body, False)
         await fit_context(opts, len(await on_worker(model.tokenize, prompt)), max_field, "prompt")
-        return await run(lambda: model.stream_generate(prompt, **opts), False, body, opts, grammar_field)
+        return await run(lambda: model.stream_generate(prompt, **opts), False, body, opts, grammar_field, request)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -467,7 +478,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         opts, grammar_field, max_field = options(body, True)
         tokens, _ = await on_worker(_checked, "messages", model.prompt_tokens_for, messages)
         await fit_context(opts, len(tokens), max_field, "messages")
-        return await run(lambda: model.stream_chat(messages, **opts), True, body, opts, grammar_field)
+        return await run(lambda: model.stream_chat(messages, **opts), True, body, opts, grammar_field, request)
 
     app.include_router(v1)
     return app
@@ -477,11 +488,15 @@ def _nothing() -> None:
     pass
 
 
-def _last(stream) -> Any:
-    last = None
-    for last in stream:
-        pass
-    return last.generation
+def _advance(stream, seconds: float) -> Any:
+    """Run ``stream`` for about ``seconds``: its Generation when it ended, else None (more to come)."""
+    t_end = time.perf_counter() + seconds
+    for chunk in stream:
+        if chunk.generation is not None:
+            return chunk.generation
+        if time.perf_counter() >= t_end:
+            return None
+    raise RuntimeError("the generation stream ended without a result")
 
 
 def _sse(obj: dict) -> bytes:

@@ -416,3 +416,27 @@ def test_errors_name_the_servers_own_ranges_and_seed_minus_one_is_random(server,
     assert again.choices[0].message.content == r.choices[0].message.content
     r2 = client.completions.create(model=mid, prompt="The sea", max_tokens=4, temperature=1.0, seed=-1)
     assert r2.model_extra["first"]["seed"] not in (None, -1)
+
+
+def test_client_timing_out_on_a_non_streaming_request_frees_the_server(server, client):
+    """A client that gives up on a long non-streaming request (timeout 0.5 s, 1500 tokens with every
+    end-of-generation token banned) no longer keeps the server busy: the generation stops when the client is
+    gone, and the next request is served at once, with the same answer as before."""
+    mid = client.models.list().data[0].id
+    r = client.completions.create(model=mid, prompt="Once upon a time", max_tokens=8)
+    before, rate = r.choices[0].text, r.model_extra["first"]["decode_tokens_per_s"]
+    body = {"prompt": "Write a long story about a dragon.", "max_tokens": 1500, "skip_budget": 0.3,
+            "logit_bias": {"0": -100, "2": -100, "4": -100}}
+    for _ in range(3):
+        req = urllib.request.Request(server + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        with pytest.raises((TimeoutError, urllib.error.URLError)):
+            urllib.request.urlopen(req, timeout=0.5)
+    t0 = time.time()
+    after = client.with_options(timeout=120).completions.create(model=mid, prompt="Once upon a time",
+                                                                max_tokens=8).choices[0].text
+    elapsed = time.time() - t0
+    assert after == before
+    # not stuck behind the 3 x 1500 abandoned tokens (the old server decoded them all: 28 s each on a free core);
+    # measured against this server's own decode speed, as the machine may be busy
+    assert elapsed < 0.25 * 4500 / rate, (elapsed, rate)
