@@ -85,8 +85,9 @@ class Generation:
 class GenerationChunk:
     """One step of Model.stream_generate / Model.stream_chat.
 
-    ``text`` is the new text (possibly empty while a multi-byte character or a
-    possible stop string is held back); the last chunk carries ``generation``.
+    ``text`` is the new text: ``token``'s, unless a multi-byte character is incomplete or the text ends in
+    what may be the start of a stop string (held back until it is not, then sent with a later token, as
+    llama-cpp-python does); the last chunk carries ``generation``.
     """
 
     text: str
@@ -256,6 +257,18 @@ class _Request:
     params: SamplingParams
     seed: int | None
     sampler: Sampler | Callable[[np.ndarray], int] | None  # None: argmax
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string (0: none), as
+    llama-cpp-python holds back a streamed tail."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def _last(stream: Iterator[GenerationChunk]) -> Generation:
@@ -752,7 +765,6 @@ class Model:
         logprobs: list[TokenLogprob] | None = None if r.params.logprobs is None else []
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, emitted = "", 0
-        hold = max((len(s) for s in r.stops), default=1) - 1
         finish = "length"
         n_prompt = len(r.prompt)
         try:
@@ -782,7 +794,7 @@ class Model:
                         text = text[:cut]
                         finish = "stop"
                         break
-                    safe = len(text) - hold if r.stops else len(text)
+                    safe = len(text) - _stop_prefix_len(text, r.stops)  # a tail that may start a stop waits
                     yield GenerationChunk(text[emitted:safe] if safe > emitted else "", tok, logprob=lp)
                     emitted = max(emitted, safe)
                     if len(generated) >= r.max_tokens or n_prompt + len(generated) >= self.n_ctx:

@@ -294,3 +294,24 @@ def test_seed_minus_one_is_a_random_seed_that_is_reported(m, base_gguf):
         assert 0 <= m2.seed <= SEED_MAX
     with pytest.raises(ValueError, match=r"seed must be >= 0 or -1 \(a random seed\); got -2"):
         first_gguf.load(base_gguf, n_ctx=64, n_threads=1, seed=-2)
+
+
+def test_streaming_holds_back_only_a_tail_that_may_start_a_stop_string(m):
+    """With a stop string, each chunk carried its token's text only after a fixed lag (the longest stop's
+    length - 1); now a chunk holds back only a tail that is a prefix of a stop string, as llama-cpp-python."""
+    prompt = m.tokenize("Hi")
+    words = m.tokenize(" one two QQ three four", add_bos=False)
+    assert [m.token_bytes(t).decode() for t in words] == [" one", " two", " Q", "Q", " three", " four"]
+
+    def forced():
+        it = iter(words)
+        return lambda logits: next(it)
+
+    chunks = list(m.stream_tokens(prompt, max_tokens=len(words), sampler=forced(), stop=["QQQ", "#####"]))
+    assert [c.token for c in chunks] == [*words, None]
+    # " Q" and "Q" may start "QQQ": held until " three" shows they do not
+    assert [c.text for c in chunks] == [" one", " two", " ", "", "QQ three", " four", ""]
+    assert chunks[-1].generation.text == " one two QQ three four"
+    # a stop string that is found is cut, whatever was held
+    g = m.generate_tokens(prompt, max_tokens=len(words), sampler=forced(), stop=["QQ th"])
+    assert g.text == " one two " and g.finish_reason == "stop"

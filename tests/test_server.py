@@ -440,3 +440,15 @@ def test_client_timing_out_on_a_non_streaming_request_frees_the_server(server, c
     # not stuck behind the 3 x 1500 abandoned tokens (the old server decoded them all: 28 s each on a free core);
     # measured against this server's own decode speed, as the machine may be busy
     assert elapsed < 0.25 * 4500 / rate, (elapsed, rate)
+
+
+def test_streamed_chat_logprobs_belong_to_their_delta(client):
+    """Chat always has a stop string (the template's); a streamed chunk's logprobs were those of earlier tokens
+    (a fixed 9 characters held back). Now each delta carries its own tokens, as llama-cpp-python's do."""
+    mid = client.models.list().data[0].id
+    chunks = [c.choices[0] for c in client.chat.completions.create(
+        model=mid, messages=[{"role": "user", "content": "Name three fruits."}], max_tokens=12, logprobs=True,
+        stream=True) if c.choices and c.choices[0].delta.content]
+    assert len(chunks) >= 6
+    for c in chunks:
+        assert "".join(t.token for t in c.logprobs.content) == c.delta.content, c
