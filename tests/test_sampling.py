@@ -131,8 +131,13 @@ def test_logprobs_are_the_log_softmax_of_each_steps_logits(m):
             assert lp.token == t and abs(lp.logprob - ls[t]) < 1e-9
             assert [u for u, _ in lp.top] == order.tolist() and np.allclose([v for _, v in lp.top], ls[order])
             d.step(t)
-    ref = m.score_tokens(tokens, g.tokens).logprobs  # teacher-forced in one batch: equal up to kernel rounding
-    assert np.allclose([x.logprob for x in g.logprobs], ref, atol=0.1)
+    # teacher-forced in one batch: equal up to kernel rounding. A batch takes other matmul paths (activation
+    # quantization and accumulation order) than one-token steps; on AVX-512 machines (Intel and AMD EPYC) the
+    # measured differences are 0.01-0.03 nats on average and up to 0.16 at single positions of this Q4_1
+    # model, while a misaligned or wrongly masked position is off by nats: bound the mean tightly, the max loosely
+    ref = np.array(m.score_tokens(tokens, g.tokens).logprobs)
+    diff = np.abs(np.array([x.logprob for x in g.logprobs]) - ref)
+    assert diff.mean() < 0.08 and diff.max() < 0.5, diff
 
 
 def test_grammar_string_and_llama_grammar(m):
