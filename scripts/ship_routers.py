@@ -1,4 +1,5 @@
-"""The shipped form of a trained router file: bypass adapters as float16, identity adapters dropped.
+"""The shipped form of a trained router file: bypass adapters as float16, identity adapters dropped
+(and, with --blocks, all but the named blocks' adapters).
 
     .venv/bin/python scripts/ship_routers.py stage5.safetensors \
         -o first_gguf/data/smollm2-135m-instruct.routers.safetensors --force
@@ -24,14 +25,26 @@ def main() -> None:
     ap.add_argument("routers", help="router file written by first-gguf train")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    ap.add_argument("--blocks", default=None,
+                    help="keep only these blocks' adapters (comma-separated); a skipped block without an adapter "
+                         "passes its input through (plain skipping)")
     a = ap.parse_args()
     try:
         rf = load_router_file(a.routers)
         if not rf.bypasses:
             raise RouterFileError(f"{a.routers} has no bypass adapters: nothing to convert")
+        keep = None
+        if a.blocks is not None:
+            try:
+                keep = {int(x) for x in a.blocks.split(",") if x.strip()}
+            except ValueError:
+                raise RouterFileError(f"--blocks {a.blocks!r}: expected comma-separated block indices") from None
+            missing = sorted(keep - set(rf.bypasses))
+            if missing:
+                raise RouterFileError(f"--blocks names blocks without an adapter in {a.routers}: {missing}")
         kept, dropped = {}, []
         for b, (down, up) in sorted(rf.bypasses.items()):
-            if not np.any(np.asarray(up)):
+            if not np.any(np.asarray(up)) or (keep is not None and b not in keep):
                 dropped.append(b)
                 continue
             down16, up16 = np.asarray(down, np.float16), np.asarray(up, np.float16)
@@ -41,7 +54,7 @@ def main() -> None:
         save_router_file(a.output, dataclasses.replace(rf, bypasses=kept), force=a.force)
     except (RouterFileError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {a.output}: {len(kept)} adapters as float16; identity (dropped): {dropped}", file=sys.stderr)
+    print(f"wrote {a.output}: {len(kept)} adapters as float16; dropped (identity or not in --blocks): {dropped}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,7 @@ def test_ship_routers_script_drops_identity_adapters_and_halves_the_rest(bypasse
     out = tmp_path / "ship.safetensors"
     res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "identity (dropped): [0]" in res.stderr
+    assert "dropped (identity or not in --blocks): [0]" in res.stderr
     back = load_router_file(out)
     assert sorted(back.bypasses) == list(range(1, N_LAYER))
     for il in range(1, N_LAYER):
@@ -355,3 +355,11 @@ def test_ship_routers_script_drops_identity_adapters_and_halves_the_rest(bypasse
     res = subprocess.run([sys.executable, str(script), str(tiny_routers[0]), "-o", str(tmp_path / "n.safetensors")],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "no bypass adapters" in res.stderr and str(tiny_routers[0]) in res.stderr
+    # --blocks keeps only the named blocks' adapters (the others skip plainly); unknown blocks are refused
+    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--blocks", "1,3"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert sorted(load_router_file(out).bypasses) == [1, 3]
+    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--blocks", "1,99"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "without an adapter" in res.stderr and "[99]" in res.stderr
