@@ -6,6 +6,8 @@ None of these needs the BIG-bench download (news / yesno are read from hand-made
 """
 from __future__ import annotations
 
+import codecs
+
 import json
 
 import numpy as np
@@ -74,7 +76,11 @@ def test_onpolicy_kl_equals_an_independent_computation(tiny1):
     # batch shape), so it is excluded from the count
     assert r.n_tokens == n and first == pytest.approx([0.0] * 3, abs=1e-5)
     assert r.kl == pytest.approx(total / n, abs=1e-12)
-    assert [t == tiny1.detokenize(k) for t, k in zip(r.replies, r.reply_tokens)] == [True] * 3
+    # the reply is its tokens' text; a reply cut inside a multi-byte character drops the incomplete bytes
+    # (as llama-cpp-python does), which the random tiny model's byte tokens often leave at the end
+    cut = [codecs.getincrementaldecoder("utf-8")("replace").decode(b"".join(tiny1.token_bytes(t) for t in k))
+           for k in r.reply_tokens]
+    assert r.replies == cut
 
 
 def test_onpolicy_kl_exact_per_state_equals_step_by_step_decoding(tiny1):
