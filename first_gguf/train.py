@@ -212,6 +212,32 @@ class TrainConfig:
             bad(f"output folder does not exist: {out.parent}")
 
 
+def preflight(cfg: "TrainConfig", needs_tasks: bool = True) -> None:
+    """Check the inputs that are cheap to check before anything costly (loading and dequantizing the model,
+    downloading 358 MB of task data): a GGUF that its reader cannot parse (truncated, not a GGUF), an
+    ``--init-routers`` file that does not load, task names. Raises ValueError naming the file or value."""
+    p = Path(cfg.model)
+    if p.is_file() and p.suffix == ".gguf":
+        import gguf
+
+        try:
+            gguf.GGUFReader(str(p))
+        except Exception as e:  # noqa: BLE001 - any reader failure means the file is not a usable GGUF
+            raise ValueError(f"model {p} is not a readable GGUF file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {e}") from None
+    elif not (p.is_dir() and (p / "config.json").exists()):
+        raise ValueError(f"model not found or not understood: {p}; expected a GGUF file or a Hugging Face "
+                         f"checkpoint directory with config.json")
+    if cfg.init_routers:
+        from .convert.router_file import load_router_file
+
+        load_router_file(cfg.init_routers)  # RouterFileError (a ValueError) names the file
+    if needs_tasks:
+        from .tasks import parse_tasks
+
+        parse_tasks(cfg.tasks)
+
+
 # ------------------------------------------------------------------ model
 def load_frozen_model(path: str):
     """A frozen causal LM from a Hugging Face directory or a GGUF file (dequantized by transformers)."""
@@ -1003,6 +1029,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     import torch
 
     cfg.validate()
+    preflight(cfg, sequences is None)
     world, rank = _dist()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -589,3 +589,34 @@ def test_n_ctx_above_training_context_warns_and_zero_means_training_context(tiny
     warned = [line for line in res.stderr.splitlines() if line.startswith("Warning:")]
     assert len(warned) == 1 and "above the context tiny.gguf was trained on (1024 tokens)" in warned[0], res.stderr
     assert "UserWarning" not in res.stderr
+
+
+def test_train_checks_its_inputs_before_loading_the_model(base_gguf, tmp_path, monkeypatch):
+    """A truncated GGUF, an unreadable --init-routers file and an unknown --data name are refused in one line
+    before the model is loaded (transformers' GGUF reader, minutes and a 53-line traceback) or any task data
+    is downloaded."""
+    from first_gguf import train as train_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(train_mod, "load_frozen_model", no_load)
+    truncated = tmp_path / "truncated.gguf"
+    with open(base_gguf, "rb") as f:
+        truncated.write_bytes(f.read(1 << 16))
+    bad_routers = tmp_path / "r.safetensors"
+    bad_routers.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    out = str(tmp_path / "o.safetensors")
+    cases = [
+        (["--model", str(truncated)], [str(truncated), "not a readable GGUF"]),
+        (["--model", str(base_gguf), "--init-routers", str(bad_routers)], [str(bad_routers)]),
+        (["--model", str(base_gguf), "--data", "nope"], ["unknown task 'nope'"]),
+        (["--model", str(tmp_path / "missing.gguf")], ["model not found", "missing.gguf"]),
+    ]
+    for args, wants in cases:
+        res = CliRunner().invoke(main, ["train", *args, "-o", out, "--steps", "1"])
+        assert res.exit_code != 0, res.output
+        assert "Traceback" not in res.output and "was loaded before" not in str(res.exception or "")
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:"), res.output
+        assert all(w in lines[0] for w in wants), res.output
