@@ -444,13 +444,7 @@ def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, 
         report = run_fit(path, work, output, cfg, force=force)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise _UserError(str(e)) from None
-    click.echo(f"wrote {output}: ranking single_kl {report and _first_ranking(output)}", err=True)
-
-
-def _first_ranking(path: str) -> list[int]:
-    from .convert.router_file import load_router_file
-
-    return load_router_file(path).static_rankings["single_kl"]["ranking"]
+    click.echo(f"wrote {output}: ranking single_kl {report['ranking']}", err=True)
 
 
 def _read_ranking(path: str, *, need_name: bool = True) -> dict:
@@ -787,12 +781,13 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, thr
     """Chat in the terminal (streaming, multi-turn; /help lists the commands).
 
     Sampling defaults to llama.cpp's chat defaults; --temperature 0 is greedy."""
-    import random
-
     from .chat import ChatSession, run
 
     sampling = _sampling(sampling)
-    seed = random.SystemRandom().randrange(0xFFFFFFFF) if seed is None or seed == -1 else seed
+    if seed is None or seed == -1:  # a random session seed, shown at the start
+        from .sampling import random_seed
+
+        seed = random_seed()
     m = _load(model, n_ctx, threads, seed=seed, decode_lora=decode_lora, routers=routers)
     try:
         session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,

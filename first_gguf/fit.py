@@ -295,6 +295,7 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         cands = [b for b in cands if b < n_layer - 1]
         blocks = list(range(n_layer - 1))
         eps, norms = _norm_facts(model_path, n_layer)
+        fingerprint = fingerprint_gguf(model_path)
         # ---- stage 1+2: replies and moments (resumable)
         replies_path, mom_path = work / "replies.jsonl", work / "moments.npz"
         replies = [json.loads(x) for x in replies_path.read_text().splitlines()] if replies_path.exists() else []
@@ -336,7 +337,7 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         _log("bypass R^2 on the fitting states: " + " ".join(f"{b}:{r2[b]:.2f}" for b in cands))
         # ---- stage 3: per-prompt single-block costs with the bypasses (resumable)
         rf = RouterFile(n_layer, d, {b: np.zeros(d, np.float32) for b in cands}, {b: 0.0 for b in cands},
-                        fingerprint=fingerprint_gguf(model_path), bypasses=bypasses)
+                        fingerprint=fingerprint, bypasses=bypasses)
         tmp_rf = work / f"bypass-r{cfg.rank}.safetensors"
         save_router_file(tmp_rf, rf, force=True)
         costs_path = work / f"costs-r{cfg.rank}-{'_'.join(map(str, cands))}.npy"
@@ -370,7 +371,7 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
              f"biases only {rep['bias_only_spearman']:.3f}")
     finally:
         m.close()
-    report = {"settings": settings, "rank": cfg.rank, "ridge": cfg.ridge, "candidates": cands,
+    report = {"settings": settings, "rank": cfg.rank, "ridge": cfg.ridge, "candidates": cands, "ranking": ranking,
               "n_states": mom.n, "bypass_r2": {str(b): r2[b] for b in cands},
               "mean_single_cost": {str(b): float(c) for b, c in zip(cands, mean_cost)},
               "routers": rep, "seconds_this_run": round(time.time() - t_start, 1)}
@@ -382,7 +383,7 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         "n_prompts": cfg.n_cost}}
     rf = RouterFile(n_layer, d, {b: w[j] for j, b in enumerate(cands)},
                     {b: float(bias[j]) for j, b in enumerate(cands)},
-                    fingerprint=fingerprint_gguf(model_path), static_rankings=static,
+                    fingerprint=fingerprint, static_rankings=static,
                     provenance={"method": "first-gguf fit (closed-form bypasses and ridge routers)",
                                 "command": " ".join(sys.argv), "report": report},
                     bypasses=bypasses)
