@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--blocks", default=None,
                     help="keep only these blocks' adapters (comma-separated); a skipped block without an adapter "
                          "passes its input through (plain skipping)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="keep the first RANK components of every adapter (down's rows, up's columns): for first-gguf "
+                         "fit's reduced-rank bypasses, ordered by explained variance, exactly the rank-RANK fit")
     a = ap.parse_args()
     try:
         rf = load_router_file(a.routers)
@@ -42,11 +45,15 @@ def main() -> None:
             missing = sorted(keep - set(rf.bypasses))
             if missing:
                 raise RouterFileError(f"--blocks names blocks without an adapter in {a.routers}: {missing}")
+        if a.rank is not None and not 1 <= a.rank <= rf.bypass_rank:
+            raise RouterFileError(f"--rank {a.rank}: expected 1..{rf.bypass_rank} (the adapters' rank)")
         kept, dropped = {}, []
         for b, (down, up) in sorted(rf.bypasses.items()):
             if not np.any(np.asarray(up)) or (keep is not None and b not in keep):
                 dropped.append(b)
                 continue
+            if a.rank is not None:
+                down, up = np.asarray(down)[:a.rank], np.asarray(up)[:, :a.rank]
             down16, up16 = np.asarray(down, np.float16), np.asarray(up, np.float16)
             if not (np.isfinite(down16).all() and np.isfinite(up16).all()):
                 raise RouterFileError(f"{a.routers}: bypass {b} overflows float16")

@@ -360,6 +360,17 @@ def test_ship_routers_script_drops_identity_adapters_and_halves_the_rest(bypasse
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert sorted(load_router_file(out).bypasses) == [1, 3]
+    # --rank keeps the first components of every adapter; a rank above the adapters' is refused
+    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--rank", "2"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    back = load_router_file(out)
+    assert back.bypass_rank == 2
+    np.testing.assert_array_equal(back.bypasses[1][0], bypasses[1][0][:2].astype(np.float16))
+    np.testing.assert_array_equal(back.bypasses[1][1], bypasses[1][1][:, :2].astype(np.float16))
+    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--rank", "999"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "--rank 999" in res.stderr
     res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--blocks", "1,99"],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "without an adapter" in res.stderr and "[99]" in res.stderr

@@ -29,6 +29,9 @@ def test_solve_bypass_recovers_a_low_rank_map_and_is_the_best_of_its_rank():
     down2, up2, _ = solve_bypass(x.T @ x, x.T @ dlt, float((dlt ** 2).sum()), n, rank=2, ridge=1e-9)
     rrr = (up2 @ down2).T
     assert ((x @ rrr - dlt) ** 2).sum() <= ((x @ trunc - dlt) ** 2).sum() + 1e-6
+    # the solutions are nested: the first 2 components of the rank-3 fit are the rank-2 fit (what
+    # scripts/ship_routers.py --rank relies on to ship a lower rank of a fitted file)
+    assert np.allclose(up[:, :2] @ down[:2], up2 @ down2, atol=1e-5)
 
 
 def test_moments_accumulate_the_bypass_regression_and_round_trip(tmp_path):
