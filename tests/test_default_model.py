@@ -143,11 +143,12 @@ def test_qwen_coder_1_5b_by_name():
         assert m.path.name == km.gguf_file and m.path.stat().st_size == 1_117_320_768
         assert _sha256(m.path) == km.gguf_sha256
         assert m.info.architecture == "qwen2" and m.n_layer == 28 and m.info.n_embd == 1536 and m.has_chat_template
-        # the shipped sidecar: first-gguf fit's routers (blocks 1-26), 12 rank-64 bypasses, single_kl first
+        # the shipped sidecar: first-gguf fit's routers (blocks 1-26), 8 rank-16 bypasses, single_kl first
         rf = load_router_file(shipped_routers_path("qwen2.5-coder-1.5b"))
         assert m.routers_path == default_sidecar_path("qwen2.5-coder-1.5b")
-        assert m.n_routers == 26 == len(rf.weights) and m.n_bypasses == 12 == len(rf.bypasses)
-        assert m.info.bypass_rank == 64 and list(m.static_rankings)[0] == "single_kl"
+        assert m.n_routers == 26 == len(rf.weights) and m.n_bypasses == 8 == len(rf.bypasses)
+        assert m.info.bypass_rank == 16 and list(m.static_rankings)[0] == "single_kl"
+        assert sorted(rf.bypasses) == sorted(m.static_rankings["single_kl"][:8])
         assert m.static_rankings["single_kl"] == shipped_ranking("qwen2.5-coder-1.5b")["ranking"]
         msgs = [{"role": "user", "content": "What is 2 + 3? Answer with the number only."}]
         full = m.chat(msgs, 0.0, max_tokens=4)
