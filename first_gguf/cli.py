@@ -652,6 +652,21 @@ def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force,
 @click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT's .ckpt.pt checkpoint.")
+@click.option("--resume-from", type=click.Path(dir_okay=False), default=None,
+              help="Continue from this checkpoint file (any path; e.g. one brought back from the GPU machine). "
+                   "New checkpoints go to OUTPUT's .ckpt.pt.")
+@click.option("--checkpoint-format", type=click.Choice(["full", "compact", "params"]), default="full",
+              show_default=True,
+              help="full: fp32 parameters + optimizer state; compact: fp16 parameters + Adam moments in bf16; "
+                   "params: fp16 parameters only (the optimizer restarts on resume).")
+@click.option("--time-budget", type=float, default=None,
+              help="Seconds (from start, model loading included): stop before a step that would end later, "
+                   "writing the checkpoint and the outputs; --resume / --resume-from continues.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Under torchrun: cuda:LOCAL_RANK "
+                   "and NCCL on CUDA, gloo on the CPU.")
+@click.option("--compile", is_flag=True,
+              help="torch.compile the decoder layers (opt-in; see docs/gpu_recipe.md).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="JSON file with any of these options (command-line options win).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")

@@ -77,6 +77,7 @@ import inspect
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,10 @@ if TYPE_CHECKING:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# full: fp32 parameters + the optimizer's fp32 state (as before); compact: fp16 parameters + the Adam moments in
+# bf16 (a third of full; resumes the optimizer too); params: fp16 parameters only (the optimizer restarts)
+CHECKPOINT_FORMATS = ("full", "compact", "params")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 ONPOLICY_DATA = ("tasks", "bigbench", "linux", "broad", "chat")  # on-policy prompt sources; broad = bigbench,linux
 
 
@@ -153,6 +158,11 @@ class TrainConfig:
     onpolicy_beta: float = 0.0
     onpolicy_data: str = "tasks,broad"
     set_noise: float = 0.0
+    device: str = "auto"
+    time_budget: float | None = None
+    checkpoint_format: str = "full"
+    resume_from: str | None = None
+    compile: bool = False
 
     def validate(self) -> None:
         def bad(msg):
@@ -204,9 +214,19 @@ class TrainConfig:
             bad(f"extra_data file not found: {self.extra_data}")
         if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
             bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
+        if not DEVICE_RE.fullmatch(str(self.device)):
+            bad(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            bad(f"time_budget must be a number of seconds > 0; got {self.time_budget}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            bad(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}; got {self.checkpoint_format!r}")
+        if self.checkpoint_every < 1:
+            bad(f"checkpoint_every must be >= 1; got {self.checkpoint_every}")
+        if self.resume_from and not Path(self.resume_from).is_file():
+            bad(f"resume_from checkpoint not found: {self.resume_from}")
         out = Path(self.output)
         for f in [out] + ([lora_path(out)] if self.lora_rank > 0 else []):
-            if f.exists() and not self.force and not self.resume:
+            if f.exists() and not self.force and not self.resume and not self.resume_from:
                 bad(f"output file exists: {f}; pass --force to overwrite or --resume to continue")
         if not out.parent.is_dir():
             bad(f"output folder does not exist: {out.parent}")
@@ -236,6 +256,40 @@ def preflight(cfg: "TrainConfig", needs_tasks: bool = True) -> None:
         from .tasks import parse_tasks
 
         parse_tasks(cfg.tasks)
+
+
+# ------------------------------------------------------------------ device
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> "torch.device":
+    """The torch device of ``spec``: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
+    Under torchrun (``local_rank`` given) "auto" / "cuda" mean cuda:LOCAL_RANK. A ValueError naming the value
+    for anything else, and when CUDA is asked for but not available (or N is not a device here)."""
+    import torch
+
+    spec = str(spec)
+    if not DEVICE_RE.fullmatch(spec):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {spec!r}")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'a CPU-only build' if torch.version.cuda is None else 'no CUDA device found'}); "
+                         f"use --device cpu or auto")
+    n = torch.cuda.device_count()
+    idx = int(spec.split(":")[1]) if ":" in spec else (local_rank or 0)
+    if idx >= n:
+        raise ValueError(f"device {spec!r}: no CUDA device {idx} (this machine has {n})")
+    return torch.device("cuda", idx)
+
+
+def _device(model) -> "torch.device":
+    return next(model.parameters()).device
+
+
+def _autocast(device, enabled: bool):
+    """bf16 autocast for the blocks on ``device`` (a torch.device or a tensor's device)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ------------------------------------------------------------------ model
@@ -272,9 +326,12 @@ SLIDING_WINDOW_ARCHS = frozenset({"gemma3"})
 def gguf_architecture(config, source="model") -> str:
     """The llama.cpp architecture of a transformers config; a ValueError naming the family and the supported
     ones when the layer-skip runtime does not cover it."""
-    from . import _lib
+    try:
+        from . import _lib
 
-    supported = _lib.supported_architectures()
+        supported = _lib.supported_architectures()
+    except ImportError:  # training needs only torch: without the runtime (e.g. the GPU machine), the families
+        supported = tuple(sorted(set(HF_MODEL_TYPES.values())))  # it covered when this was written
     arch = HF_MODEL_TYPES.get(config.model_type)
     if arch is None or arch not in supported:
         known = sorted(t for t, a in HF_MODEL_TYPES.items() if a in supported)
@@ -286,8 +343,17 @@ def gguf_architecture(config, source="model") -> str:
 
 def gguf_norm_weight(model, norm) -> "np.ndarray":
     """What an RMSNorm multiplies by, as the GGUF stores it (Gemma: 1 + weight), float32."""
-    w = norm.weight.detach().float().numpy()
+    w = norm.weight.detach().float().cpu().numpy()
     return (1.0 + w).astype(np.float32) if gguf_architecture(model.config) in NORM_PLUS_ONE else w
+
+
+def _params_to(obj, device):
+    """Move an adapter object's parameters to ``device`` in place (the same Parameter objects: hooks and
+    optimizer groups that hold them stay valid). Initialised on the CPU first, so every device starts from
+    the same values for a seed."""
+    for q in obj.parameters():
+        q.data = q.data.to(device)
+    return obj
 
 
 class Routers:
@@ -302,6 +368,9 @@ class Routers:
 
     def parameters(self):
         return [self.weight, self.bias]
+
+    def to(self, device):
+        return _params_to(self, device)
 
     def scores(self, normed: "torch.Tensor", prompt_mask: "torch.Tensor") -> "torch.Tensor":
         """normed [L, B, T, E] (attn-normed block inputs), prompt_mask [B, T] -> keep-scores [B, L]."""
@@ -325,6 +394,9 @@ class Bypasses:
 
     def parameters(self):
         return [self.down, self.up]
+
+    def to(self, device):
+        return _params_to(self, device)
 
     def delta(self, h: "torch.Tensor", il: int) -> "torch.Tensor":
         import torch
@@ -392,21 +464,27 @@ class DecodeLora:
     def parameters(self):
         return [p for k in self.a for p in (self.a[k], self.b[k])]
 
+    def to(self, device):
+        return _params_to(self, device)
+
     def state_dict(self) -> dict:
         return {f"{il}.{n}.{ab}": t.detach().clone() for (il, n) in self.a
                 for ab, t in (("a", self.a[il, n]), ("b", self.b[il, n]))}
 
     def load_state_dict(self, state: dict) -> None:
+        import torch
+
         for (il, n) in self.a:
-            self.a[il, n].data.copy_(state[f"{il}.{n}.a"])
-            self.b[il, n].data.copy_(state[f"{il}.{n}.b"])
+            self.a[il, n].data.copy_(state[f"{il}.{n}.a"].to(self.a[il, n].device, torch.float32))
+            self.b[il, n].data.copy_(state[f"{il}.{n}.b"].to(self.b[il, n].device, torch.float32))
 
     def save_gguf(self, path, model, provenance: dict | None = None) -> None:
         """Write a llama.cpp LoRA adapter (general.type "adapter"), loadable by llama_adapter_lora_init."""
         from .convert.lora_gguf import write_lora_gguf
 
         cfg = _layers(model).config
-        pairs = {(il, LORA_TARGETS[n]): (self.a[il, n].detach().float().numpy(), self.b[il, n].detach().float().numpy())
+        pairs = {(il, LORA_TARGETS[n]): (self.a[il, n].detach().float().cpu().numpy(),
+                                         self.b[il, n].detach().float().cpu().numpy())
                  for (il, n) in self.a}
         write_lora_gguf(path, pairs, alpha=self.alpha, n_head=cfg.num_attention_heads,
                         n_head_kv=cfg.num_key_value_heads, arch=gguf_architecture(cfg), provenance=provenance)
@@ -450,7 +528,9 @@ def _head(model, x):
     (as transformers and llama.cpp apply it)."""
     import torch
 
-    logits = model.get_output_embeddings()(x)
+    head = model.get_output_embeddings()
+    with torch.autocast(x.device.type, enabled=False):  # fp32 logits: bf16 rounds log-probs by up to ~0.06
+        logits = head(x.to(torch.promote_types(head.weight.dtype, torch.float32)))
     cap = getattr(_layers(model).config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -459,7 +539,7 @@ def _cont_positions(n_prompt, T):
     """[B, T, 1]: True at continuation positions (those that skip blocks; the prompt runs at full depth)."""
     import torch
 
-    return (torch.arange(T)[None, :] >= n_prompt[:, None])[..., None]
+    return (torch.arange(T, device=n_prompt.device)[None, :] >= n_prompt[:, None])[..., None]
 
 
 def gated_forward(model, ids, n_prompt, gates=None, *, capture=False, bypass: Bypasses | None = None):
@@ -475,7 +555,7 @@ def gated_forward(model, ids, n_prompt, gates=None, *, capture=False, bypass: By
 
     core = _layers(model)
     h = core.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     kw = dict(config=core.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
     windows = _layer_windows(model)
     full = create_causal_mask(**kw)
@@ -516,7 +596,7 @@ def choose_gates(scores, k, temperature: float):
     B, L = scores.shape
     order = torch.argsort(scores.detach(), dim=1)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(L).expand(B, L))
+    rank.scatter_(1, order, torch.arange(L, device=scores.device).expand(B, L))
     hard = (rank >= k[:, None]).float()
     srt = torch.gather(scores.detach(), 1, order)
     lo = torch.gather(srt, 1, (k - 1).clamp(min=0)[:, None])
@@ -572,7 +652,8 @@ def encode_prompts(model_path: str, messages: Sequence[tuple], max_tokens: int =
     return [s.prompt if len(s.prompt) <= max_tokens else [] for s in seqs]
 
 
-def _batch(seqs: Sequence[Sequence_], pad: int):
+def _batch(seqs: Sequence[Sequence_], pad: int, device=None):
+    """(ids [B, T] right-padded, n_prompt [B], length [B]) on ``device`` (default: the CPU)."""
     import torch
 
     T = max(len(s.prompt) + len(s.cont) for s in seqs)
@@ -581,14 +662,14 @@ def _batch(seqs: Sequence[Sequence_], pad: int):
     length = torch.tensor([len(s.prompt) + len(s.cont) for s in seqs])
     for i, s in enumerate(seqs):
         ids[i, : len(s.prompt) + len(s.cont)] = torch.tensor(s.prompt + s.cont)
-    return ids, n_prompt, length
+    return ids.to(device), n_prompt.to(device), length.to(device)
 
 
 def _kl_positions(n_prompt, length, T):
     """Positions whose prediction skipping can change: continuation positions except the last."""
     import torch
 
-    t = torch.arange(T)[None, :]
+    t = torch.arange(T, device=n_prompt.device)[None, :]
     return (t >= n_prompt[:, None]) & (t < (length - 1)[:, None])
 
 
@@ -598,7 +679,7 @@ def _seq_kl(t_logp, s_logp, pos):
 
     kl_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # [N] over selected positions
     owner = pos.nonzero()[:, 0]
-    out = torch.zeros(pos.shape[0]).index_add_(0, owner, kl_tok.float())
+    out = torch.zeros(pos.shape[0], device=kl_tok.device).index_add_(0, owner, kl_tok.float())
     return out / pos.sum(1).clamp(min=1)
 
 
@@ -610,10 +691,13 @@ def draw_sets(scores, cfg: "TrainConfig", rng: random.Random):
     ``set_noise`` the routed set is moved "around the routers' choice": 1-3 of its blocks are swapped for
     kept blocks among the next lowest scores, so adapters do not learn one fixed set. Then one swap per
     sequence for the ranking loss: a routed block a kept, a kept block b skipped instead.
-    Returns (hard [B, L] 1 = keep, alt [B, L], a_idx [B], b_idx [B]).
+    Returns (hard [B, L] 1 = keep, alt [B, L], a_idx [B], b_idx [B]) on the scores' device (drawn on the CPU:
+    the per-row draws would be a device round trip each).
     """
     import torch
 
+    dev = scores.device
+    scores = scores.detach().float().cpu()
     B, L = scores.shape
     k_lo, k_hi = max(1, int(cfg.budget_min * L)), max(1, int(cfg.budget_max * L))
     k = torch.tensor([rng.randint(k_lo, k_hi) for _ in range(B)])
@@ -641,7 +725,7 @@ def draw_sets(scores, cfg: "TrainConfig", rng: random.Random):
         a, b = rng.choice(skipped), rng.choice(kept)
         alt[i, a], alt[i, b] = 1.0, 0.0
         a_idx[i], b_idx[i] = a, b
-    return hard, alt, a_idx, b_idx
+    return hard.to(dev), alt.to(dev), a_idx.to(dev), b_idx.to(dev)
 
 
 def rank_loss_of(scores, diff, a_idx, b_idx, cfg: "TrainConfig"):
@@ -662,10 +746,11 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     """One training step's loss for a batch of sequences (see the module docstring)."""
     import torch
 
-    ids, n_prompt, length = _batch(seqs, pad)
+    dev = _device(model)
+    ids, n_prompt, length = _batch(seqs, pad, dev)
     B, T = ids.shape
     L = _layers(model).config.num_hidden_layers
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    ac = _autocast(dev, cfg.bf16)
 
     def head(x):
         return _head(model, x)
@@ -674,7 +759,7 @@ def step_loss(model, routers: Routers, seqs, cfg: TrainConfig, rng: random.Rando
     with torch.no_grad(), ac:  # the LoRA is off outside lora.active(): the teacher is the frozen model
         hid, inputs = gated_forward(model, ids, n_prompt, capture=True)
         t_logp = torch.log_softmax(head(hid[pos]).float(), -1)
-        prompt_mask = torch.arange(T)[None, :] < n_prompt[:, None]
+        prompt_mask = torch.arange(T, device=dev)[None, :] < n_prompt[:, None]
         normed = attn_normed(model, inputs[:L])
     scores = routers.scores(normed, prompt_mask)
 
@@ -712,8 +797,9 @@ def _cache_masks(model, valid, q_len: int) -> list:
     import torch
 
     B, K = valid.shape
-    k_idx = torch.arange(K)
-    q_abs = torch.arange(K - q_len, K)
+    dev = valid.device
+    k_idx = torch.arange(K, device=dev)
+    q_abs = torch.arange(K - q_len, K, device=dev)
     causal = valid[:, None, None, :] & (k_idx[None, None, None, :] <= q_abs[None, None, :, None])
     itself = (k_idx[None, :] == q_abs[:, None])[None, None]
     sdpa = _layers(model).config._attn_implementation == "sdpa"
@@ -723,9 +809,71 @@ def _cache_masks(model, valid, q_len: int) -> list:
         if w not in made:
             m = causal if w is None else causal & (q_abs[None, None, :, None] - k_idx[None, None, None, :] < w)
             m = m | itself
-            made[w] = m if sdpa else torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
+            made[w] = m if sdpa else torch.zeros(m.shape, device=dev).masked_fill(~m, torch.finfo(torch.float32).min)
         out.append(made[w])
     return out
+
+
+class _KV:
+    """What a transformers attention layer calls ``update(keys, values, layer_idx)`` on (a duck-typed Cache),
+    for one block and the rows that run it: ``fn(new_keys, new_values) -> (all keys, all values)``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return self.fn(key_states, value_states)
+
+
+def _row_plan(keep, L: int) -> list:
+    """Per block, the rows of a batch that run it, from ``keep`` [B, L] (bool; None: every row runs every
+    block): None (every row), a LongTensor of row indices on keep's device, or [] (no row: not run at all).
+    Computed once per pass / decode on the CPU, so the blocks need no device round trip."""
+    if keep is None:
+        return [None] * L
+    kc = keep.detach().cpu()
+    out = []
+    for il in range(L):
+        col = kc[:, il]
+        if bool(col.all()):
+            out.append(None)
+        elif not bool(col.any()):
+            out.append([])
+        else:
+            out.append(col.nonzero()[:, 0].to(keep.device))
+    return out
+
+
+def _rows(x, r):
+    """Rows ``r`` (a _row_plan entry) of a batch-first tensor, a (cos, sin) pair, or x itself for every row."""
+    if r is None:
+        return x
+    if isinstance(x, tuple):
+        return tuple(_rows(t, r) for t in x)
+    return x.index_select(0, r)
+
+
+def _cached_blocks(model, h, plan, *, masks, pos, pe, kv, bypass: Bypasses | None):
+    """The blocks over new positions ``h`` [B, C, E] with cached keys (``masks``, ``pe``: per block; ``kv(il, rows)``:
+    the block's _KV for those rows). ``plan``: _row_plan. A block runs only for the rows that keep it (the others'
+    keys and values of the new positions are never read: a row skips the same blocks at every new position); a
+    skipped row passes h (+ its bypass), as in the runtime. A block every row skips is not run at all."""
+    core = _layers(model)
+    for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
+        r = plan[il]
+        if r is not None:  # some rows skip: they pass h (+ bypass)
+            base = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
+            if isinstance(r, list):  # no row runs the block
+                h = base
+                continue
+        o = layer(_rows(h, r), attention_mask=_rows(masks[il], r), position_ids=_rows(pos, r),
+                  past_key_values=kv(il, r), use_cache=True, position_embeddings=_rows(pe[il], r))
+        if isinstance(o, tuple):
+            o = o[0]
+        h = o if r is None else base.index_copy(0, r, o.to(base.dtype))
+    return h
 
 
 def _stop_ids(model) -> set[int]:
@@ -738,12 +886,23 @@ def _stop_ids(model) -> set[int]:
 
 def eog_token_ids(model_path: str) -> set[int]:
     """The tokens that end a generation in the runtime (llama.cpp's ``llama_vocab_is_eog``) for a GGUF;
-    for a Hugging Face checkpoint, the tokenizer's and config's end-of-sequence ids."""
+    for a Hugging Face checkpoint, the tokenizer's and config's end-of-sequence ids. Without the runtime
+    (the GPU machine), a GGUF's eos / eot / eom token ids from its metadata."""
     if str(model_path).endswith(".gguf"):
-        import llama_cpp
+        try:
+            import llama_cpp
 
-        from . import load
+            from . import load
+        except ImportError:
+            import gguf
 
+            r = gguf.GGUFReader(str(model_path))
+            out = set()
+            for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+                f = r.fields.get(key)
+                if f is not None:
+                    out.add(int(f.parts[f.data[0]][0]))
+            return out
         with load(model_path, n_ctx=64) as m:
             vocab = m._vocab
             return {t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)}
@@ -760,12 +919,13 @@ def eog_token_ids(model_path: str) -> set[int]:
 
 
 def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: bool = True) -> dict:
-    """Full-depth prefill of a left-padded batch of prompts with a KV cache (no grad): the sampler's state,
-    with the routers' input (attn-normed block inputs [L, B, P, E]) and the prompt mask ``valid`` [B, P]."""
+    """Full-depth prefill of a left-padded batch of prompts with a KV cache (no grad), on the model's device:
+    the sampler's state, with the routers' input (attn-normed block inputs [L, B, P, E]) and the prompt mask
+    ``valid`` [B, P]. The cached keys / values (``kv``: per block) are only read afterwards."""
     import torch
-    from transformers import DynamicCache
 
     core = _layers(model)
+    dev = _device(model)
     L = core.config.num_hidden_layers
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad, dtype=torch.long)
@@ -773,22 +933,30 @@ def sample_prefill(model, prompts: Sequence[Sequence[int]], *, pad: int, bf16: b
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(list(p))
         valid[i, P - len(p):] = True
+    ids, valid = ids.to(dev), valid.to(dev)
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # every prompt starts at position 0, as in the runtime
-    # every block keeps all its keys (no config: no sliding-window cache layers that drop old ones), so the
-    # masks of _cache_masks index the same K columns in every block
-    cache = DynamicCache()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    # every block keeps all its keys (no sliding-window cache that drops old ones), so the masks of
+    # _cache_masks index the same K columns in every block
+    kv = []
+
+    def keep(k, v):
+        kv.append((k, v))
+        return k, v
+
+    with torch.no_grad(), _autocast(dev, bf16):
         h = core.embed_tokens(ids)
         pe, masks = _block_rope(model, h, pos), _cache_masks(model, valid, P)
         inputs = []
         for il, layer in enumerate(core.layers[:L]):
             inputs.append(h)
-            h = layer(h, attention_mask=masks[il], position_ids=pos, past_key_values=cache, use_cache=True,
+            h = layer(h, attention_mask=masks[il], position_ids=pos, past_key_values=_KV(keep), use_cache=True,
                       position_embeddings=pe[il])
+            if isinstance(h, tuple):
+                h = h[0]
         normed = attn_normed(model, inputs)
         logits = _head(model, core.norm(h[:, -1:])).float()
-    return {"cache": cache, "prefix_cache": copy.deepcopy(cache), "valid": valid, "next_pos": pos[:, -1:] + 1,
-            "logits": logits, "normed": normed, "bf16": bf16, "pad": pad}
+    return {"kv": kv, "valid": valid, "next_pos": pos[:, -1:] + 1, "logits": logits, "normed": normed,
+            "bf16": bf16, "pad": pad}
 
 
 def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=None, *,
@@ -796,59 +964,83 @@ def prefix_forward(model, state: dict, conts: Sequence[Sequence[int]], gates=Non
     """Final hidden states (after the output norm) [B, C, E] of the continuations ``conts`` (right-padded)
     after the full-depth prompt cached by ``sample_prefill``: the continuation half of ``gated_forward``
     (blocks of ``gates`` [B, L] skipped, bypasses, the decode LoRA on every continuation position; None:
-    full depth, the teacher), without recomputing the prompt. Differentiable in the bypasses and LoRA."""
+    full depth, the teacher), without recomputing the prompt; a block runs only for the rows that keep it.
+    Differentiable in the bypasses and LoRA."""
     import torch
 
     core = _layers(model)
-    cache = copy.deepcopy(state["prefix_cache"])
+    dev = _device(model)
     B, C = len(conts), max(len(c) for c in conts)
     ids = torch.full((B, C), state["pad"], dtype=torch.long)
     for i, c in enumerate(conts):
         ids[i, : len(c)] = torch.tensor(list(c))
-    valid = torch.cat([state["valid"], torch.ones(B, C, dtype=torch.bool)], 1)
-    pos = state["next_pos"] + torch.arange(C)[None, :]
+    ids = ids.to(dev)
+    valid = torch.cat([state["valid"], torch.ones(B, C, dtype=torch.bool, device=dev)], 1)
+    pos = state["next_pos"] + torch.arange(C, device=dev)[None, :]
     h = core.embed_tokens(ids)
     pe, masks = _block_rope(model, h, pos), _cache_masks(model, valid, C)
     keep = None if gates is None else gates.detach() > 0.5
-    ctx = lora.active(torch.ones(B, C, 1)) if lora is not None and keep is not None else contextlib.nullcontext()
+    plan = _row_plan(keep, core.config.num_hidden_layers)
+    prefix = state["kv"]
+
+    def kv(il, r):
+        pk, pv = (_rows(t, r) for t in prefix[il])
+        return _KV(lambda k, v: (torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)))
+
+    # the LoRA mask broadcasts over rows: a block may run for some rows only
+    ctx = lora.active(torch.ones(1, 1, 1, device=dev)) if lora is not None and keep is not None \
+        else contextlib.nullcontext()
     with ctx:
-        h = _cached_blocks(model, h, keep, masks=masks, pos=pos, pe=pe, cache=cache, bypass=bypass)
+        h = _cached_blocks(model, h, plan, masks=masks, pos=pos, pe=pe, kv=kv, bypass=bypass)
     return core.norm(h)
-
-
-def _cached_blocks(model, h, keep, *, masks, pos, pe, cache, bypass: Bypasses | None):
-    """The blocks over new positions ``h`` [B, C, E] with a KV cache (``masks``, ``pe``: per block);
-    ``keep`` [B, L] (None: every block runs). A skipped block passes h (+ its bypass); a block every sequence skips is not run at all (its
-    KV cells would never be read again), as in the runtime."""
-    import torch
-
-    core = _layers(model)
-    for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
-        o = layer(h, attention_mask=masks[il], position_ids=pos, past_key_values=cache, use_cache=True,
-                  position_embeddings=pe[il]) if keep is None or bool(keep[:, il].any()) else h
-        if keep is not None and not bool(keep[:, il].all()):
-            skipped = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
-            o = torch.where(keep[:, il][:, None, None], o, skipped)
-        h = o
-    return h
 
 
 def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float, generator, stop_ids: set[int],
                   pad: int, bypass: Bypasses | None = None, lora: DecodeLora | None = None) -> list[list[int]]:
     """Sample continuations after ``sample_prefill`` with the blocks of ``gates`` [B, L] (0: skipped)
-    skipped for every new token, as the runtime decodes: a skipped block passes h (+ its bypass), a block
-    every sequence skips is not run, the decode LoRA is active for every new token. Temperature 0: greedy.
-    Returns each sequence's tokens, up to and including the first stop token."""
+    skipped for every new token, as the runtime decodes: a skipped block passes h (+ its bypass) and is not
+    computed for that row (each block runs on the rows that keep it, with a key / value buffer of those rows
+    only), the decode LoRA is active for every new token. Temperature 0: greedy. The tokens stay on the
+    device until the end (a finished sequence gets ``pad``; the batch stops early when every sequence has
+    stopped, checked every 8 tokens). Returns each sequence's tokens, up to and including the first stop token."""
     import torch
 
     core = _layers(model)
-    cache, valid, next_pos, logits = state["cache"], state["valid"], state["next_pos"].clone(), state["logits"]
-    B = valid.shape[0]
-    keep = gates.detach() > 0.5
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    lora_ctx = (lambda: lora.active(torch.ones(B, 1, 1))) if lora is not None else contextlib.nullcontext
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=state["bf16"]):
+    dev = _device(model)
+    L = core.config.num_hidden_layers
+    valid, next_pos, logits = state["valid"], state["next_pos"].clone(), state["logits"]
+    B, P = valid.shape
+    keep = gates.detach().to(dev) > 0.5
+    plan = _row_plan(keep, L)
+    # per block: key / value buffers of the rows that run it, prompt copied in, max_new - 1 columns to fill
+    bufs = []
+    for il, (pk, pv) in enumerate(state["kv"]):
+        r = plan[il]
+        if isinstance(r, list):
+            bufs.append(None)
+            continue
+        kb, vb = (torch.zeros(t.shape[0] if r is None else len(r), t.shape[1], P + max_new, t.shape[3],
+                              dtype=t.dtype, device=dev) for t in (pk, pv))
+        kb[:, :, :P], vb[:, :, :P] = _rows(pk, r), _rows(pv, r)
+        bufs.append((kb, vb))
+    col = [P]
+
+    def kv(il, r):
+        kb, vb = bufs[il]
+
+        def put(k, v):
+            j = col[0]
+            kb[:, :, j:j + 1], vb[:, :, j:j + 1] = k, v
+            return kb[:, :, :j + 1], vb[:, :, :j + 1]
+        return _KV(put)
+
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
+    toks = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    valid = torch.cat([valid, torch.ones(B, max_new, dtype=torch.bool, device=dev)], 1)
+    lora_ctx = (lambda: lora.active(torch.ones(1, 1, 1, device=dev))) if lora is not None \
+        else contextlib.nullcontext
+    with torch.no_grad(), _autocast(dev, state["bf16"]):
         for step in range(max_new):
             lg = logits[:, -1].float()
             if temperature > 0:
@@ -856,19 +1048,22 @@ def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float
             else:
                 tok = lg.argmax(-1)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
-            for i in range(B):
-                if not done[i]:
-                    out[i].append(int(tok[i]))
-                    done[i] = int(tok[i]) in stop_ids
-            if bool(done.all()) or step == max_new - 1:
+            toks[:, step] = tok
+            done = done | torch.isin(tok, stop)
+            if step == max_new - 1 or (step % 8 == 7 and bool(done.all())):
                 break
-            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
             h = core.embed_tokens(tok[:, None])
-            pe, masks = _block_rope(model, h, next_pos), _cache_masks(model, valid, 1)
+            j = P + step
+            col[0] = j
+            pe, masks = _block_rope(model, h, next_pos), _cache_masks(model, valid[:, :j + 1], 1)
             with lora_ctx():
-                h = _cached_blocks(model, h, keep, masks=masks, pos=next_pos, pe=pe, cache=cache, bypass=bypass)
+                h = _cached_blocks(model, h, plan, masks=masks, pos=next_pos, pe=pe, kv=kv, bypass=bypass)
             next_pos = next_pos + 1
             logits = _head(model, core.norm(h)).float()
+    out = []
+    for row in toks.cpu().tolist():
+        n = next((i + 1 for i, t in enumerate(row) if t in stop_ids), None)
+        out.append(row[:n] if n is not None else row[: step + 1])
     return out
 
 
@@ -879,7 +1074,7 @@ def _seq_div(t_logp, s_logp, pos, beta: float):
     rkl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
     tok = rkl if beta == 0 else (1 - beta) * rkl + beta * (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     owner = pos.nonzero()[:, 0]
-    out = torch.zeros(pos.shape[0]).index_add_(0, owner, tok.float())
+    out = torch.zeros(pos.shape[0], device=tok.device).index_add_(0, owner, tok.float())
     return out / pos.sum(1).clamp(min=1)
 
 
@@ -898,7 +1093,8 @@ def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg
     """
     import torch
 
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    dev = _device(model)
+    ac = _autocast(dev, cfg.bf16)
     state = sample_prefill(model, prompts, pad=pad, bf16=cfg.bf16)
     scores = routers.scores(state["normed"], state["valid"])  # valid: the prompt positions
     hard, alt, a_idx, b_idx = draw_sets(scores, cfg, rng)
@@ -910,8 +1106,8 @@ def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg
         return zero, {"okl": 0.0, "okl_swap": 0.0, "otokens": 0.0}
     # positions whose prediction skipping changes: every sampled token but the last (which predicts nothing)
     C = max(len(c) for c in conts)
-    lens = torch.tensor([len(c) for c in conts])
-    pos = (torch.arange(C)[None, :] < (lens - 1)[:, None])
+    lens = torch.tensor([len(c) for c in conts], device=dev)
+    pos = (torch.arange(C, device=dev)[None, :] < (lens - 1)[:, None])
     def head(x):
         return _head(model, x)
 
@@ -924,7 +1120,7 @@ def onpolicy_loss(model, routers: Routers, prompts: Sequence[Sequence[int]], cfg
     with torch.no_grad(), ac:
         hid_a = prefix_forward(model, state, conts, alt, bypass=bypass, lora=lora)
         div_alt = _seq_div(t_logp, torch.log_softmax(head(hid_a[pos]).float(), -1), pos, cfg.onpolicy_beta)
-    idx = torch.tensor(rows)  # sequences that stopped after one token carry no signal
+    idx = torch.tensor(rows, device=dev)  # sequences that stopped after one token carry no signal
     div, div_alt, hard = div[idx], div_alt[idx], hard[idx]
     scores, a_idx, b_idx = scores[idx], a_idx[idx], b_idx[idx]
     rank_loss, reg = rank_loss_of(scores, div.detach() - div_alt, a_idx, b_idx, cfg)
@@ -941,18 +1137,19 @@ def static_rankings(model, routers: Routers, seqs, pad: int, bf16: bool = True) 
 
     L = _layers(model).config.num_hidden_layers
     score_sum, bi_sum, n = np.zeros(L), np.zeros(L), 0
-    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    dev = _device(model)
+    ac = _autocast(dev, bf16)
     for i in range(0, len(seqs), 4):
         chunk = seqs[i:i + 4]
-        ids, n_prompt, length = _batch(chunk, pad)
+        ids, n_prompt, length = _batch(chunk, pad, dev)
         with torch.no_grad():
             with ac:
                 _, inputs = gated_forward(model, ids, n_prompt, capture=True)
             T = ids.shape[1]
-            valid = torch.arange(T)[None, :] < length[:, None]
-            prompt_mask = torch.arange(T)[None, :] < n_prompt[:, None]
+            valid = torch.arange(T, device=dev)[None, :] < length[:, None]
+            prompt_mask = torch.arange(T, device=dev)[None, :] < n_prompt[:, None]
             s = routers.scores(attn_normed(model, inputs[:L]), prompt_mask)
-            score_sum += s.sum(0).numpy()
+            score_sum += s.sum(0).cpu().numpy()
             for il in range(L):
                 cos = torch.nn.functional.cosine_similarity(inputs[il].float(), inputs[il + 1].float(), dim=-1)
                 bi_sum[il] += float(((1 - cos) * valid).sum() / valid.sum()) * len(chunk)
@@ -969,14 +1166,98 @@ def static_rankings(model, routers: Routers, seqs, pad: int, bf16: bool = True) 
 
 
 # ---------------------------------------------------------------- driver
-def _dist():
+def _dist(device=None):
+    """(world size, rank) under torchrun / accelerate (WORLD_SIZE > 1), the process group initialised on first
+    use: NCCL when this rank trains on CUDA, gloo on the CPU; (1, 0) otherwise."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     return world, rank
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    """Mean of the gradients over the ranks, in one collective (a LoRA has hundreds of parameter tensors)."""
+    import torch
+    import torch.distributed as dist
+
+    for q in params:
+        if q.grad is None:
+            q.grad = torch.zeros_like(q)
+    flat = torch.cat([q.grad.reshape(-1) for q in params])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for q in params:
+        q.grad.copy_(flat[i:i + q.numel()].view_as(q.grad))
+        i += q.numel()
+
+
+def model_signature(model) -> dict:
+    """What a checkpoint must match to be resumed on a model, wherever its file lies (the GPU machine's copy has
+    another path): architecture, sizes, and sums of the embedding and final norm weights."""
+    core = _layers(model)
+    cfg = core.config
+    emb = core.embed_tokens.weight.detach()
+    return {"arch": cfg.model_type, "n_layer": cfg.num_hidden_layers, "n_embd": cfg.hidden_size,
+            "vocab": cfg.vocab_size, "embed_sum": round(float(emb.float().abs().sum()), 1),
+            "norm_sum": round(float(core.norm.weight.detach().float().sum()), 3)}
+
+
+def _same_signature(a: dict, b: dict) -> bool:
+    exact = ("arch", "n_layer", "n_embd", "vocab")
+    return all(a.get(k) == b.get(k) for k in exact) and \
+        abs(a["embed_sum"] - b["embed_sum"]) <= 1e-4 * max(1.0, abs(a["embed_sum"])) and \
+        abs(a["norm_sum"] - b["norm_sum"]) <= 1e-3 * max(1.0, abs(a["norm_sum"]))
+
+
+def checkpoint_path(output) -> Path:
+    """Where training on router file ``output`` writes its checkpoint: <stem>.ckpt.pt beside it."""
+    return Path(output).with_suffix(".ckpt.pt")
+
+
+def _checkpoint_state(cfg, routers, bypass, lora, opt, step, history, signature) -> dict:
+    """The checkpoint of ``cfg.checkpoint_format`` (CHECKPOINT_FORMATS), every tensor on the CPU."""
+    import torch
+
+    half = cfg.checkpoint_format != "full"
+
+    def par(t):
+        t = t.detach().cpu()
+        return t.half() if half else t.clone()
+
+    state = {"weight": par(routers.weight), "bias": par(routers.bias), "step": step, "history": history,
+             "config": asdict(cfg), "model_signature": signature, "format": cfg.checkpoint_format}
+    if bypass is not None:
+        state["bypass_down"], state["bypass_up"] = par(bypass.down), par(bypass.up)
+    if lora is not None:
+        state["lora"] = {k: (v.half() if half else v).cpu() for k, v in lora.state_dict().items()}
+    if cfg.checkpoint_format != "params":
+        o = opt.state_dict()
+        if cfg.checkpoint_format == "compact":  # Adam's moments in bf16 (fp16 would flush exp_avg_sq to 0)
+            o = {"param_groups": o["param_groups"],
+                 "state": {i: {k: (v.detach().cpu().to(torch.bfloat16) if k != "step" and v.is_floating_point()
+                                   else v.detach().cpu()) for k, v in st.items()} for i, st in o["state"].items()}}
+        state["opt"] = o
+    return state
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _compile_layers(model) -> None:
+    """torch.compile every decoder layer (dynamic shapes: the batch of rows that runs a block and the cache
+    length change from call to call). Opt-in (``compile``); see docs/gpu_recipe.md."""
+    core = _layers(model)
+    for layer in core.layers[: core.config.num_hidden_layers]:
+        layer.compile(dynamic=True)
 
 
 def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=None) -> list[Sequence_]:
@@ -1028,14 +1309,20 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     """
     import torch
 
+    t0 = time.time()  # the time budget counts from here (model loading included)
     cfg.validate()
+    world0 = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if world0 > 1 else None)
     preflight(cfg, sequences is None)
-    world, rank = _dist()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world, rank = _dist(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    model = load_frozen_model(cfg.model)
+    model = load_frozen_model(cfg.model).to(device)
+    if cfg.compile:
+        _compile_layers(model)
     L, E = model.config.num_hidden_layers, model.config.hidden_size
     examples = None
     if sequences is None:
@@ -1062,12 +1349,12 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         raise ValueError("no training sequences (each needs a prompt and >= 2 continuation tokens)")
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
-    lora = DecodeLora(model, cfg.lora_rank, seed=cfg.seed) if cfg.lora_rank > 0 else None
-    routers = Routers(L, E, seed=cfg.seed)
+    lora = DecodeLora(model, cfg.lora_rank, seed=cfg.seed).to(device) if cfg.lora_rank > 0 else None
+    routers = Routers(L, E, seed=cfg.seed).to(device)
     groups = [{"params": routers.parameters(), "lr": cfg.lr}]
     bypass = None
     if cfg.bypass_rank:
-        bypass = Bypasses(L, E, cfg.bypass_rank, float(model.config.rms_norm_eps), seed=cfg.seed)
+        bypass = Bypasses(L, E, cfg.bypass_rank, float(model.config.rms_norm_eps), seed=cfg.seed).to(device)
         groups.append({"params": bypass.parameters(), "lr": cfg.bypass_lr})
     if cfg.init_routers:  # warm start (routers, and bypasses when both sides have them)
         from .convert.router_file import load_router_file
@@ -1094,26 +1381,42 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     params = [p for g in groups for p in g["params"]]
 
-    ckpt = Path(cfg.output).with_suffix(".ckpt.pt")
+    ckpt = checkpoint_path(cfg.output)
+    signature = model_signature(model)
     start, history = 0, []
-    if cfg.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"]["model"] != cfg.model:
-            raise ValueError(f"checkpoint {ckpt} was trained on {state['config']['model']}, not {cfg.model}")
-        routers.weight.data.copy_(state["weight"])
-        routers.bias.data.copy_(state["bias"])
+    src = Path(cfg.resume_from) if cfg.resume_from else ckpt if cfg.resume and ckpt.exists() else None
+    if src is not None:
+        state = torch.load(src, map_location="cpu", weights_only=False)
+        if "model_signature" in state:
+            if not _same_signature(state["model_signature"], signature):
+                raise ValueError(f"checkpoint {src} was trained on another model ({state['config']['model']}: "
+                                 f"{state['model_signature']}); {cfg.model} is {signature}")
+        elif state["config"]["model"] != cfg.model:
+            raise ValueError(f"checkpoint {src} was trained on {state['config']['model']}, not {cfg.model}")
+
+        def load(p, t, what):
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"checkpoint {src}: {what} of shape {tuple(t.shape)}; this run's is {tuple(p.shape)}")
+            p.data.copy_(t)
+
+        load(routers.weight, state["weight"], "router weights")
+        load(routers.bias, state["bias"], "router biases")
         if bypass is not None:
             if "bypass_down" not in state:
-                raise ValueError(f"checkpoint {ckpt} has no bypasses; train without --bypass-rank or start afresh")
-            bypass.down.data.copy_(state["bypass_down"])
-            bypass.up.data.copy_(state["bypass_up"])
-        opt.load_state_dict(state["opt"])
+                raise ValueError(f"checkpoint {src} has no bypasses; train without --bypass-rank or start afresh")
+            load(bypass.down, state["bypass_down"], "bypass down matrices (pass the checkpoint's --bypass-rank)")
+            load(bypass.up, state["bypass_up"], "bypass up matrices")
+        if "opt" in state:  # a "params" checkpoint has none: the optimizer starts afresh
+            opt.load_state_dict(state["opt"])
         if lora is not None:
             if "lora" not in state:
-                raise ValueError(f"checkpoint {ckpt} has no decode-only LoRA; train without --lora-rank or start "
+                raise ValueError(f"checkpoint {src} has no decode-only LoRA; train without --lora-rank or start "
                                  f"afresh")
             lora.load_state_dict(state["lora"])
         start, history = state["step"], state["history"]
+        if start >= cfg.steps:
+            raise ValueError(f"checkpoint {src} is at step {start}; --steps {cfg.steps} leaves nothing to train "
+                             f"(raise --steps)")
 
     rng = random.Random(cfg.seed * 1000 + rank)
     order = [i for i in range(len(sequences)) if i % world == rank]
@@ -1124,6 +1427,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         draw_prompt = task_sampler([p.task for p in pool], True)  # balanced over the prompt sources
         stop_ids = _stop_ids(model) | eog_token_ids(cfg.model)
     bar = None
+    t_loop, n_samples, stopped = time.time(), 0, False
     if progress and rank == 0:
         from tqdm import tqdm
 
@@ -1138,41 +1442,46 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                       if cfg.batch_size else (0.0, {}))
         if cfg.onpolicy_batch:
             prompts = [pool[draw_prompt(brng)].prompt for _ in range(cfg.onpolicy_batch)]
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + rank)
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step * 31 + rank)
             oloss, oinfo = onpolicy_loss(model, routers, prompts, cfg, rng, gen, pad=pad, stop_ids=stop_ids,
                                          lora=lora, bypass=bypass)
             loss, info = loss + oloss, {**info, **oinfo}
         opt.zero_grad()
-        loss.backward()
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
         if world > 1:
-            import torch.distributed as dist
-
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= world
+            _all_reduce_grads(params, world)
         opt.step()
-        info["loss"] = float(loss.detach())
+        info["loss"] = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        n_samples += cfg.onpolicy_batch * world
         history.append({"step": step + 1, **{k: round(v, 5) for k, v in info.items()}})
         if bar:
             bar.set_postfix({k: f"{info[k]:.4f}" for k in ("loss", "kl", "okl", "skip", "oskip") if k in info})
             bar.update(1)
-        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            state = {"weight": routers.weight.detach().clone(), "bias": routers.bias.detach().clone(),
-                     "opt": opt.state_dict(), "step": step + 1, "history": history, "config": asdict(cfg)}
-            if bypass is not None:
-                state["bypass_down"], state["bypass_up"] = bypass.down.detach().clone(), bypass.up.detach().clone()
-            if lora is not None:
-                state["lora"] = lora.state_dict()
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+        done = step + 1 - start
+        if cfg.time_budget is not None and step + 1 < cfg.steps:
+            # stop before a step that would end past the budget (the mean step so far as the estimate); every
+            # rank stops at the same step (rank 0 decides)
+            now = time.time()
+            over = torch.tensor([float(now - t0 + (now - t_loop) / done > cfg.time_budget)], device=device)
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.broadcast(over, 0)
+            stopped = bool(over.item())
+        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopped):
+            _write_checkpoint(ckpt, _checkpoint_state(cfg, routers, bypass, lora, opt, step + 1, history, signature))
+        if stopped:
+            break
     if bar:
         bar.close()
+    last = history[-1]["step"] if history else start
+    loop_s = time.time() - t_loop
 
-    summary = {"steps": cfg.steps, "steps_this_run": cfg.steps - start, "seconds_this_run": round(time.time() - t0, 1),
-               "world_size": world,
+    summary = {"steps": last, "steps_this_run": last - start, "seconds_this_run": round(time.time() - t0, 1),
+               "world_size": world, "device": str(device), "stopped_at_time_budget": stopped,
+               "seconds_per_step": round(loop_s / max(1, last - start), 3),
+               "onpolicy_samples_per_s": round(n_samples / loop_s, 1) if n_samples and loop_s > 0 else None,
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": float(np.mean([h["loss"] for h in history[-20:]])) if history else None}
     if rank == 0:
@@ -1211,8 +1520,8 @@ def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, 
     rng = random.Random(cfg.seed)
     sample = rng.sample(sequences, min(cfg.n_static_examples, len(sequences)))
     statics = static_rankings(model, routers, sample, pad, cfg.bf16)
-    w = routers.weight.detach().float().numpy()
-    b = routers.bias.detach().float().numpy()
+    w = routers.weight.detach().float().cpu().numpy()
+    b = routers.bias.detach().float().cpu().numpy()
     provenance = {
         "command": " ".join(["first-gguf train"] + sys.argv[2:]) if sys.argv and "first-gguf" in sys.argv[0]
         else "first_gguf.train.train()",
@@ -1224,17 +1533,19 @@ def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, 
     rf = RouterFile(L, w.shape[1], {il: w[il] for il in range(L)}, {il: float(b[il]) for il in range(L)},
                     _fingerprint(cfg, model), statics, provenance)
     if bypass is not None:
-        down, up = bypass.down.detach().float().numpy(), bypass.up.detach().float().numpy()
+        down, up = bypass.down.detach().float().cpu().numpy(), bypass.up.detach().float().cpu().numpy()
         rf.bypasses = {il: (down[il], up[il]) for il in range(L)}
     save_router_file(cfg.output, rf, force=True)
     if Path(cfg.model).suffix == ".gguf":
-        from .convert.attach import write_sidecar
         from .convert.gguf_edit import GGUFEditError
 
-        try:  # the same data as a sidecar GGUF for the model trained on, ready for --routers
+        try:
+            from .convert.attach import write_sidecar
+
+            # the same data as a sidecar GGUF for the model trained on, ready for --routers
             write_sidecar(cfg.model, sidecar_path(cfg.output), routers=rf.routers(), rankings=statics,
                           router_source=provenance, bypasses=rf.bypasses or None, force=True)
-        except GGUFEditError as e:  # e.g. the model already carries first-gguf data
+        except (GGUFEditError, ImportError) as e:  # e.g. the model already carries first-gguf data; no runtime
             print(f"[first-gguf] no sidecar written: {e}", file=sys.stderr)
     if lora is not None:
         lora.save_gguf(lora_path(cfg.output), model, provenance={"router_file": str(cfg.output),
