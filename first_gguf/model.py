@@ -212,6 +212,120 @@ def _random_seed(strategy: str) -> int | None:
     return int(strategy[7:]) if strategy.startswith("random:") and strategy[7:].isdigit() else None
 
 
+# The skip choice, shared by Model and first_gguf.Llama (the llama-cpp-python drop-in): module functions over
+# what they need, so both runtimes parse strategies and pick blocks with the same code.
+def check_skip_request(path, info: GGUFInfo, n_layer: int, supports_skip: bool, n_routers: int,
+                       skip_budget: float = 0.0, skip_strategy: str = "router",
+                       skip_layers: Sequence[int] | None = None) -> SkipRequest:
+    """Model.check_skip for a model at ``path`` with ``info``, ``n_layer`` blocks, skip support and routers."""
+    budget = _check_number("skip_budget", skip_budget, 0.0, 1.0, hi_open=True)
+    if not isinstance(skip_strategy, str):
+        raise TypeError(f"skip_strategy must be a str; got {type(skip_strategy).__name__}")
+    strategies = ["router", "static", "auto", "last", "random", *info.static_rankings]
+    if skip_strategy not in strategies and _random_seed(skip_strategy) is None:
+        raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of "
+                         f"{strategies + ['random:<seed>']}")
+    if skip_strategy == "auto":  # stated in Generation.skip_strategy, never silent
+        skip_strategy = "router" if n_routers or not info.static_rankings else "static"
+    layers = None
+    if skip_layers is not None:
+        if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, Sequence):
+            raise TypeError(f"skip_layers must be a list of block indices; got {type(skip_layers).__name__}")
+        layers = []
+        for il in skip_layers:
+            if isinstance(il, bool) or not isinstance(il, numbers.Integral):
+                raise TypeError(f"skip_layers must hold integers; got {il!r}")
+            if not 0 <= il < n_layer:
+                raise ValueError(f"skip_layers index {il} out of range; the model has blocks 0..{n_layer - 1}")
+            layers.append(int(il))
+        repeated = sorted({il for il in layers if layers.count(il) > 1})
+        if repeated:
+            raise ValueError(f"skip_layers lists block{'s' if len(repeated) > 1 else ''} "
+                             f"{', '.join(map(str, repeated))} more than once; got {layers}")
+        layers = sorted(layers)
+        if len(layers) == n_layer:
+            raise ValueError(f"skip_layers would skip all {n_layer} blocks; keep at least one")
+    wants_skip = (layers and len(layers) > 0) or budget > 0
+    if wants_skip and not supports_skip:
+        raise ValueError(f"{path}: {_lib.unsupported_architecture(info.architecture)}; only "
+                         f"skip_budget=0 is possible")
+    if layers is None and budget > 0:
+        if skip_strategy == "router" and n_routers == 0:
+            hint = " (try skip_strategy='static')" if info.static_rankings else ""
+            raise ValueError(f"{path} has no router tensors (blk.N.router.weight); "
+                             f"skip_budget={budget:g} needs routers{hint}")
+        if skip_strategy == "static" and not info.static_rankings:
+            raise ValueError(f"{path} stores no static ranking (first.static_rankings); "
+                             f"skip_strategy='static' is not available")
+    return SkipRequest(budget, skip_strategy, layers)
+
+
+def n_skip_for_budget(skip_budget: float, n_layer: int) -> int:
+    """Blocks a budget skips: floor(skip_budget * n_layer)."""
+    return int(math.floor(skip_budget * n_layer + 1e-9))
+
+
+def choose_skip(req: SkipRequest, scores: np.ndarray | None, *, n_layer: int, seed: int, info: GGUFInfo,
+                warned: set, report: str = "Generation.n_skip_requested", stacklevel: int = 5
+                ) -> tuple[list[int], int]:
+    """(blocks to skip, blocks the budget asked for) for a checked request and the prompt's aggregated router
+    scores (``seed``: the "random" strategy's); warns once per (strategy, k), kept in ``warned``, when the
+    strategy has fewer candidates than the budget asks for (``report``: where the shortfall is reported)."""
+    if req.layers is not None:
+        return req.layers, len(req.layers)
+    k = n_skip_for_budget(req.budget, n_layer)
+    strategy = req.strategy
+    if k == 0:
+        return [], 0
+    if strategy == "router":
+        cand = [il for il in range(n_layer) if not np.isnan(scores[il])]
+        cand.sort(key=lambda il: (scores[il], il))
+        skip, why = sorted(cand[:k]), f"only {len(cand)} blocks have routers"
+    elif strategy == "last":  # the last k blocks (a common naive baseline)
+        skip, why = list(range(n_layer - k, n_layer)), ""
+    elif strategy.startswith("random"):  # k blocks drawn with a fixed seed ("random:<seed>", default: model seed)
+        seed = _random_seed(strategy) if strategy != "random" else seed
+        skip, why = sorted(np.random.default_rng(seed).choice(n_layer, size=k, replace=False).tolist()), ""
+    else:
+        name = info.default_static_ranking if strategy == "static" else strategy
+        ranking = info.static_rankings[name]
+        skip, why = sorted(ranking[:k]), f"ranking {name!r} lists only {len(ranking)} blocks"
+    if len(skip) < k and (strategy, k) not in warned:
+        warned.add((strategy, k))
+        warnings.warn(f"skip_budget {req.budget:g} asks for {k} skipped blocks but skip_strategy {strategy!r} "
+                      f"can skip only {len(skip)} ({why}); skipping {len(skip)} (reported in "
+                      f"{report})", UserWarning, stacklevel=stacklevel)
+    return skip, k
+
+
+def aggregate_router_scores(per_token: np.ndarray, n_layer: int) -> np.ndarray:
+    """Aggregated keep-score per block: the mean over the tokens of ``per_token`` [n_tokens, n_layer], NaN
+    ignored (NaN: no router)."""
+    out = np.full(n_layer, np.nan, dtype=np.float64)
+    valid = ~np.isnan(per_token)
+    cnt = valid.sum(axis=0)
+    tot = np.where(valid, per_token, 0.0).sum(axis=0, dtype=np.float64)
+    np.divide(tot, cnt, out=out, where=cnt > 0)
+    return out
+
+
+def attach_sidecar(llama, routers_path, model_path, verbose: bool) -> None:
+    """Attach a first-gguf sidecar's tensors to a loaded llama_cpp.Llama (the C side checks them again and
+    applies all or nothing), then give it a fresh context: one made before the attach does not see them.
+    Raises ValueError naming both files; the caller closes the Llama."""
+    from llama_cpp import _internals
+
+    err = ctypes.create_string_buffer(1024)
+    rc = _lib.first_model_attach_sidecar(llama._model.model, str(routers_path).encode("utf-8"), err, len(err))
+    if rc != _lib.FIRST_OK:
+        raise ValueError(f"cannot attach {routers_path} to {model_path}: "
+                         f"{err.value.decode('utf-8', 'replace') or _lib.FIRST_ERRORS.get(rc, rc)}")
+    old = llama._ctx
+    llama._ctx = llama._stack.enter_context(contextlib.closing(
+        _internals.LlamaContext(model=llama._model, params=llama.context_params, verbose=verbose)))
+    old.close()
+
+
 class Decoding:
     """A prompt prefilled at full depth, then decoded one token at a time with the chosen blocks skipped.
 
@@ -370,20 +484,12 @@ class Model:
     def _attach_sidecar(self, verbose: bool) -> None:
         """Attach the sidecar's tensors to the loaded model (the C side checks them again and applies all or
         nothing), then give the Llama a fresh context: one made before the attach does not see them."""
-        from llama_cpp import _internals
-
-        err = ctypes.create_string_buffer(1024)
-        rc = _lib.first_model_attach_sidecar(self._llama._model.model, str(self.routers_path).encode("utf-8"),
-                                             err, len(err))
-        if rc != _lib.FIRST_OK:
+        try:
+            attach_sidecar(self._llama, self.routers_path, self.path, verbose)
+        except ValueError:
             self._llama.close()
             self._llama = None
-            raise ValueError(f"cannot attach {self.routers_path} to {self.path}: "
-                             f"{err.value.decode('utf-8', 'replace') or _lib.FIRST_ERRORS.get(rc, rc)}")
-        old = self._llama._ctx
-        self._llama._ctx = self._llama._stack.enter_context(contextlib.closing(
-            _internals.LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=verbose)))
-        old.close()
+            raise
 
     def _load_decode_lora(self, path: Path) -> None:
         if not path.is_file():
@@ -591,13 +697,7 @@ class Model:
         """Aggregated keep-score per block over the first n_prompt cached tokens (NaN: no router)."""
         if self.n_routers == 0:
             return None
-        s = self._cached_scores[:n_prompt]
-        out = np.full(self.n_layer, np.nan, dtype=np.float64)
-        valid = ~np.isnan(s)
-        cnt = valid.sum(axis=0)
-        tot = np.where(valid, s, 0.0).sum(axis=0, dtype=np.float64)
-        np.divide(tot, cnt, out=out, where=cnt > 0)
-        return out
+        return aggregate_router_scores(self._cached_scores[:n_prompt], self.n_layer)
 
     @_open
     def check_skip(self, skip_budget: float = 0.0, skip_strategy: str = "router",
@@ -605,77 +705,16 @@ class Model:
         """Check the skip options (as in generate()) and resolve ``"auto"``; the one place strategies are parsed.
 
         Raises TypeError/ValueError naming the value and what is accepted."""
-        budget = _check_number("skip_budget", skip_budget, 0.0, 1.0, hi_open=True)
-        if not isinstance(skip_strategy, str):
-            raise TypeError(f"skip_strategy must be a str; got {type(skip_strategy).__name__}")
-        strategies = ["router", "static", "auto", "last", "random", *self.info.static_rankings]
-        if skip_strategy not in strategies and _random_seed(skip_strategy) is None:
-            raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of "
-                             f"{strategies + ['random:<seed>']}")
-        if skip_strategy == "auto":  # stated in Generation.skip_strategy, never silent
-            skip_strategy = "router" if self.n_routers or not self.info.static_rankings else "static"
-        layers = None
-        if skip_layers is not None:
-            if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, Sequence):
-                raise TypeError(f"skip_layers must be a list of block indices; got {type(skip_layers).__name__}")
-            layers = []
-            for il in skip_layers:
-                if isinstance(il, bool) or not isinstance(il, numbers.Integral):
-                    raise TypeError(f"skip_layers must hold integers; got {il!r}")
-                if not 0 <= il < self.n_layer:
-                    raise ValueError(f"skip_layers index {il} out of range; the model has blocks 0..{self.n_layer - 1}")
-                layers.append(int(il))
-            repeated = sorted({il for il in layers if layers.count(il) > 1})
-            if repeated:
-                raise ValueError(f"skip_layers lists block{'s' if len(repeated) > 1 else ''} "
-                                 f"{', '.join(map(str, repeated))} more than once; got {layers}")
-            layers = sorted(layers)
-            if len(layers) == self.n_layer:
-                raise ValueError(f"skip_layers would skip all {self.n_layer} blocks; keep at least one")
-        wants_skip = (layers and len(layers) > 0) or budget > 0
-        if wants_skip and not self.supports_skip:
-            raise ValueError(f"{self.path}: {_lib.unsupported_architecture(self.info.architecture)}; only "
-                             f"skip_budget=0 is possible")
-        if layers is None and budget > 0:
-            if skip_strategy == "router" and self.n_routers == 0:
-                hint = " (try skip_strategy='static')" if self.info.static_rankings else ""
-                raise ValueError(f"{self.path} has no router tensors (blk.N.router.weight); "
-                                 f"skip_budget={budget:g} needs routers{hint}")
-            if skip_strategy == "static" and not self.info.static_rankings:
-                raise ValueError(f"{self.path} stores no static ranking (first.static_rankings); "
-                                 f"skip_strategy='static' is not available")
-        return SkipRequest(budget, skip_strategy, layers)
+        return check_skip_request(self.path, self.info, self.n_layer, self.supports_skip, self.n_routers,
+                                  skip_budget, skip_strategy, skip_layers)
 
     def n_skip_for_budget(self, skip_budget: float) -> int:
-        return int(math.floor(skip_budget * self.n_layer + 1e-9))
+        return n_skip_for_budget(skip_budget, self.n_layer)
 
     def _choose_skip(self, req: SkipRequest, scores: np.ndarray | None) -> tuple[list[int], int]:
         """(blocks to skip, blocks the budget asked for); warns once per (strategy, k) when fewer are possible."""
-        if req.layers is not None:
-            return req.layers, len(req.layers)
-        k = self.n_skip_for_budget(req.budget)
-        strategy = req.strategy
-        if k == 0:
-            return [], 0
-        if strategy == "router":
-            cand = [il for il in range(self.n_layer) if not np.isnan(scores[il])]
-            cand.sort(key=lambda il: (scores[il], il))
-            skip, why = sorted(cand[:k]), f"only {len(cand)} blocks have routers"
-        elif strategy == "last":  # the last k blocks (a common naive baseline)
-            skip, why = list(range(self.n_layer - k, self.n_layer)), ""
-        elif strategy.startswith("random"):  # k blocks drawn with a fixed seed ("random:<seed>", default: model seed)
-            seed = _random_seed(strategy) if strategy != "random" else self.seed
-            skip, why = sorted(np.random.default_rng(seed).choice(self.n_layer, size=k, replace=False).tolist()), ""
-        else:
-            name = self.info.default_static_ranking if strategy == "static" else strategy
-            ranking = self.info.static_rankings[name]
-            skip, why = sorted(ranking[:k]), f"ranking {name!r} lists only {len(ranking)} blocks"
-        if len(skip) < k and (strategy, k) not in self._skip_warned:
-            self._skip_warned.add((strategy, k))
-            warnings.warn(f"skip_budget {req.budget:g} asks for {k} skipped blocks but skip_strategy {strategy!r} "
-                          f"can skip only {len(skip)} ({why}); skipping {len(skip)} (reported in "
-                          f"Generation.n_skip_requested)", UserWarning, stacklevel=4)
-        return skip, k
+        return choose_skip(req, scores, n_layer=self.n_layer, seed=self.seed, info=self.info,
+                           warned=self._skip_warned)
 
     # ------------------------------------------------------------ decoding
     @_open
