@@ -392,4 +392,129 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
     return report
 
 
-__all__ = ["FitConfig", "Moments", "fit_routers", "parse_blocks", "rmsnorm", "run_fit", "solve_bypass"]
+def budget_sets(ranking: list[int], n_layer: int, budgets) -> list[list[int]]:
+    """The blocks a static ranking skips at each skip_budget (Model.n_skip_for_budget's count), in block order."""
+    import math
+
+    sets = []
+    for b in budgets:
+        k = int(math.floor(float(b) * n_layer + 1e-9))
+        if k:
+            sets.append(sorted(ranking[:k]))
+    return sets
+
+
+def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base, replies: list[dict],
+                    sets: list[list[int]], *, rank: int, ridge: float, rounds: int = 2, n_fit: int | None = None,
+                    n_val: int = 0, threads: int | None = None, eps: float | None = None) -> tuple[dict, dict]:
+    """Refit the bypasses of the blocks in ``sets`` on the states decoding with those sets sees.
+
+    fit() solves every bypass on full-depth states: block b's input is the full model's h_b, its target
+    h_{b+1} - h_b. When several blocks are skipped, block b's input is the *skipped* model's state,
+    which the upstream bypasses only approximate, and the errors add up along the stream. Here each
+    block's bypass is fitted instead on (a) its input as decoding sees it with each skip set that holds
+    it (prompt at full depth, the reply teacher-forced with the set's blocks skipped and the current
+    bypasses on) to (b) the full model's state after the block, h^full_{b+1}: the bypass also corrects
+    what upstream skipping lost. One bypass serves every budget, so the sets' states are pooled.
+    The fits of all blocks in a round use the previous round's bypasses upstream (a Jacobi sweep);
+    ``rounds`` sweeps. ``base``: a RouterFile whose bypasses start the sweep (and are kept for blocks
+    outside the sets). Resumable: each round's result is saved in ``work``.
+
+    Returns (bypasses {block: (down, up)} at ``rank``, report); the report holds, per round, the
+    teacher-forced KL(skip || full) of each set on ``n_val`` replies after the fitting ones.
+    """
+    import dataclasses
+
+    from .convert.attach import write_sidecar
+    from .convert.router_file import load_router_file, save_router_file
+    from .model import Model
+
+    work = Path(work)
+    blocks = sorted({b for s in sets for b in s})
+    if not blocks:
+        raise ValueError("refine_bypasses: the skip sets are empty")
+    n_fit = len(replies) - n_val if n_fit is None else n_fit
+    if n_fit < 1 or n_fit + n_val > len(replies):
+        raise ValueError(f"refine_bypasses: n_fit {n_fit} + n_val {n_val} must be <= the {len(replies)} replies")
+    if eps is None:
+        eps, _ = _norm_facts(model_path, base.n_layer)
+    layers = sorted(set(blocks) | {b + 1 for b in blocks})
+    d = base.n_embd
+    current = {b: (np.asarray(dn, np.float32), np.asarray(up, np.float32)) for b, (dn, up) in base.bypasses.items()}
+
+    def sidecar(byp, name):
+        side = work / f"{name}.sidecar.gguf"
+        write_sidecar(model_path, side, routers=base.routers(), bypasses=byp, force=True)
+        return side
+
+    def val_kl(side) -> list[float]:
+        m = Model(model_path, n_ctx=2048, n_threads=threads, routers=side, verbose=False)
+        try:
+            tot = [0.0] * len(sets)
+            for r in replies[n_fit:n_fit + n_val]:
+                full = m.score_tokens(r["prompt_tokens"], r["reply_tokens"], skip_layers=[], logprob_rows=True)
+                for j, s in enumerate(sets):
+                    sk = m.score_tokens(r["prompt_tokens"], r["reply_tokens"], skip_layers=s, logprob_rows=True)
+                    tot[j] += float(kl_rows(sk.logprob_rows[1:], full.logprob_rows[1:]).mean())
+            return [round(t / max(n_val, 1), 4) for t in tot]
+        finally:
+            m.close()
+
+    report = {"sets": sets, "blocks": blocks, "n_fit": n_fit, "n_val": n_val, "rank": rank, "rounds": []}
+    rep_path = work / "refine-report.json"
+    if rep_path.exists():
+        old = json.loads(rep_path.read_text())
+        if {k: old.get(k) for k in ("sets", "n_fit", "n_val", "rank")} == {k: report[k] for k in ("sets", "n_fit", "n_val", "rank")}:
+            report = old
+    if n_val and not report["rounds"]:
+        report["rounds"].append({"round": 0, "val_kl": val_kl(sidecar(current, "refine-r0"))})
+        _log(f"refine: round 0 (fit's bypasses) val KL per set {report['rounds'][0]['val_kl']}")
+        rep_path.write_text(json.dumps(report, indent=1))
+    for rnd in range(1, rounds + 1):
+        out_path = work / f"refine-r{rnd}.safetensors"
+        if out_path.exists():
+            current.update(load_router_file(out_path).bypasses)
+            continue
+        mom_path = work / f"refine-r{rnd}-moments.npz"
+        mom = Moments.load(mom_path) if mom_path.exists() else Moments(blocks, d)
+        side = sidecar(current, f"refine-in-r{rnd}")
+        m = Model(model_path, n_ctx=2048, n_threads=threads, routers=side, verbose=False)
+        t0 = time.time()
+        try:
+            for i in range(mom.n_prompts, n_fit):
+                r = replies[i]
+                outs = m.continuation_layer_inputs(r["prompt_tokens"], r["reply_tokens"], layers, [[]] + sets)
+                full = outs[0]
+                n = len(r["reply_tokens"])
+                for s, st in zip(sets, outs[1:]):
+                    for b in s:
+                        x = rmsnorm(st[b], eps)
+                        dlt = (full[b + 1] - st[b]).astype(np.float32)
+                        mom.xx[b] += (x.T @ x).astype(np.float64)
+                        mom.xd[b] += (x.T @ dlt).astype(np.float64)
+                        mom.dd[b] += float(np.sum(dlt.astype(np.float64) ** 2))
+                mom.n += n  # a common scale for every block (solve_bypass is invariant to it)
+                mom.n_prompts += 1
+                if (i + 1) % 32 == 0 or i + 1 == n_fit:
+                    mom.save(mom_path)
+                    _log(f"refine round {rnd}: replies {i + 1}/{n_fit} ({time.time() - t0:.0f} s this run)")
+        finally:
+            m.close()
+        new, r2 = {}, {}
+        for b in blocks:
+            dn, up, r2[b] = solve_bypass(mom.xx[b], mom.xd[b], mom.dd[b], mom.n, rank, ridge)
+            new[b] = (dn, up)
+        current.update(new)
+        rf = dataclasses.replace(base, bypasses={b: current[b] for b in blocks})
+        save_router_file(out_path, rf, force=True)
+        entry = {"round": rnd, "r2": {str(b): round(v, 4) for b, v in r2.items()}}
+        _log(f"refine round {rnd}: R^2 " + " ".join(f"{b}:{v:.2f}" for b, v in r2.items()))
+        if n_val:
+            entry["val_kl"] = val_kl(sidecar(current, f"refine-r{rnd}"))
+            _log(f"refine round {rnd}: val KL per set {entry['val_kl']}")
+        report["rounds"].append(entry)
+        rep_path.write_text(json.dumps(report, indent=1))
+    return {b: current[b] for b in blocks}, report
+
+
+__all__ = ["FitConfig", "Moments", "budget_sets", "refine_bypasses", "fit_routers", "parse_blocks", "rmsnorm", "run_fit", "solve_bypass"]

@@ -1075,6 +1075,49 @@ class Model:
         return out
 
     @_open
+    def continuation_layer_inputs(self, prompt_tokens: Sequence[int], continuation_tokens: Sequence[int],
+                                  layers: Sequence[int], skip_sets: Sequence[Sequence[int]]
+                                  ) -> list[dict[int, np.ndarray]]:
+        """Block inputs of the continuation tokens as decoding sees them, once per skip set: the prompt at
+        full depth (evaluated once), then the continuation teacher-forced with the set's blocks skipped
+        (bypasses on, as decoding has them; an empty set: full depth). Returns, per set,
+        {block: F32 [len(continuation), n_embd]}; the continuation is at most n_batch (512) tokens."""
+        p_tokens = self._check_tokens(prompt_tokens, "prompt")
+        c_tokens = self._check_tokens(continuation_tokens, "continuation")
+        if len(c_tokens) > self.n_batch:
+            raise ValueError(f"continuation_layer_inputs takes at most {self.n_batch} continuation tokens; "
+                             f"got {len(c_tokens)}")
+        if len(p_tokens) + len(c_tokens) > self.n_ctx:
+            raise ValueError(f"prompt + continuation have {len(p_tokens) + len(c_tokens)} tokens; n_ctx is {self.n_ctx}")
+        layers = [int(il) for il in layers]
+        bad = [il for il in layers if not 0 <= il < self.n_layer]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range; the model has blocks 0..{self.n_layer - 1}")
+        sets = [self.check_skip(skip_layers=list(s)).layers if s else [] for s in skip_sets]
+        out = []
+        try:
+            self.reset()
+            self._set_mask(())
+            self._eval(p_tokens, masked=False, logits="none", routing=False)
+            for skip in sets:
+                for il in layers:
+                    _lib.first_set_layer_inp_output(self._ctx, il, True)
+                self._set_mask(skip)
+                self._eval(c_tokens, masked=bool(skip), logits="last", routing=False)
+                n_embd = self.info.n_embd
+                out.append({il: np.ctypeslib.as_array(_lib.first_get_layer_inp(self._ctx, il),
+                                                      shape=(len(c_tokens), n_embd)).copy() for il in layers})
+                for il in layers:
+                    _lib.first_set_layer_inp_output(self._ctx, il, False)
+                self._truncate(len(p_tokens))
+        finally:
+            for il in layers:
+                _lib.first_set_layer_inp_output(self._ctx, il, False)
+            self._set_mask(())
+            self.reset()
+        return out
+
+    @_open
     def cached_router_scores(self) -> np.ndarray:
         """Per-token router keep-scores [n_cached, n_layer] of the clean cached tokens."""
         return self._cached_scores.copy()

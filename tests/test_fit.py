@@ -136,3 +136,97 @@ def test_fit_on_the_default_model_end_to_end_and_resumes(tmp_path, base_gguf, mo
     res = CliRunner().invoke(main, ["fit", "--model", str(tmp_path / "nope.gguf"), "--work", str(work), "-o",
                                     str(tmp_path / "x.safetensors")])
     assert res.exit_code != 0 and "nope.gguf" in res.output
+
+
+def test_continuation_layer_inputs_are_what_decoding_sees(tmp_path, base_gguf):
+    """Full depth: the rows of one full-depth pass over prompt + continuation. A skipped block passes its
+    input on through its bypass: the next block's input is h + up @ down @ rmsnorm(h) (numpy), and the
+    blocks before it see the full-depth states."""
+    import first_gguf
+    from first_gguf.convert.attach import write_sidecar
+    from first_gguf.fit import _norm_facts
+
+    rng = np.random.default_rng(3)
+    m0 = first_gguf.load(base_gguf, n_ctx=512, n_threads=1)
+    d, n_layer = m0.info.n_embd, m0.n_layer
+    m0.close()
+    down = (rng.standard_normal((4, d)) * 0.05).astype(np.float32)
+    up = (rng.standard_normal((d, 4)) * 0.05).astype(np.float32)
+    side = tmp_path / "byp.sidecar.gguf"
+    write_sidecar(base_gguf, side, routers={}, bypasses={10: (down, up)})
+    eps, _ = _norm_facts(base_gguf, n_layer)
+    m = first_gguf.load(base_gguf, routers=side, n_ctx=512, n_threads=1)
+    try:
+        p = m.tokenize("Name three colours of the rainbow.")
+        c = m.tokenize(" Red, orange and yellow are three of them.", add_bos=False)
+        layers = [5, 10, 11, 12]
+        full, skipped = m.continuation_layer_inputs(p, c, layers, [[], [10]])
+        ref = m.layer_inputs_tokens(p + c, layers)
+        for il in layers:
+            assert full[il].shape == (len(c), d)
+            np.testing.assert_allclose(full[il], ref[il][len(p):], rtol=0, atol=2e-2 * np.abs(ref[il]).max())
+        np.testing.assert_allclose(skipped[5], full[5], rtol=0, atol=2e-2 * np.abs(full[5]).max())
+        h = skipped[10].astype(np.float64)
+        want = h + (up.astype(np.float64) @ (down.astype(np.float64) @ rmsnorm(h, eps).T)).T
+        np.testing.assert_allclose(skipped[11], want, rtol=0, atol=1e-3 * np.abs(want).max())
+        assert np.abs(skipped[12] - full[12]).max() > 1e-3   # the skip changed what comes after
+        with pytest.raises(ValueError, match="out of range"):
+            m.continuation_layer_inputs(p, c, [n_layer], [[]])
+        with pytest.raises(ValueError, match="skip_layers index"):
+            m.continuation_layer_inputs(p, c, [3], [[n_layer]])
+        # the cache is left clean: a generation afterwards equals one from a fresh state
+        a = m.generate("Hello", max_tokens=4).text
+        m.reset()
+        assert m.generate("Hello", max_tokens=4).text == a
+    finally:
+        m.close()
+
+
+def test_refine_bypasses_fits_on_skipped_states_and_resumes(tmp_path, base_gguf, monkeypatch):
+    """The first block of every set sees full-depth inputs, so its refit is fit()'s own regression on the
+    same replies (an independent Moments solve); the later blocks differ; each round's result and report
+    are cached and a rerun computes nothing."""
+    import first_gguf
+    from first_gguf import model as model_mod
+    from first_gguf.convert.router_file import RouterFile, load_router_file
+    from first_gguf.fit import _norm_facts, budget_sets, refine_bypasses
+
+    assert budget_sets([5, 3, 9, 1], 10, [0.1, 0.25, 0.05]) == [[5], [3, 5]]
+    m = first_gguf.load(base_gguf, n_ctx=512, n_threads=1)
+    replies, states = [], []
+    try:
+        d, n_layer = m.info.n_embd, m.n_layer
+        for q in ["What is rain?", "Name a fruit.", "Why is ice slippery?", "Count to three."]:
+            p, _ = m.prompt_tokens_for([{"role": "user", "content": q}])
+            g = m.generate_tokens(p, max_tokens=10)
+            replies.append({"prompt_tokens": p, "reply_tokens": list(g.tokens)})
+            states.append(m.continuation_layer_inputs(p, list(g.tokens), [8, 9], [[]])[0])
+    finally:
+        m.close()
+    eps, _ = _norm_facts(base_gguf, n_layer)
+    rng = np.random.default_rng(0)
+    base = RouterFile(n_layer, d, {8: np.zeros(d, np.float32)}, {8: 0.0}, bypasses={b: ((rng.standard_normal((4, d)) * 0.01).astype(np.float32),
+                                                        (rng.standard_normal((d, 4)) * 0.01).astype(np.float32))
+                                                    for b in (8, 9, 20)})
+    sets = [[8, 9], [8, 9, 10]]
+    byp, rep = refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=4, ridge=1e-3, rounds=1, n_fit=3,
+                               n_val=1, threads=1, eps=eps)
+    assert sorted(byp) == [8, 9, 10] and byp[8][0].shape == (4, d) and byp[8][1].shape == (d, 4)
+    ref = Moments([8], d)
+    for st in states[:3]:
+        ref.add(st, slice(0, len(st[8])), eps)
+    dn, up, _ = solve_bypass(ref.xx[8], ref.xd[8], ref.dd[8], ref.n, 4, 1e-3)
+    np.testing.assert_allclose(byp[8][1] @ byp[8][0], up @ dn, rtol=0, atol=2e-2 * np.abs(up @ dn).max())
+    assert [r["round"] for r in rep["rounds"]] == [0, 1] and len(rep["rounds"][1]["val_kl"]) == 2
+    assert all(v >= 0 for v in rep["rounds"][0]["val_kl"])
+    saved = load_router_file(tmp_path / "refine-r1.safetensors")
+    assert sorted(saved.bypasses) == [8, 9, 10]
+
+    def boom(*a, **k):
+        raise AssertionError("a finished round was computed again")
+
+    monkeypatch.setattr(model_mod.Model, "continuation_layer_inputs", boom)
+    monkeypatch.setattr(model_mod.Model, "score_tokens", boom)
+    byp2, rep2 = refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=4, ridge=1e-3, rounds=1, n_fit=3,
+                                 n_val=1, threads=1, eps=eps)
+    assert rep2 == rep and all(np.array_equal(byp2[b][0], byp[b][0]) for b in byp)
