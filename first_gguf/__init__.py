@@ -5,11 +5,16 @@
     model = first_gguf.load("gemma3-270m")          # a second known model, fetched by name
     out = model.chat([{"role": "user", "content": "Hi"}], skip_budget=0.3)
     out.text, out.skipped_layers, out.decode_tokens_per_s
+
+    from first_gguf import Llama                    # llama-cpp-python's Llama, with skip_budget= (a drop-in)
+    llm = Llama("smollm2-135m-instruct", n_ctx=2048)
+    llm.create_chat_completion(messages, skip_budget=0.3)["first_gguf"]["skipped_layers"]
 """
 from __future__ import annotations
 
 import os
 
+from .llama import Llama
 from .model import Generation, GenerationChunk, Model, ScoreResult
 
 __version__ = "0.1.0"
@@ -45,4 +50,4 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
                  routers=routers)
 
 
-__all__ = ["load", "Model", "Generation", "GenerationChunk", "ScoreResult", "__version__"]
+__all__ = ["load", "Model", "Llama", "Generation", "GenerationChunk", "ScoreResult", "__version__"]
