@@ -855,13 +855,14 @@ def _rows(x, r):
     return x.index_select(0, r)
 
 
-def _cached_blocks(model, h, plan, *, masks, pos, pe, kv, bypass: Bypasses | None):
+def _cached_blocks(model, h, plan, *, masks, pos, pe, kv, bypass: Bypasses | None, layers=None):
     """The blocks over new positions ``h`` [B, C, E] with cached keys (``masks``, ``pe``: per block; ``kv(il, rows)``:
     the block's _KV for those rows). ``plan``: _row_plan. A block runs only for the rows that keep it (the others'
     keys and values of the new positions are never read: a row skips the same blocks at every new position); a
-    skipped row passes h (+ its bypass), as in the runtime. A block every row skips is not run at all."""
+    skipped row passes h (+ its bypass), as in the runtime. A block every row skips is not run at all.
+    ``layers``: callables in place of the model's blocks (compile_decode's)."""
     core = _layers(model)
-    for il, layer in enumerate(core.layers[: core.config.num_hidden_layers]):
+    for il, layer in enumerate(layers or core.layers[: core.config.num_hidden_layers]):
         r = plan[il]
         if r is not None:  # some rows skip: they pass h (+ bypass)
             base = h if bypass is None else h + bypass.delta(h, il).to(h.dtype)
@@ -1057,7 +1058,8 @@ def sample_decode(model, state: dict, gates, *, max_new: int, temperature: float
             col[0] = j
             pe, masks = _block_rope(model, h, next_pos), _cache_masks(model, valid[:, :j + 1], 1)
             with lora_ctx():
-                h = _cached_blocks(model, h, plan, masks=masks, pos=next_pos, pe=pe, kv=kv, bypass=bypass)
+                h = _cached_blocks(model, h, plan, masks=masks, pos=next_pos, pe=pe, kv=kv, bypass=bypass,
+                                   layers=getattr(model, "_first_decode_layers", None))
             next_pos = next_pos + 1
             logits = _head(model, core.norm(h)).float()
     out = []
@@ -1218,7 +1220,7 @@ def checkpoint_path(output) -> Path:
     return Path(output).with_suffix(".ckpt.pt")
 
 
-def _checkpoint_state(cfg, routers, bypass, lora, opt, step, history, signature) -> dict:
+def _checkpoint_state(cfg, routers, bypass, lora, opt, step, history, signature, rng=None) -> dict:
     """The checkpoint of ``cfg.checkpoint_format`` (CHECKPOINT_FORMATS), every tensor on the CPU."""
     import torch
 
@@ -1229,7 +1231,8 @@ def _checkpoint_state(cfg, routers, bypass, lora, opt, step, history, signature)
         return t.half() if half else t.clone()
 
     state = {"weight": par(routers.weight), "bias": par(routers.bias), "step": step, "history": history,
-             "config": asdict(cfg), "model_signature": signature, "format": cfg.checkpoint_format}
+             "config": asdict(cfg), "model_signature": signature, "format": cfg.checkpoint_format,
+             "rng_state": rng.getstate() if rng is not None else None}  # the set draws continue exactly
     if bypass is not None:
         state["bypass_down"], state["bypass_up"] = par(bypass.down), par(bypass.up)
     if lora is not None:
@@ -1252,12 +1255,16 @@ def _write_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _compile_layers(model) -> None:
-    """torch.compile every decoder layer (dynamic shapes: the batch of rows that runs a block and the cache
-    length change from call to call). Opt-in (``compile``); see docs/gpu_recipe.md."""
+def compile_decode(model) -> None:
+    """torch.compile the decoder layers for the sampler's decode steps only (``sample_decode`` uses them; the
+    scoring passes with gradients stay eager). Dynamic shapes: the rows that run a block and the cache length
+    change from call to call. Opt-in (``compile``, CUDA only: on this project's 2-core CPU the first step of a
+    4-block model spent 193 s compiling and then ran no faster); see docs/gpu_recipe.md."""
+    import torch
+
     core = _layers(model)
-    for layer in core.layers[: core.config.num_hidden_layers]:
-        layer.compile(dynamic=True)
+    model._first_decode_layers = [torch.compile(layer, dynamic=True)
+                                  for layer in core.layers[: core.config.num_hidden_layers]]
 
 
 def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=None) -> list[Sequence_]:
@@ -1299,13 +1306,39 @@ def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=
     return out
 
 
+def training_data(cfg: TrainConfig):
+    """(sequences, examples): cfg.tasks' train splits (+ docs supplement, extra data), tokenized as the
+    runtime does (needs the llama.cpp runtime for a GGUF: on the GPU machine, carry them pre-tokenized)."""
+    from .tasks import load_task, parse_tasks, split
+
+    examples = []
+    rs = random.Random(cfg.seed)
+    for t in parse_tasks(cfg.tasks):
+        tr = split(load_task(t), "train", seed=0)
+        rs.shuffle(tr)
+        examples += tr[: cfg.max_examples_per_task]
+    if cfg.docs_supplement:
+        from .tasks import docs_supplement
+
+        extra = docs_supplement()
+        rs.shuffle(extra)
+        examples += extra[: cfg.max_examples_per_task]
+    if cfg.extra_data:
+        from .tasks import read_examples_jsonl
+
+        examples += read_examples_jsonl(cfg.extra_data)
+    return encode_examples(cfg.model, examples, cfg.max_prompt_tokens, cfg.max_continuation_tokens), examples
+
+
 def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progress: bool = True,
-          onpolicy_prompts: list[Sequence_] | None = None) -> dict:
+          onpolicy_prompts: list[Sequence_] | None = None, stop_ids: set[int] | None = None) -> dict:
     """Train routers (and LoRA); write the router file (and adapter). Returns a summary dict.
 
     ``sequences``: pre-tokenized training data (tests, synthetic tasks); default: cfg.tasks' train splits.
     ``onpolicy_prompts``: prompts for on-policy samples (Sequence_s; their ``task`` groups the balanced
     draw); default: ``onpolicy_prompt_pool(cfg, sequences)`` when ``cfg.onpolicy_batch > 0``.
+    ``stop_ids``: the tokens that end a sample (default: the model's end-of-generation tokens, from the
+    runtime for a GGUF).
     """
     import torch
 
@@ -1322,29 +1355,14 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
     torch.manual_seed(cfg.seed)
     model = load_frozen_model(cfg.model).to(device)
     if cfg.compile:
-        _compile_layers(model)
+        if device.type != "cuda":
+            raise ValueError(f"compile is for CUDA devices only (device {device}); on the CPU it compiled for "
+                             f"minutes and ran no faster")
+        compile_decode(model)
     L, E = model.config.num_hidden_layers, model.config.hidden_size
     examples = None
     if sequences is None:
-        from .tasks import load_task, parse_tasks, split
-
-        examples = []
-        rs = random.Random(cfg.seed)
-        for t in parse_tasks(cfg.tasks):
-            tr = split(load_task(t), "train", seed=0)
-            rs.shuffle(tr)
-            examples += tr[: cfg.max_examples_per_task]
-        if cfg.docs_supplement:
-            from .tasks import docs_supplement
-
-            extra = docs_supplement()
-            rs.shuffle(extra)
-            examples += extra[: cfg.max_examples_per_task]
-        if cfg.extra_data:
-            from .tasks import read_examples_jsonl
-
-            examples += read_examples_jsonl(cfg.extra_data)
-        sequences = encode_examples(cfg.model, examples, cfg.max_prompt_tokens, cfg.max_continuation_tokens)
+        sequences, examples = training_data(cfg)
     if not sequences:
         raise ValueError("no training sequences (each needs a prompt and >= 2 continuation tokens)")
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
@@ -1383,7 +1401,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
 
     ckpt = checkpoint_path(cfg.output)
     signature = model_signature(model)
-    start, history = 0, []
+    start, history, rng_state = 0, [], None
     src = Path(cfg.resume_from) if cfg.resume_from else ckpt if cfg.resume and ckpt.exists() else None
     if src is not None:
         state = torch.load(src, map_location="cpu", weights_only=False)
@@ -1414,18 +1432,22 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                                  f"afresh")
             lora.load_state_dict(state["lora"])
         start, history = state["step"], state["history"]
+        rng_state = state.get("rng_state") if world == 1 else None  # rank 0's draws only: the others restart
         if start >= cfg.steps:
             raise ValueError(f"checkpoint {src} is at step {start}; --steps {cfg.steps} leaves nothing to train "
                              f"(raise --steps)")
 
     rng = random.Random(cfg.seed * 1000 + rank)
+    if rng_state is not None:
+        rng.setstate(rng_state)
     order = [i for i in range(len(sequences)) if i % world == rank]
     draw = task_sampler([sequences[i].task for i in order], cfg.balance_tasks)
     if cfg.onpolicy_batch:
         pool = onpolicy_prompts if onpolicy_prompts is not None else onpolicy_prompt_pool(cfg, sequences, examples)
         pool = [pool[i] for i in range(len(pool)) if i % world == rank] or pool
         draw_prompt = task_sampler([p.task for p in pool], True)  # balanced over the prompt sources
-        stop_ids = _stop_ids(model) | eog_token_ids(cfg.model)
+        if stop_ids is None:
+            stop_ids = _stop_ids(model) | eog_token_ids(cfg.model)
     bar = None
     t_loop, n_samples, stopped = time.time(), 0, False
     if progress and rank == 0:
@@ -1433,6 +1455,7 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train routers", unit="step")
     for step in range(start, cfg.steps):
+        t_step = time.time()
         brng = random.Random(cfg.seed * 7919 + step * 31 + rank)
         batch = [sequences[order[draw(brng)]] for _ in range(cfg.batch_size)]
         f = lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.lr_final)
@@ -1452,7 +1475,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
         if world > 1:
             _all_reduce_grads(params, world)
         opt.step()
-        info["loss"] = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        info["loss"] = float(loss.detach()) if torch.is_tensor(loss) else float(loss)  # waits for the device
+        info["sec"] = time.time() - t_step
         n_samples += cfg.onpolicy_batch * world
         history.append({"step": step + 1, **{k: round(v, 5) for k, v in info.items()}})
         if bar:
@@ -1470,7 +1494,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
                 dist.broadcast(over, 0)
             stopped = bool(over.item())
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopped):
-            _write_checkpoint(ckpt, _checkpoint_state(cfg, routers, bypass, lora, opt, step + 1, history, signature))
+            _write_checkpoint(ckpt, _checkpoint_state(cfg, routers, bypass, lora, opt, step + 1, history, signature,
+                                                      rng))
         if stopped:
             break
     if bar:
