@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP server with skip_budget (FastAPI + uvicorn).
 
-Endpoints: GET / (a small chat page: plain HTML and JavaScript, streaming, a skip-budget slider, the
-skipped blocks of each reply; sampling at llama.cpp's chat defaults), GET /health, GET /v1/models,
+Endpoints: GET / (the chat page, first_gguf/web/index.html: plain HTML and JavaScript, streaming, a
+skip-budget slider, the skipped blocks and speeds of each reply, a side-by-side mode; docs/chat.md),
+GET /first-gguf/defaults (the page's sampling defaults: llama.cpp's chat defaults, chat.CHAT_SAMPLING, and
+the default max_tokens), GET /health, GET /v1/models,
 GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (``stream: true`` answers with
 server-sent events, like the OpenAI API).
 
@@ -439,6 +441,12 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
         from fastapi.responses import HTMLResponse
 
         return HTMLResponse(resources.files("first_gguf.web").joinpath("index.html").read_text())
+
+    @app.get("/first-gguf/defaults", include_in_schema=False)
+    async def defaults():  # the page takes its sampling from here rather than repeating it
+        from .chat import CHAT_SAMPLING
+
+        return {"sampling": CHAT_SAMPLING, "max_tokens": DEFAULT_MAX_TOKENS}
 
     @app.get("/health")
     async def health():

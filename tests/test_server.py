@@ -2,48 +2,21 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from server_helper import KEY, running_server
 
 openai = pytest.importorskip("openai")
-
-CLI = str(Path(sys.executable).with_name("first-gguf"))
-KEY = "test-key-123"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(router_gguf):
-    port = _free_port()
-    proc = subprocess.Popen([CLI, "serve", "--model", str(router_gguf), "--port", str(port), "--api-key", KEY,
-                             "--threads", "2", "--n-ctx", "2048"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(base + "/v1/models", timeout=1)
-        except urllib.error.HTTPError:
-            break  # 401: up
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(proc.stdout.read().decode()[-2000:])
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(router_gguf, threads=2) as base:
+        yield base
 
 
 @pytest.fixture()
@@ -206,35 +179,6 @@ def test_bounded_soak_keeps_memory_flat(server, client, capsys):
         print(f"\nsoak: {i + 1} requests in {time.time() - t0:.1f} s, server RSS {start / 1024:.1f} MiB -> "
               f"{end / 1024:.1f} MiB")
     assert end - start < 50 * 1024  # < 50 MiB growth over 300 requests
-
-
-def test_web_page_in_headless_chromium(server):
-    """Send a message in the page (Debian's chromium, driven by Playwright): a streamed reply and its
-    skipped-block list appear."""
-    from playwright.sync_api import sync_playwright
-
-    chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.fail("Debian's chromium is missing: test.sh installs it (apt-get install chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page()
-            page.goto(server + "/")
-            page.fill("#key", KEY)
-            page.eval_on_selector("#budget", "el => { el.value = '0.2'; el.dispatchEvent(new Event('input')); }")
-            assert page.inner_text("#budget-value") == "0.2"
-            page.fill("#input", "Say hello in three words.")
-            page.click("#send")
-            page.wait_for_selector(".meta[data-skipped]", timeout=120000)
-            reply = page.inner_text(".msg.assistant")
-            skipped = json.loads(page.get_attribute(".meta", "data-skipped"))
-            assert reply.strip() and len(skipped) == 6
-            assert "skipped blocks (router):" in page.inner_text(".meta")
-        finally:
-            browser.close()
 
 
 # ------------------------------------------------------------------ OpenAI parameters
