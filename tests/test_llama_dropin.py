@@ -27,7 +27,7 @@ N = 16
 OPTS = dict(n_ctx=512, n_threads=1, n_threads_batch=1, seed=0, verbose=False)
 
 # The calls both sides make, in this order. Ours makes a request that skips blocks before the calls at
-# SKIPPED_BEFORE (the previous call again, with skip_budget=0.3); "P2 + skipped" and "M1 + skipped" are
+# SKIPPED_BEFORE (the previous call again, with skip_budget=0.3); "P1 + skipped" and "M1 + skipped" are
 # filled in with what those skipped requests generated, so a later prompt starts with tokens that were
 # evaluated with blocks skipped, and the budget-0 reply is stock's only if they are evaluated again.
 SKIPPED_BEFORE = (2, 5, 7)
@@ -39,7 +39,7 @@ CALLS = [
     ("chat_stream", dict(messages=M1, max_tokens=N, temperature=0.0)),
     ("chat", dict(messages="M1 + skipped", max_tokens=N, temperature=0.0)),
     ("generate", dict(prompt=P1, max_tokens=N)),
-    ("completion", dict(prompt="P2 + skipped", max_tokens=N, temperature=0.0)),
+    ("completion", dict(prompt="P1 + skipped", max_tokens=N, temperature=0.0)),
 ]
 
 STOCK_SCRIPT = r'''
@@ -146,8 +146,8 @@ def ours(llm):
             pkind, pkw = calls[-1]
             res = run_call(llm, pkind, pkw, skip_budget=0.3)
             skipped.append((pkind, res, llm.last_skip_report))
-            if pkind == "call":
-                fill["P2 + skipped"] = P2 + _text(res)
+            if pkind == "generate":
+                fill["P1 + skipped"] = P1 + llm.detokenize(res).decode("utf-8")
             elif pkind == "chat_stream":
                 reply = "".join(c["choices"][0]["delta"].get("content", "") for c in res)
                 fill["M1 + skipped"] = M1 + [{"role": "assistant", "content": reply},
@@ -250,6 +250,27 @@ def test_prompt_continuing_a_skipped_generation_is_full_depth(llm, ref_model):
     assert llm.n_tokens > len(llm.tokenize(P1.encode())) and llm._first_n_clean < llm.n_tokens
     state = llm.save_state()  # a saved state never carries the tokens evaluated with skipped blocks
     assert state.n_tokens == llm._first_n_clean == first["usage"]["prompt_tokens"]
+
+
+def test_ram_cache_with_skipping(llm, ref_model):
+    """llama-cpp-python's LlamaRAMCache: a state saved after a skipped request holds only the full-depth
+    prefix and its router scores, so a prompt restored from it continues at full depth and skips the blocks
+    Model skips for the whole prompt."""
+    from llama_cpp import LlamaRAMCache
+
+    llm.set_cache(LlamaRAMCache(capacity_bytes=1 << 30))
+    try:
+        first = llm.create_completion(P1, max_tokens=N, temperature=0.0, skip_budget=0.3)
+        cont = P1 + _text(first)
+        llm.reset()  # the next prompt's prefix comes from the cache
+        res = llm.create_completion(cont, max_tokens=N, temperature=0.0)
+        assert _text(res) == ref_model.generate(cont, 0.0, max_tokens=N).text
+        llm.reset()
+        res = llm.create_completion(cont, max_tokens=N, temperature=0.0, skip_budget=0.3)
+        gen = ref_model.generate(cont, 0.3, max_tokens=N)
+        assert res[REPORT_KEY]["skipped_layers"] == gen.skipped_layers and _text(res) == gen.text
+    finally:
+        llm.set_cache(None)
 
 
 def test_stream_equals_whole_response_when_skipping(llm):
