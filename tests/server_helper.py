@@ -24,9 +24,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(gguf, *, threads: int = 2, n_ctx: int = 2048, api_key: str = KEY):
-    """Yield the base URL of a server for ``gguf``; it is stopped on exit."""
+    """Yield the base URL of a server for ``gguf`` (None: the default model); it is stopped on exit."""
     port = free_port()
-    proc = subprocess.Popen([CLI, "serve", "--model", str(gguf), "--port", str(port), "--api-key", api_key,
+    model = [] if gguf is None else ["--model", str(gguf)]  # None: the default model with its shipped routers
+    proc = subprocess.Popen([CLI, "serve", *model, "--port", str(port), "--api-key", api_key,
                              "--threads", str(threads), "--n-ctx", str(n_ctx)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
