@@ -309,3 +309,45 @@ def test_an_error_is_shown_and_its_turn_not_sent_again(server, browser):
     assert page.get_attribute('.turn[data-turn="1"] .meta', "data-state") == "done"
     assert page.errors == []
     page.context.close()
+
+
+def test_stop_in_side_by_side_keeps_the_full_models_partial_reply(server, browser):
+    page = open_page(browser, server, max_tokens=1500)
+    settings(page, budget=0.2, sbs=True, max_tokens=1500)
+    seen = bodies(page)
+    page.fill("#input", "Write a very long story about a dragon who learns to cook, with many chapters.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.col .msg.assistant').textContent.length > 40", timeout=60_000)
+    page.click("#send")  # stop, while the budget-0 reply streams
+    page.wait_for_selector('.col .meta[data-state="stopped"]', timeout=10_000)
+    cols = page.locator(".pair .col")
+    assert cols.nth(1).locator(".meta").get_attribute("data-state") == "not sent"
+    assert "not sent (stopped)" in cols.nth(1).locator(".meta").inner_text()
+    assert cols.nth(0).locator(".kept").is_visible() and not cols.nth(1).locator(".kept").is_visible()
+    partial = stored(page)[0]["replies"][0]["content"]
+    page.fill("#max-tokens", "6")
+    send(page, "Say hi.", timeout=60_000)
+    assert len(seen) == 3  # the stopped pair's second request was never sent
+    assert seen[1]["messages"][1] == {"role": "assistant", "content": partial}
+    assert page.errors == []
+    page.context.close()
+
+
+@pytest.mark.parametrize("src,html", [
+    ("```py\nx = 1", '<div class="code"><div class="code-head"><span>py</span><button class="copy" type="button">'
+                     'copy</button></div><pre><code data-lang="py">x = 1</code></pre></div>'),  # unclosed: streaming
+    ("see https://a.example/x.", '<p>see <a href="https://a.example/x" rel="noopener noreferrer" target="_blank">'
+                                 'https://a.example/x</a>.</p>'),
+    ("[a](data:text/html,<b>x</b>) [b](//evil) <i>", "<p>[a](data:text/html,&lt;b&gt;x&lt;/b&gt;) [b](//evil) "
+                                                    "&lt;i&gt;</p>"),
+    ("**bold *and italic***", "<p><strong>bold <em>and italic</em></strong></p>"),
+    ("a_b_c and _it_", "<p>a_b_c and <em>it</em></p>"),
+    ("> quoted **x**\n\n---\n3. three\n4. four", "<blockquote><p>quoted <strong>x</strong></p></blockquote><hr>"
+                                                 '<ol start="3" style="white-space: pre-wrap;"><li>three</li>'
+                                                 "<li>four</li></ol>"),
+    ("# T `<x>`", "<h1>T <code>&lt;x&gt;</code></h1>"),
+])
+def test_markdown_renderer(server, browser, src, html):
+    page = open_page(browser, server)
+    assert page.evaluate("src => window.renderMarkdown(src).innerHTML", src) == html
+    page.context.close()
