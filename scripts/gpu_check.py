@@ -141,12 +141,28 @@ def main(argv=None):
     tiny_batches = [int(b) for b in (args.tiny_batches or args.batches).split(",")]
     variants = [False] + ([True] if args.compile and dev.type == "cuda" else [])
     runs = []
+    rep = {"torch": torch.__version__, "device": str(dev), "runs": runs,
+           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+
+    def one(*a):  # a failing run (out of memory, a compile error) is reported and the others still run
+        try:
+            runs.append(run_one(T, *a))
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            runs.append({"model": a[0], "batch": a[4], "compile": a[5], "error": f"{type(e).__name__}: {e}"[:2000]})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if args.report:  # written after every run: a run cut off by the time limit keeps the ones before
+            Path(args.report).write_text(json.dumps(rep, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_model(Path(tmp) / "tiny")
         rng = random.Random(1)
         for b in tiny_batches:
             for c in variants:
-                runs.append(run_one(T, "tiny", tiny, random_prompts(max(b, 64), 400, rng, 8, 40), args, b, c, tmp))
+                one("tiny", tiny, random_prompts(max(b, 64), 400, rng, 8, 40), args, b, c, tmp)
         if args.model and not args.tiny_only:
             if args.prompts:
                 data = read_json(args.prompts)
@@ -159,11 +175,7 @@ def main(argv=None):
                 prompts = random_prompts(4096, vocab, rng)
             for b in batches:
                 for c in variants:
-                    runs.append(run_one(T, "model", args.model, prompts, args, b, c, tmp))
-    rep = {"torch": torch.__version__, "device": str(dev), "runs": runs,
-           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
-    if args.report:
-        Path(args.report).write_text(json.dumps(rep, indent=1))
+                    one("model", args.model, prompts, args, b, c, tmp)
     return rep
 
 
