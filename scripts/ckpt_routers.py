@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import sys
 
-import numpy as np
 
 
 def check_lora_args(st: dict, a) -> tuple[str, int, int]:
@@ -30,10 +29,11 @@ def check_lora_args(st: dict, a) -> tuple[str, int, int]:
 
     from first_gguf.convert.gguf_edit import field_value
     from first_gguf.convert.router_file import RouterFileError
+    from first_gguf.train.checkpoint import checkpoint_lora
 
     if not a.model:
         raise RouterFileError("--lora-out needs --model BASE.gguf (the model the run trained on)")
-    if "lora" not in st:
+    if checkpoint_lora(st) is None:
         raise RouterFileError(f"{a.checkpoint} has no decode-only LoRA (the run had no --lora-rank)")
     if Path(a.lora_out).exists() and not a.force:
         raise RouterFileError(f"{a.lora_out} exists; pass --force to overwrite")
@@ -50,17 +50,15 @@ def check_lora_args(st: dict, a) -> tuple[str, int, int]:
 
 
 def write_checkpoint_lora(st: dict, a, arch: str, n_head: int, n_head_kv: int) -> None:
-    """The checkpoint's LoRA state ("<block>.<module>.a|b", DecodeLora.state_dict) as a llama.cpp adapter, with
-    DecodeLora's alpha (2 x rank)."""
+    """The checkpoint's decode-only LoRA (first_gguf.train.checkpoint.checkpoint_lora) as a llama.cpp adapter,
+    with DecodeLora's alpha (2 x rank)."""
     from first_gguf.convert.lora_gguf import write_lora_gguf
-    from first_gguf.train import LORA_TARGETS
+    from first_gguf.train.checkpoint import checkpoint_lora, checkpoint_meta
 
-    lora = {k: v.float().numpy() for k, v in st["lora"].items()}
-    pairs = {(int(k.split(".")[0]), LORA_TARGETS[k.split(".")[1]]): (v, lora[k[:-1] + "b"])
-             for k, v in lora.items() if k.endswith(".a")}
+    pairs = checkpoint_lora(st)
     rank = next(iter(pairs.values()))[0].shape[0]
     write_lora_gguf(a.lora_out, pairs, alpha=2.0 * rank, n_head=n_head, n_head_kv=n_head_kv, arch=arch,
-                    provenance={"checkpoint": a.checkpoint, "step": int(st["step"]), "rank": rank})
+                    provenance={"checkpoint": a.checkpoint, "step": checkpoint_meta(st)["step"], "rank": rank})
     print(f"wrote {a.lora_out}: rank {rank}, {len(pairs)} LoRA pairs", file=sys.stderr)
 
 
@@ -74,27 +72,19 @@ def main() -> None:
     ap.add_argument("--model", help="the base GGUF (head counts, architecture); needed with --lora-out")
     a = ap.parse_args()
 
-    import torch
-
     from first_gguf.convert.router_file import RouterFileError, load_router_file, save_router_file
+    from first_gguf.train.checkpoint import checkpoint_bypasses, checkpoint_meta, checkpoint_routers, read_checkpoint
 
     try:
         like = load_router_file(a.like)
-        try:
-            st = torch.load(a.checkpoint, weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise RouterFileError(f"cannot read checkpoint {a.checkpoint}: {e}") from None
-        if not isinstance(st, dict) or "weight" not in st or "step" not in st:
-            raise RouterFileError(f"{a.checkpoint} is not a first-gguf training checkpoint (no 'weight'/'step')")
-        w, b = st["weight"].float().numpy(), st["bias"].float().numpy()
+        st = read_checkpoint(a.checkpoint)  # a ValueError naming the file when it is not a training checkpoint
+        meta = checkpoint_meta(st)
+        w, b = checkpoint_routers(st)
         if w.shape != (like.n_layer, like.n_embd):
             raise RouterFileError(f"{a.checkpoint}: routers {w.shape}; {a.like} is for {like.n_layer} x {like.n_embd}")
-        bypasses = {}
-        if "bypass_down" in st:
-            down, up = st["bypass_down"].float().numpy(), st["bypass_up"].float().numpy()
-            bypasses = {il: (down[il], up[il]) for il in range(like.n_layer)}
-        prov = {"checkpoint": a.checkpoint, "step": int(st["step"]), "config": st.get("config"),
-                "loss_curve": [h for h in st.get("history", []) if h["step"] % 10 == 0],
+        bypasses = checkpoint_bypasses(st)
+        prov = {"checkpoint": a.checkpoint, "step": meta["step"], "config": meta["config"],
+                "loss_curve": [h for h in meta["history"] if h["step"] % 10 == 0],
                 "static_rankings_from": a.like}
         rf = dataclasses.replace(like, weights={il: w[il] for il in range(like.n_layer)},
                                  biases={il: float(b[il]) for il in range(like.n_layer)}, bypasses=bypasses,
@@ -105,7 +95,7 @@ def main() -> None:
             write_checkpoint_lora(st, a, *shape)
     except (RouterFileError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {a.output}: step {st['step']}, {len(bypasses)} bypasses", file=sys.stderr)
+    print(f"wrote {a.output}: step {meta['step']}, {len(bypasses)} bypasses", file=sys.stderr)
 
 
 if __name__ == "__main__":

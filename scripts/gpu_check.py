@@ -93,14 +93,14 @@ def run_one(T, name, model_path, prompts, args, batch, compile_, out_dir):
     t = time.time()
     s = T.train(cfg, sequences=seqs, onpolicy_prompts=pool, stop_ids=set(), progress=False)
     wall = time.time() - t
-    ck = torch.load(T.checkpoint_path(out), map_location="cpu", weights_only=False)
-    secs = [h["sec"] for h in ck["history"]]
+    history = T.checkpoint_meta(T.read_checkpoint(T.checkpoint_path(out)))["history"]
+    secs = [h["sec"] for h in history]
     steady = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
     rec = {"model": name, "device": s["device"], "batch": batch, "tokens": args.tokens, "steps": s["steps"],
            "bf16": not args.no_bf16, "compile": compile_, "first_step_s": round(secs[0], 3),
            "step_s": round(steady, 3), "samples_per_s": round(batch / steady, 1),
            "tokens_per_s": round(batch * args.tokens / steady, 1), "wall_s": round(wall, 1),
-           "okl": [h.get("okl") for h in ck["history"]],
+           "okl": [h.get("okl") for h in history],
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None}
     print(f"{name:6s} B={batch:5d} T={args.tokens} {rec['device']:7s} {'bf16' if rec['bf16'] else 'fp32'} "
           f"{'compile' if compile_ else 'eager  '}: {rec['samples_per_s']:9.1f} samples/s "

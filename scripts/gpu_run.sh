@@ -54,7 +54,7 @@ save)
     [ $# -eq 2 ] || die "usage: save NAME DIR (DIR holds NAME.ckpt.pt, e.g. the run's files_at)"
     name=$1; src="$2/$name.ckpt.pt"
     [ -f "$src" ] || die "no checkpoint $src"
-    .venv/bin/python -c "import sys, torch; s = torch.load(sys.argv[1], weights_only=False); print('step', s['step'], 'format', s.get('format'))" "$src"
+    .venv/bin/python -c "import sys; from first_gguf.train.checkpoint import checkpoint_meta, read_checkpoint as r; m = checkpoint_meta(r(sys.argv[1])); print('step', m['step'], 'format', m['format'])" "$src"
     mkdir -p "gpu/$name"
     rm -f "gpu/$name/$name.ckpt.pt".*
     split -b 1000k -d "$src" "gpu/$name/$name.ckpt.pt."

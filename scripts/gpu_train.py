@@ -35,8 +35,8 @@ def load_config(path, **over):
 
 
 def prepare(args) -> None:
-    from first_gguf.train import (TrainConfig, _stop_ids, eog_token_ids, load_frozen_model, onpolicy_prompt_pool,
-                                  training_data)
+    from first_gguf.train import TrainConfig, eog_token_ids, load_frozen_model, onpolicy_prompt_pool, training_data
+    from first_gguf.train.forward import _stop_ids
 
     cfg = TrainConfig(**load_config(args.config, model=args.model, output=str(Path(args.output).with_suffix(".x"))))
     needs_tasks = cfg.batch_size > 0 or (cfg.onpolicy_batch > 0 and "tasks" in cfg.onpolicy_data)

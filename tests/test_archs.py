@@ -562,7 +562,8 @@ def _torch_bypasses(c: Case):
 
 
 def _gated_logprobs(c: Case, model, prompt, cont, skip, bypass=None, lora=None):
-    from first_gguf.train import _head, gated_forward
+    from first_gguf.train import gated_forward
+    from first_gguf.train.forward import _head
 
     ids = torch.tensor([list(prompt) + list(cont)])
     n = len(prompt)
@@ -617,7 +618,8 @@ def test_onpolicy_cached_passes_equal_the_training_forward(case):
     window of 4 over a 12-token prompt, rope per block type) give the log-probs of the uncached gated
     forward, teacher and skipped with bypasses; greedy sampling follows the same model. (A cache mask
     without the window, tried, is off by > 0.1 on Gemma 3 here.)"""
-    from first_gguf.train import _head, gated_forward, prefix_forward, sample_decode, sample_prefill
+    from first_gguf.train import gated_forward, prefix_forward, sample_decode, sample_prefill
+    from first_gguf.train.forward import _head
 
     model = case.model
     prompts, conts = [list(PROMPT), PROMPT[2:9]], [list(CONT), CONT[:5]]

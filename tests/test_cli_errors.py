@@ -595,12 +595,12 @@ def test_train_checks_its_inputs_before_loading_the_model(base_gguf, tmp_path, m
     """A truncated GGUF, an unreadable --init-routers file and an unknown --data name are refused in one line
     before the model is loaded (transformers' GGUF reader, minutes and a 53-line traceback) or any task data
     is downloaded."""
-    from first_gguf import train as train_mod
+    from first_gguf.train import loop as train_loop
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(train_mod, "load_frozen_model", no_load)
+    monkeypatch.setattr(train_loop, "load_frozen_model", no_load)
     truncated = tmp_path / "truncated.gguf"
     with open(base_gguf, "rb") as f:
         truncated.write_bytes(f.read(1 << 16))

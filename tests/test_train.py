@@ -70,7 +70,8 @@ def _random_seqs(n, rng, lo=3, hi=300, task="t"):
 
 def _objective(model, routers, seqs, k):
     """KL(full || skipped) with the routers' hard choice of k blocks per sequence."""
-    from first_gguf.train import _batch, _kl_positions
+    from first_gguf.train.data import _batch
+    from first_gguf.train.losses import _kl_positions
 
     ids, n_prompt, length = _batch(seqs, 0)
     T = ids.shape[1]
@@ -170,7 +171,7 @@ def test_routers_learn_input_dependent_choices(tmp_path):
     chosen = {}
     for task in "AB":
         ts = [s for s in seqs if s.task == task]
-        from first_gguf.train import _batch
+        from first_gguf.train.data import _batch
 
         ids, n_prompt, _ = _batch(ts, 0)
         with torch.no_grad():

@@ -173,7 +173,7 @@ def test_onpolicy_step_rows_per_block(tiny):
     routers = Routers(N_LAYER, N_EMBD, seed=3)
     c = _RowCounter(model)
     seen = {}
-    import first_gguf.train as T
+    import first_gguf.train.losses as T  # where onpolicy_loss looks sample_decode up
 
     real = T.sample_decode
 

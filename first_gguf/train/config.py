@@ -1,0 +1,191 @@
+"""The training configuration: TrainConfig and its validation, the preflight checks of the inputs, the learning
+rate schedules, and the torch device a run trains on."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import CHECKPOINT_FORMATS
+from .outputs import lora_path
+
+if TYPE_CHECKING:
+    import torch
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+ONPOLICY_DATA = ("tasks", "bigbench", "linux", "broad", "chat")  # on-policy prompt sources; broad = bigbench,linux
+
+
+def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
+    """Multiplier of every group's initial learning rate at ``step`` (0-based) of ``steps``."""
+    if schedule == "constant" or steps <= 1:
+        return 1.0
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    output: str
+    tasks: list[str] = field(default_factory=lambda: ["summarization", "qa", "mc", "translation", "docs"])
+    steps: int = 2000
+    batch_size: int = 4
+    max_prompt_tokens: int = 192
+    max_continuation_tokens: int = 64
+    lr: float = 5e-3
+    budget_min: float = 0.05
+    budget_max: float = 0.5
+    temperature: float = 0.5
+    reg_lambda: float = 0.01
+    lora_rank: int = 0
+    lora_lr: float = 2e-4
+    bypass_rank: int = 0
+    bypass_lr: float = 2e-3
+    static_mix: float = 0.0
+    static_ranking: list[int] | None = None
+    init_routers: str | None = None
+    seed: int = 0
+    bf16: bool = True
+    threads: int | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    max_examples_per_task: int = 4000
+    balance_tasks: bool = False
+    docs_supplement: bool = False
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1
+    extra_data: str | None = None
+    n_static_examples: int = 64
+    force: bool = False
+    onpolicy_batch: int = 0
+    onpolicy_tokens: int = 48
+    onpolicy_temperature: float = 1.0
+    onpolicy_beta: float = 0.0
+    onpolicy_data: str = "tasks,broad"
+    set_noise: float = 0.0
+    device: str = "auto"
+    time_budget: float | None = None
+    checkpoint_format: str = "full"
+    resume_from: str | None = None
+    compile: bool = False
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"invalid training config: {msg}")
+
+        if self.steps < 1:
+            bad(f"steps must be >= 1; got {self.steps}")
+        if self.onpolicy_batch < 0:
+            bad(f"onpolicy_batch must be >= 0; got {self.onpolicy_batch}")
+        if self.batch_size < 0 or (self.batch_size == 0 and self.onpolicy_batch == 0):
+            bad(f"batch_size must be >= 1 (or 0 with onpolicy_batch > 0); got {self.batch_size}")
+        if self.onpolicy_tokens < 2:
+            bad(f"onpolicy_tokens must be >= 2 (the first sampled token is never changed by skipping); got "
+                f"{self.onpolicy_tokens}")
+        if not 0 <= self.onpolicy_temperature <= 10 or math.isnan(self.onpolicy_temperature):
+            bad(f"onpolicy_temperature must be in [0, 10] (0: greedy); got {self.onpolicy_temperature}")
+        if not 0 <= self.onpolicy_beta <= 1:
+            bad(f"onpolicy_beta (weight of the forward KL) must be in [0, 1]; got {self.onpolicy_beta}")
+        srcs = [x.strip() for x in self.onpolicy_data.split(",") if x.strip()]
+        if not srcs or any(x not in ONPOLICY_DATA for x in srcs):
+            bad(f"onpolicy_data must be a comma-separated subset of {ONPOLICY_DATA}; got {self.onpolicy_data!r}")
+        if not 0 <= self.set_noise <= 1:
+            bad(f"set_noise must be in [0, 1]; got {self.set_noise}")
+        if not 0 <= self.budget_min <= self.budget_max < 1:
+            bad(f"need 0 <= budget_min <= budget_max < 1; got {self.budget_min}, {self.budget_max}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            bad(f"lr must be > 0; got {self.lr}")
+        if self.temperature <= 0:
+            bad(f"temperature must be > 0; got {self.temperature}")
+        if self.reg_lambda < 0:
+            bad(f"reg_lambda must be >= 0; got {self.reg_lambda}")
+        if self.lora_rank < 0:
+            bad(f"lora_rank must be >= 0; got {self.lora_rank}")
+        if self.bypass_rank < 0:
+            bad(f"bypass_rank must be >= 0; got {self.bypass_rank}")
+        if self.bypass_lr <= 0 or not math.isfinite(self.bypass_lr):
+            bad(f"bypass_lr must be > 0; got {self.bypass_lr}")
+        if not 0 <= self.static_mix <= 1:
+            bad(f"static_mix must be in [0, 1]; got {self.static_mix}")
+        if self.static_mix > 0 and not self.static_ranking:
+            bad("static_mix > 0 needs a static ranking (--static-ranking)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if not 0 <= self.lr_final <= 1:
+            bad(f"lr_final (a fraction of the initial learning rates) must be in [0, 1]; got {self.lr_final}")
+        if self.docs_supplement and "docs" not in self.tasks:
+            bad("docs_supplement adds training data to the docs task, which is not among the tasks")
+        if self.extra_data and not Path(self.extra_data).is_file():
+            bad(f"extra_data file not found: {self.extra_data}")
+        if self.max_prompt_tokens < 2 or self.max_continuation_tokens < 2:
+            bad("max_prompt_tokens and max_continuation_tokens must be >= 2")
+        if not DEVICE_RE.fullmatch(str(self.device)):
+            bad(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            bad(f"time_budget must be a number of seconds > 0; got {self.time_budget}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            bad(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}; got {self.checkpoint_format!r}")
+        if self.checkpoint_every < 1:
+            bad(f"checkpoint_every must be >= 1; got {self.checkpoint_every}")
+        if self.resume_from and not Path(self.resume_from).is_file():
+            bad(f"resume_from checkpoint not found: {self.resume_from}")
+        out = Path(self.output)
+        for f in [out] + ([lora_path(out)] if self.lora_rank > 0 else []):
+            if f.exists() and not self.force and not self.resume and not self.resume_from:
+                bad(f"output file exists: {f}; pass --force to overwrite or --resume to continue")
+        if not out.parent.is_dir():
+            bad(f"output folder does not exist: {out.parent}")
+
+
+def preflight(cfg: "TrainConfig", needs_tasks: bool = True) -> None:
+    """Check the inputs that are cheap to check before anything costly (loading and dequantizing the model,
+    downloading 358 MB of task data): a GGUF that its reader cannot parse (truncated, not a GGUF), an
+    ``--init-routers`` file that does not load, task names. Raises ValueError naming the file or value."""
+    p = Path(cfg.model)
+    if p.is_file() and p.suffix == ".gguf":
+        import gguf
+
+        try:
+            gguf.GGUFReader(str(p))
+        except Exception as e:  # noqa: BLE001 - any reader failure means the file is not a usable GGUF
+            raise ValueError(f"model {p} is not a readable GGUF file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {e}") from None
+    elif not (p.is_dir() and (p / "config.json").exists()):
+        raise ValueError(f"model not found or not understood: {p}; expected a GGUF file or a Hugging Face "
+                         f"checkpoint directory with config.json")
+    if cfg.init_routers:
+        from ..convert.router_file import load_router_file
+
+        load_router_file(cfg.init_routers)  # RouterFileError (a ValueError) names the file
+    if needs_tasks:
+        from ..tasks import parse_tasks
+
+        parse_tasks(cfg.tasks)
+
+
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> "torch.device":
+    """The torch device of ``spec``: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
+    Under torchrun (``local_rank`` given) "auto" / "cuda" mean cuda:LOCAL_RANK. A ValueError naming the value
+    for anything else, and when CUDA is asked for but not available (or N is not a device here)."""
+    import torch
+
+    spec = str(spec)
+    if not DEVICE_RE.fullmatch(spec):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {spec!r}")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'a CPU-only build' if torch.version.cuda is None else 'no CUDA device found'}); "
+                         f"use --device cpu or auto")
+    n = torch.cuda.device_count()
+    idx = int(spec.split(":")[1]) if ":" in spec else (local_rank or 0)
+    if idx >= n:
+        raise ValueError(f"device {spec!r}: no CUDA device {idx} (this machine has {n})")
+    return torch.device("cuda", idx)
