@@ -25,6 +25,7 @@ llama-cpp-python's, token for token (tests/test_llama_dropin.py checks it agains
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +42,7 @@ import llama_cpp.llama as _stock  # noqa: E402  (after _lib, which loads the pat
 
 REPORT_KEY = "first_gguf"  # the response key (and every stream chunk's) that reports the skipped blocks
 SEQ = 0  # llama-cpp-python evaluates sequence 0 (LlamaBatch.set_batch)
+_GENERATE_SIG = inspect.signature(_stock.Llama.generate)
 
 
 class _Request:
@@ -275,23 +277,43 @@ class Llama(_stock.Llama):
     def generate(self, tokens, *args, skip_budget: float | None = None, skip_strategy: str | None = None,
                  **kwargs) -> Iterator[int]:
         """llama-cpp-python's generate(); with ``skip_budget`` / ``skip_strategy`` (checked here) the prompt
-        runs at full depth and the generated tokens with the chosen blocks skipped."""
+        runs at full depth and the generated tokens with the chosen blocks skipped. With ``reset=False``
+        ``tokens`` continue everything evaluated, as in llama-cpp-python: tokens evaluated with skipped blocks
+        before them are evaluated again at full depth (not dropped)."""
         if skip_budget is not None or skip_strategy is not None:
             st = self._first_request(skip_budget, skip_strategy)
         else:
             st, self._first_next = self._first_next or _Request(SkipRequest(0.0, "router", None)), None
-        return self._first_generate(st, super().generate(tokens, *args, **kwargs))
+        reset = _GENERATE_SIG.bind(self, tokens, *args, **kwargs).arguments.get("reset", True)
+        return self._first_generate(st, super().generate(tokens, *args, **kwargs), drop=bool(reset))
 
-    def _first_generate(self, st: _Request, inner):
-        self._first_drop_dirty()  # before llama-cpp-python's prefix matching
-        self._first_state = st
+    def _first_generate(self, st: _Request, inner, drop: bool = True):
+        """Runs ``inner`` with ``st`` as the request only while ``inner`` runs: between two tokens (a stream
+        kept but not finished, eval()/sample()/embed() by the caller) nothing is skipped."""
+        if drop:
+            self._first_drop_dirty()  # before llama-cpp-python's prefix matching
+        sent = None
         try:
-            yield from inner
+            while True:
+                prev, self._first_state = self._first_state, st
+                try:
+                    token = inner.send(sent)
+                except StopIteration:
+                    return
+                finally:
+                    self._first_state = prev
+                    if prev is None:
+                        self._first_set_mask(())
+                sent = yield token
         finally:
             inner.close()
-            if self._first_state is st:
-                self._first_state = None
-                self._first_set_mask(())
+
+    def reset(self) -> None:
+        """llama-cpp-python's reset(); outside a running request it also clears any skip state, so a
+        following eval() runs the full model."""
+        super().reset()
+        if getattr(self, "_first_state", None) is None and getattr(self, "_first_mask", ()):
+            self._first_set_mask(())
 
     def save_state(self) -> _stock.LlamaState:
         """llama-cpp-python's state, without a dirty tail (the K/V cells past ``n_tokens`` are never read:

@@ -251,7 +251,7 @@ def check_skip_request(path, info: GGUFInfo, n_layer: int, supports_skip: bool, 
                          f"skip_budget=0 is possible")
     if layers is None and budget > 0:
         if skip_strategy == "router" and n_routers == 0:
-            hint = " (try skip_strategy='static')" if info.static_rankings else ""
+            hint = " (try skip_strategy='static')" if info.static_rankings else " and the model has neither routers nor a static ranking (first.static_rankings) for 'auto'/'static': use skip_strategy='last' or 'random', or attach a router sidecar"
             raise ValueError(f"{path} has no router tensors (blk.N.router.weight); "
                              f"skip_budget={budget:g} needs routers{hint}")
         if skip_strategy == "static" and not info.static_rankings:

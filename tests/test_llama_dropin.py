@@ -358,3 +358,62 @@ def test_unsupported_architecture_refuses_skipping(base_gguf, tmp_path):
             m.create_completion(P1, max_tokens=2, skip_budget=0.2, skip_strategy="last")
     finally:
         m.close()
+
+
+# ------------------------------------------------------------------- low-level use after skipped requests
+def test_generate_without_reset_keeps_the_skipped_tokens(llm):
+    """generate(reset=False) after a skipped generate continues after everything evaluated, as stock does:
+    the tokens evaluated with skipped blocks stay in the context, evaluated again at full depth."""
+    toks = llm.tokenize(b"Once upon a time, in a land far away,")
+    g = llm.generate(toks, temp=0.0, repeat_penalty=1.0, skip_budget=0.3)
+    first = list(itertools.islice(g, 3))
+    g.close()
+    assert llm.input_ids[:llm.n_tokens].tolist() == toks + first[:2]  # the third was sampled, never evaluated
+    cont = list(itertools.islice(llm.generate([11], temp=0.0, repeat_penalty=1.0, reset=False), 4))
+    ctx = toks + first[:2] + [11]
+    assert llm.input_ids[:llm.n_tokens].tolist() == ctx + cont[:3]
+    assert llm._first_n_clean == llm.n_tokens  # all of it at full depth
+    # the same tokens from the full model with nothing cached: a reused skipped K/V would differ
+    llm.reset()
+    assert list(itertools.islice(llm.generate(ctx, temp=0.0, repeat_penalty=1.0), 4)) == cont
+
+
+def _low_level(llm, toks, n=6):
+    """llama-cpp-python's low-level loop (its README): reset, eval the prompt, sample and eval."""
+    llm.reset()
+    llm.eval(toks)
+    out = []
+    for _ in range(n):
+        t = llm.sample(temp=0.0, repeat_penalty=1.0)
+        out.append(t)
+        llm.eval([t])
+    return out
+
+
+def test_a_kept_skipped_stream_does_not_skip_low_level_evaluation(llm):
+    """A skipped stream that is kept but not finished (a client that went away) does not leave its blocks
+    skipped: eval()/sample() and embeddings between its chunks run the full model, prompt included."""
+    toks = llm.tokenize(P1.encode())
+    base = _low_level(llm, toks)
+    st = llm.create_completion("Once upon a time", max_tokens=20, temperature=0.0, stream=True, skip_budget=0.5)
+    chunks = [next(st), next(st)]
+    assert chunks[0][REPORT_KEY]["skipped_layers"]
+    assert _low_level(llm, toks) == base
+    g = llm.generate(llm.tokenize(b"Once upon a time"), temp=0.0, skip_budget=0.5)
+    next(g)
+    llm.reset()
+    assert llm._first_state is None and llm._first_mask == ()
+    assert _low_level(llm, toks) == base
+    g.close()
+    st.close()
+    assert _low_level(llm, toks) == base
+
+
+def test_auto_without_routers_or_rankings_says_so(base_gguf):
+    m = Llama(str(base_gguf), **OPTS)
+    try:
+        assert not m.static_rankings
+        with pytest.raises(ValueError, match="neither routers nor a static ranking.*'last'.*'random'"):
+            m.create_completion(P1, max_tokens=2, skip_budget=0.2, skip_strategy="auto")
+    finally:
+        m.close()
