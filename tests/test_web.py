@@ -346,8 +346,109 @@ def test_stop_in_side_by_side_keeps_the_full_models_partial_reply(server, browse
                                                  '<ol start="3" style="white-space: pre-wrap;"><li>three</li>'
                                                  "<li>four</li></ol>"),
     ("# T `<x>`", "<h1>T <code>&lt;x&gt;</code></h1>"),
+    # CommonMark: a closing # run needs a space before it; only a list starting at 1 interrupts a paragraph
+    ("## Using C#\n# F# and C# ##", "<h2>Using C#</h2><h1>F# and C#</h1>"),
+    ("I was born in\n1999. It was fine", "<p>I was born in\n1999. It was fine</p>"),
+    ("Steps:\n1. one\n2. two", '<p>Steps:</p><ol style="white-space: pre-wrap;"><li>one</li><li>two</li></ol>'),
+    ("1234567890. ten digits", "<p>1234567890. ten digits</p>"),
 ])
 def test_markdown_renderer(server, browser, src, html):
     page = open_page(browser, server)
     assert page.evaluate("src => window.renderMarkdown(src).innerHTML", src) == html
+    page.context.close()
+
+
+def test_reload_during_a_reply_keeps_its_text(server, browser):
+    """The conversation is saved while a reply streams: a reload keeps the text it had (marked interrupted),
+    and the next message sends it as the assistant turn, never an empty one."""
+    page = open_page(browser, server, max_tokens=1500)
+    page.fill("#input", "Write a very long story about a dragon who learns to cook, with many chapters.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 40", timeout=60_000)
+    page.wait_for_function("""() => { const s = JSON.parse(sessionStorage.getItem('first-gguf-chat'));
+        return s.turns[0].replies[0].content.length > 20; }""", timeout=5_000)  # saved as it streams
+    page.reload()
+    page.evaluate("window.defaultsLoaded")
+    partial = stored(page)[0]["replies"][0]["content"]
+    assert len(partial) > 20 and page.inner_text(".msg.assistant").strip()
+    assert page.get_attribute(".meta", "data-state") == "interrupted"
+    assert "interrupted by a reload" in page.inner_text(".meta")
+    settings(page, max_tokens=6)
+    seen = bodies(page)
+    send(page, "Say hi.", timeout=60_000)
+    assert seen[0]["messages"][1] == {"role": "assistant", "content": partial}
+    assert page.errors == []
+    page.context.close()
+
+
+def hold_requests(page, hold):
+    """Answer the page's chat requests with a canned reply naming their budget ("reply at 0.2"), except those
+    ``hold(body)`` picks: they never get an answer (a reply before its first token)."""
+    held = []
+
+    def handle(route):
+        body = json.loads(route.request.post_data)
+        if hold(body):
+            held.append(route)
+        else:
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                          body=canned_stream(f"reply at {body['skip_budget']}"))
+    page.route("**/v1/chat/completions", handle)
+    return held
+
+
+def test_a_reply_stopped_before_its_first_token_is_not_sent_as_an_empty_turn(server, browser):
+    page = open_page(browser, server)
+    seen = bodies(page)
+    held = hold_requests(page, lambda body: len(body["messages"]) == 1 and body["messages"][0]["content"] == "q1")
+    page.fill("#input", "q1")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('send').textContent === 'stop'")
+    page.wait_for_timeout(300)
+    page.click("#send")
+    page.wait_for_selector('.meta[data-state="stopped"]', timeout=10_000)
+    assert len(held) == 1
+    send(page, "q2")
+    assert seen[-1]["messages"] == [{"role": "user", "content": "q2"}]
+    send(page, "q3")
+    assert seen[-1]["messages"] == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "reply at 0"},
+                                    {"role": "user", "content": "q3"}]
+    assert page.errors == []
+    page.context.close()
+
+
+def test_side_by_side_stop_or_reload_before_the_skipping_reply_keeps_the_full_reply(server, browser):
+    """Side by side: a stop, or a reload, after the full model's reply and before the skipping reply's first
+    token keeps the full model's complete reply in the conversation (not an empty one)."""
+    page = open_page(browser, server)
+    settings(page, budget=0.2, sbs=True)
+    seen = bodies(page)
+    held = hold_requests(page, lambda body: body["skip_budget"] > 0 and body["messages"][-1]["content"] in ("q1", "q2"))
+    page.fill("#input", "q1")
+    page.click("#send")
+    page.wait_for_function("() => document.querySelectorAll('.col .meta')[0].dataset.state === 'done' && "
+                           "document.querySelectorAll('.col .meta')[1].dataset.state === 'running'")
+    page.wait_for_timeout(300)
+    page.click("#send")  # stop before the skipping reply's first token
+    page.wait_for_selector('.col .meta[data-state="stopped"]', timeout=10_000)
+    cols = page.locator('.turn[data-turn="0"] .pair .col')
+    assert cols.nth(0).locator(".msg.assistant").inner_text().strip() == "reply at 0"
+    assert cols.nth(0).locator(".kept").is_visible() and not cols.nth(1).locator(".kept").is_visible()
+    page.fill("#input", "q2")  # a reload while the skipping reply waits for its first token
+    page.click("#send")
+    page.wait_for_function("() => { const m = document.querySelectorAll('.turn[data-turn=\"1\"] .col .meta');"
+                           " return m.length === 2 && m[0].dataset.state === 'done' && m[1].dataset.state === 'running'; }")
+    page.wait_for_timeout(300)
+    page.reload()
+    page.evaluate("window.defaultsLoaded")
+    settings(page)
+    assert len(held) == 2
+    cols = page.locator('.turn[data-turn="1"] .pair .col')
+    assert cols.nth(0).locator(".kept").is_visible() and not cols.nth(1).locator(".kept").is_visible()
+    seen = bodies(page)
+    send(page, "q3")
+    full = {"role": "assistant", "content": "reply at 0"}
+    assert seen[0]["messages"] == [{"role": "user", "content": "q1"}, full, {"role": "user", "content": "q2"}, full,
+                                   {"role": "user", "content": "q3"}]
+    assert page.errors == []
     page.context.close()
