@@ -233,7 +233,7 @@ def _log(msg: str) -> None:
 
 
 def _prompts(n: int, seed: int) -> list[str]:
-    from .broad import chat_prompts
+    from .datasets.broad import chat_prompts
 
     rows = chat_prompts()
     idx = np.random.default_rng(seed).permutation(len(rows))[:n]
@@ -405,7 +405,7 @@ def budget_sets(ranking: list[int], n_layer: int, budgets) -> list[list[int]]:
 
 
 def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base, replies: list[dict],
-                    sets: list[list[int]], *, rank: int, ridge: float, rounds: int = 2, n_fit: int | None = None,
+                    sets: list[list[int]], *, rank: int, ridge: float, n_fit: int | None = None,
                     n_val: int = 0, threads: int | None = None, eps: float | None = None) -> tuple[dict, dict]:
     """Refit the bypasses of the blocks in ``sets`` on the states decoding with those sets sees.
 
@@ -413,15 +413,19 @@ def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base
     h_{b+1} - h_b. When several blocks are skipped, block b's input is the *skipped* model's state,
     which the upstream bypasses only approximate, and the errors add up along the stream. Here each
     block's bypass is fitted instead on (a) its input as decoding sees it with each skip set that holds
-    it (prompt at full depth, the reply teacher-forced with the set's blocks skipped and the current
-    bypasses on) to (b) the full model's state after the block, h^full_{b+1}: the bypass also corrects
-    what upstream skipping lost. One bypass serves every budget, so the sets' states are pooled.
-    The fits of all blocks in a round use the previous round's bypasses upstream (a Jacobi sweep);
-    ``rounds`` sweeps. ``base``: a RouterFile whose bypasses start the sweep (and are kept for blocks
-    outside the sets). Resumable: each round's result is saved in ``work``.
+    it (prompt at full depth, the reply teacher-forced with the set's blocks skipped and the bypasses on)
+    to (b) the full model's state after the block, h^full_{b+1}: the bypass also corrects what upstream
+    skipping lost. One bypass serves every budget, so the sets' states are pooled.
 
-    Returns (bypasses {block: (down, up)} at ``rank``, report); the report holds, per round, the
-    teacher-forced KL(skip || full) of each set on ``n_val`` replies after the fitting ones.
+    The blocks are refitted one at a time in block order (Gauss-Seidel): block b's inputs are taken with
+    the upstream bypasses already refitted. Refitting all blocks at once from the same states (Jacobi)
+    corrects every upstream error once per block of a span, and measured worse on Qwen2.5-Coder-1.5B
+    (held-out teacher-forced KL at skip_budget 0.2: 0.256 -> 0.301). Costs one pass over the replies per
+    block and set. ``base``: a RouterFile whose bypasses start the sweep (and are kept for blocks outside
+    the sets). Resumable: each block's result is saved in ``work`` as it is fitted.
+
+    Returns (bypasses {block: (down, up)} at ``rank``, report); the report holds the teacher-forced
+    KL(skip || full) of each set on the ``n_val`` replies after the fitting ones, before and after.
     """
     import dataclasses
 
@@ -438,7 +442,6 @@ def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base
         raise ValueError(f"refine_bypasses: n_fit {n_fit} + n_val {n_val} must be <= the {len(replies)} replies")
     if eps is None:
         eps, _ = _norm_facts(model_path, base.n_layer)
-    layers = sorted(set(blocks) | {b + 1 for b in blocks})
     d = base.n_embd
     current = {b: (np.asarray(dn, np.float32), np.asarray(up, np.float32)) for b, (dn, up) in base.bypasses.items()}
 
@@ -460,60 +463,65 @@ def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base
         finally:
             m.close()
 
-    report = {"sets": sets, "blocks": blocks, "n_fit": n_fit, "n_val": n_val, "rank": rank, "rounds": []}
+    keys = ("sets", "n_fit", "n_val", "rank", "ridge")
+    report = {"sets": sets, "blocks": blocks, "n_fit": n_fit, "n_val": n_val, "rank": rank, "ridge": ridge,
+              "order": "gauss-seidel", "r2": {}}
     rep_path = work / "refine-report.json"
     if rep_path.exists():
         old = json.loads(rep_path.read_text())
-        if {k: old.get(k) for k in ("sets", "n_fit", "n_val", "rank")} == {k: report[k] for k in ("sets", "n_fit", "n_val", "rank")}:
-            report = old
-    if n_val and not report["rounds"]:
-        report["rounds"].append({"round": 0, "val_kl": val_kl(sidecar(current, "refine-r0"))})
-        _log(f"refine: round 0 (fit's bypasses) val KL per set {report['rounds'][0]['val_kl']}")
-        rep_path.write_text(json.dumps(report, indent=1))
-    for rnd in range(1, rounds + 1):
-        out_path = work / f"refine-r{rnd}.safetensors"
+        if {k: old.get(k) for k in keys} != {k: report[k] for k in keys}:
+            raise ValueError(f"{work} holds a refinement with other settings; use another work folder")
+        report = old
+    save = lambda: rep_path.write_text(json.dumps(report, indent=1))  # noqa: E731
+    if n_val and "val_kl_before" not in report:
+        report["val_kl_before"] = val_kl(sidecar(current, "refine-before"))
+        _log(f"refine: held-out KL per set before {report['val_kl_before']}")
+        save()
+    full_cache: dict[int, dict[int, np.ndarray]] = {}  # reply -> {block: full-depth input}
+    targets = sorted({b + 1 for b in blocks})
+    for b in blocks:
+        out_path = work / f"refine-b{b}.safetensors"
         if out_path.exists():
-            current.update(load_router_file(out_path).bypasses)
+            current[b] = load_router_file(out_path).bypasses[b]
             continue
-        mom_path = work / f"refine-r{rnd}-moments.npz"
-        mom = Moments.load(mom_path) if mom_path.exists() else Moments(blocks, d)
-        side = sidecar(current, f"refine-in-r{rnd}")
-        m = Model(model_path, n_ctx=2048, n_threads=threads, routers=side, verbose=False)
+        b_sets = [s for s in sets if b in s]
+        mom_path = work / f"refine-b{b}-moments.npz"
+        mom = Moments.load(mom_path) if mom_path.exists() else Moments([b], d)
+        m = Model(model_path, n_ctx=2048, n_threads=threads, routers=sidecar(current, f"refine-in-b{b}"),
+                  verbose=False)
         t0 = time.time()
         try:
             for i in range(mom.n_prompts, n_fit):
                 r = replies[i]
-                outs = m.continuation_layer_inputs(r["prompt_tokens"], r["reply_tokens"], layers, [[]] + sets)
-                full = outs[0]
-                n = len(r["reply_tokens"])
-                for s, st in zip(sets, outs[1:]):
-                    for b in s:
-                        x = rmsnorm(st[b], eps)
-                        dlt = (full[b + 1] - st[b]).astype(np.float32)
-                        mom.xx[b] += (x.T @ x).astype(np.float64)
-                        mom.xd[b] += (x.T @ dlt).astype(np.float64)
-                        mom.dd[b] += float(np.sum(dlt.astype(np.float64) ** 2))
-                mom.n += n  # a common scale for every block (solve_bypass is invariant to it)
+                need_full = i not in full_cache
+                outs = m.continuation_layer_inputs(r["prompt_tokens"], r["reply_tokens"],
+                                                   sorted(set(targets) | {b}) if need_full else [b],
+                                                   ([[]] if need_full else []) + b_sets)
+                if need_full:
+                    full_cache[i] = outs.pop(0)
+                for st in outs:
+                    x = rmsnorm(st[b], eps)
+                    dlt = (full_cache[i][b + 1] - st[b]).astype(np.float32)
+                    mom.xx[b] += (x.T @ x).astype(np.float64)
+                    mom.xd[b] += (x.T @ dlt).astype(np.float64)
+                    mom.dd[b] += float(np.sum(dlt.astype(np.float64) ** 2))
+                    mom.n += len(x)
                 mom.n_prompts += 1
                 if (i + 1) % 32 == 0 or i + 1 == n_fit:
                     mom.save(mom_path)
-                    _log(f"refine round {rnd}: replies {i + 1}/{n_fit} ({time.time() - t0:.0f} s this run)")
+                    _log(f"refine block {b}: replies {i + 1}/{n_fit} ({time.time() - t0:.0f} s this run)")
         finally:
             m.close()
-        new, r2 = {}, {}
-        for b in blocks:
-            dn, up, r2[b] = solve_bypass(mom.xx[b], mom.xd[b], mom.dd[b], mom.n, rank, ridge)
-            new[b] = (dn, up)
-        current.update(new)
-        rf = dataclasses.replace(base, bypasses={b: current[b] for b in blocks})
-        save_router_file(out_path, rf, force=True)
-        entry = {"round": rnd, "r2": {str(b): round(v, 4) for b, v in r2.items()}}
-        _log(f"refine round {rnd}: R^2 " + " ".join(f"{b}:{v:.2f}" for b, v in r2.items()))
-        if n_val:
-            entry["val_kl"] = val_kl(sidecar(current, f"refine-r{rnd}"))
-            _log(f"refine round {rnd}: val KL per set {entry['val_kl']}")
-        report["rounds"].append(entry)
-        rep_path.write_text(json.dumps(report, indent=1))
+        dn, up, r2 = solve_bypass(mom.xx[b], mom.xd[b], mom.dd[b], mom.n, rank, ridge)
+        current[b] = (dn, up)
+        save_router_file(out_path, dataclasses.replace(base, bypasses={b: (dn, up)}), force=True)
+        report["r2"][str(b)] = round(r2, 4)
+        _log(f"refine block {b}: R^2 {r2:.3f} on {mom.n} states")
+        save()
+    if n_val and "val_kl_after" not in report:
+        report["val_kl_after"] = val_kl(sidecar(current, "refine-after"))
+        _log(f"refine: held-out KL per set after {report['val_kl_after']}")
+        save()
     return {b: current[b] for b in blocks}, report
 
 

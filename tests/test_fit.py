@@ -184,8 +184,8 @@ def test_continuation_layer_inputs_are_what_decoding_sees(tmp_path, base_gguf):
 
 def test_refine_bypasses_fits_on_skipped_states_and_resumes(tmp_path, base_gguf, monkeypatch):
     """The first block of every set sees full-depth inputs, so its refit is fit()'s own regression on the
-    same replies (an independent Moments solve); the later blocks differ; each round's result and report
-    are cached and a rerun computes nothing."""
+    same replies (an independent Moments solve); each block's result and the report are cached and a rerun
+    computes nothing; other settings in the same folder are refused."""
     import first_gguf
     from first_gguf import model as model_mod
     from first_gguf.convert.router_file import RouterFile, load_router_file
@@ -209,24 +209,26 @@ def test_refine_bypasses_fits_on_skipped_states_and_resumes(tmp_path, base_gguf,
                                                         (rng.standard_normal((d, 4)) * 0.01).astype(np.float32))
                                                     for b in (8, 9, 20)})
     sets = [[8, 9], [8, 9, 10]]
-    byp, rep = refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=4, ridge=1e-3, rounds=1, n_fit=3,
-                               n_val=1, threads=1, eps=eps)
+    byp, rep = refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=4, ridge=1e-3, n_fit=3, n_val=1,
+                               threads=1, eps=eps)
     assert sorted(byp) == [8, 9, 10] and byp[8][0].shape == (4, d) and byp[8][1].shape == (d, 4)
     ref = Moments([8], d)
     for st in states[:3]:
         ref.add(st, slice(0, len(st[8])), eps)
     dn, up, _ = solve_bypass(ref.xx[8], ref.xd[8], ref.dd[8], ref.n, 4, 1e-3)
     np.testing.assert_allclose(byp[8][1] @ byp[8][0], up @ dn, rtol=0, atol=2e-2 * np.abs(up @ dn).max())
-    assert [r["round"] for r in rep["rounds"]] == [0, 1] and len(rep["rounds"][1]["val_kl"]) == 2
-    assert all(v >= 0 for v in rep["rounds"][0]["val_kl"])
-    saved = load_router_file(tmp_path / "refine-r1.safetensors")
-    assert sorted(saved.bypasses) == [8, 9, 10]
+    assert len(rep["val_kl_before"]) == 2 and len(rep["val_kl_after"]) == 2 and sorted(rep["r2"]) == ["10", "8", "9"]
+    assert all(v >= 0 for v in rep["val_kl_before"] + rep["val_kl_after"])
+    for b in (8, 9, 10):
+        assert np.array_equal(load_router_file(tmp_path / f"refine-b{b}.safetensors").bypasses[b][0], byp[b][0])
 
     def boom(*a, **k):
-        raise AssertionError("a finished round was computed again")
+        raise AssertionError("a finished block was computed again")
 
     monkeypatch.setattr(model_mod.Model, "continuation_layer_inputs", boom)
     monkeypatch.setattr(model_mod.Model, "score_tokens", boom)
-    byp2, rep2 = refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=4, ridge=1e-3, rounds=1, n_fit=3,
+    byp2, rep2 = refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=4, ridge=1e-3, n_fit=3,
                                  n_val=1, threads=1, eps=eps)
     assert rep2 == rep and all(np.array_equal(byp2[b][0], byp[b][0]) for b in byp)
+    with pytest.raises(ValueError, match="other settings"):
+        refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=2, ridge=1e-3, n_fit=3, n_val=1, eps=eps)
