@@ -452,3 +452,16 @@ def test_side_by_side_stop_or_reload_before_the_skipping_reply_keeps_the_full_re
                                    {"role": "user", "content": "q3"}]
     assert page.errors == []
     page.context.close()
+
+
+def test_markdown_with_many_unclosed_delimiters_renders_in_linear_time(server, browser):
+    """Unclosed ** / * / _ (x**2, globs) in a long reply: each opener no longer scans to the end of the text
+    (0.55 s per redraw at 32 KB before; the reply is redrawn every frame while it streams)."""
+    page = open_page(browser, server)
+    for src in ("**a " * 32_000, "*a " * 32_000, "_a " * 32_000, "x** " + "**a " * 32_000, "**b** " + "*a " * 32_000):
+        # about 100 KB in one paragraph: seconds when quadratic; the closed ** and the text around stay as they were
+        ms, text, n = page.evaluate("""src => { const t = performance.now(); const d = window.renderMarkdown(src);
+            return [performance.now() - t, d.textContent, d.querySelectorAll('strong, em').length]; }""", src)
+        assert text.strip() == src.strip().replace("**b**", "b") and n == src.startswith("**b**"), src[:12]
+        assert ms < 1500, (src[:12], ms)
+    page.context.close()
