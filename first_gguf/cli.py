@@ -748,7 +748,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     """Quality per task/source, strategy and budget (extra NLL, agreement, task metric; on-policy KL and
     repetition with --measures), speed, plots; then a table of the means per group."""
     from .evaluate import EvalConfig, evaluate, measures_table, parse_measures, summary_table
-    from .heldout import parse_heldout
+    from .datasets.heldout import parse_heldout
 
     bs = _parse_budgets(budgets)
     # before loading the model, so a typo fails at once

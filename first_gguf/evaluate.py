@@ -24,7 +24,7 @@ same runtime, the measures asked for (``EvalConfig.measures``):
 
 and which blocks were skipped (for the per-task heatmap). Rows belong to a group:
 ``in-distribution`` (a task's test or dev split) or ``held-out source``
-(``first_gguf.heldout``: sources no training set draws from).
+(``first_gguf.datasets.heldout``: sources no training set draws from).
 
 Strategies: ``full`` (budget 0), ``router``, ``static`` (the GGUF's default
 ranking), any stored ranking by name (``block_influence``, ``router_mean``,
@@ -49,12 +49,12 @@ from typing import Callable
 
 import numpy as np
 
+from .datasets.heldout import load_heldout, parse_heldout
+from .datasets.tasks import TASKS, Example, load_task, parse_tasks, split
 from .default_model import _sha256
-from .heldout import load_heldout, parse_heldout
 from .measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
                        pool_repetition)
 from .model import Model
-from .tasks import TASKS, Example, load_task, parse_tasks, split
 
 STRATEGIES_BUILTIN = ("full", "router", "static", "random", "last")
 MEASURES = ("nll", "onpolicy", "repetition")
@@ -130,7 +130,7 @@ class EvalConfig:
         budgets, strategies: skip budgets and strategies (budget 0: the ``full`` rows).
         n_examples: examples per task; n_heldout: per held-out source (None: n_examples).
         gen_tokens: greedy tokens for agreement and the task metric (``nll``).
-        heldout: held-out sources (``first_gguf.heldout``), evaluated next to the tasks.
+        heldout: held-out sources (``first_gguf.datasets.heldout``), evaluated next to the tasks.
         measures: some of ``nll``, ``onpolicy``, ``repetition``.
         onpolicy_tokens: most tokens per sampled reply (``onpolicy``); seed: its sampler seed.
         greedy_tokens: most tokens per greedy reply (``repetition``).

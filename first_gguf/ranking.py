@@ -22,8 +22,6 @@ followed by the remaining blocks by single-block cost.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import platform
 import random
 import sys
@@ -32,52 +30,14 @@ from typing import Callable
 
 import numpy as np
 
+from .datasets.common import docstrings
 from .model import Model
-
-DOC_MODULES = ["json", "os", "pathlib", "collections", "itertools", "functools", "re", "string", "textwrap",
-               "datetime", "statistics", "random", "math", "shutil", "subprocess", "argparse", "logging",
-               "csv", "heapq", "bisect", "tempfile", "zipfile", "tarfile", "inspect", "typing", "dataclasses"]
-
-
-def documented_objects(modules, *, methods: bool = False):
-    """(qualified name, object) for the public functions, classes and builtins of ``modules``; with
-    ``methods`` also each class's public callables, right after the class. Modules that do not import
-    are skipped."""
-    import warnings
-
-    for modname in modules:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        for name in sorted(dir(mod)):
-            if name.startswith("_"):
-                continue
-            obj = getattr(mod, name, None)
-            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            yield f"{modname}.{name}", obj
-            if methods and inspect.isclass(obj):
-                for m, v in sorted(vars(obj).items()):
-                    if not m.startswith("_") and callable(v):
-                        yield f"{modname}.{name}.{m}", v
-
-
-def _docstrings(min_chars: int = 500) -> list[tuple[str, str]]:
-    out = []
-    for qual, obj in documented_objects(DOC_MODULES):
-        doc = inspect.getdoc(obj) or ""
-        if len(doc) >= min_chars and doc.isascii():
-            out.append((qual, " ".join(doc.split())))
-    return out
 
 
 def calibration_examples(model: Model, n_examples: int, *, seed: int = 0, reply_tokens: int = 48
                          ) -> list[tuple[str, str, str]]:
     """(kind, prompt, continuation) triples; chat replies are the full-depth model's own."""
-    docs = _docstrings()
+    docs = docstrings()
     if len(docs) < n_examples:
         raise ValueError(f"only {len(docs)} calibration docstrings found; asked for {n_examples}")
     rng = random.Random(seed)
@@ -104,8 +64,9 @@ CRITERIA = ("nll", "onpolicy")
 
 def onpolicy_calibration_prompts(n: int, seed: int = 0) -> list[str]:
     """Calibration prompts for the on-policy criterion: drawn from the broad training prompts
-    (first_gguf.broad: BIG-bench tasks, manual-page questions), never from the held-out evaluation sources."""
-    from .broad import broad_prompts
+    (first_gguf.datasets.broad: BIG-bench tasks, manual-page questions), never from the held-out evaluation
+    sources."""
+    from .datasets.broad import broad_prompts
 
     pool = [r["prompt"] for r in broad_prompts(seed=0) if len(r["prompt"]) <= 600]
     if len(pool) < n:

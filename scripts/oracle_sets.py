@@ -47,7 +47,7 @@ def load_rows(path: Path) -> list[dict]:
 
 def measure(args) -> None:
     import first_gguf
-    from first_gguf.heldout import load_heldout
+    from first_gguf.datasets.heldout import load_heldout
     from first_gguf.measures import onpolicy_kl
 
     sets = [parse_set(s) for s in args.sets]

@@ -32,14 +32,14 @@ import sys
 from pathlib import Path
 
 import first_gguf
-from first_gguf.tasks import load_task, split
+from first_gguf.datasets.tasks import load_task, split
 
 SOURCES = ("summarization", "qa", "mc", "docs", "translation")
 
 
 def linux_prompts() -> list[tuple[dict, ...]]:
-    """Questions about the commands of section 1 of the installed manual pages (first_gguf.broad)."""
-    from first_gguf.broad import linux_prompts as questions
+    """Questions about the commands of section 1 of the installed manual pages (first_gguf.datasets.broad)."""
+    from first_gguf.datasets.broad import linux_prompts as questions
 
     out = [({"role": "user", "content": r["prompt"]},) for r in questions()]
     if not out:

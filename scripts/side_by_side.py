@@ -7,7 +7,7 @@ without the adapters (plain skipping, `--no-bypass`); the static ranking + bypas
 `--decode-lora FILE`, also routers and static ranking + bypasses + that decode-only LoRA.
 
 On top, a loop measure over the first `--n-prompts` everyday prompts of the held-out source `everyday`
-(`first_gguf.heldout.EVERYDAY_PROMPTS`, 24 by default: the prompts of the earlier pages; the page shows the
+(`first_gguf.datasets.heldout.EVERYDAY_PROMPTS`, 24 by default: the prompts of the earlier pages; the page shows the
 first 8 in full), the same as `first-gguf eval --measures repetition` (`first_gguf.measures`): the share of
 a reply's token 4-grams that repeat an earlier one in the same reply (0 = no repeated phrase; a reply stuck
 in a loop approaches 1), averaged over prompts, and the share of replies with more than 20%; the longest
@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 import first_gguf
-from first_gguf.heldout import EVERYDAY_PROMPTS
+from first_gguf.datasets.heldout import EVERYDAY_PROMPTS
 from first_gguf.measures import LONG_RUN, LOOP_SHARE, repetition_stats
 
 PROMPTS = list(EVERYDAY_PROMPTS[:8])  # shown in full on the page

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 import first_gguf
-from first_gguf.heldout import load_heldout
+from first_gguf.datasets.heldout import load_heldout
 from first_gguf.measures import complete, prompt_seed, prompt_tokens
 
 TAUS = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25]

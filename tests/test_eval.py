@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from first_gguf import evaluate as ev
-from first_gguf.tasks import Example
+from first_gguf.datasets.tasks import Example
 
 
 def _examples(task):

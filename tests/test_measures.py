@@ -1,4 +1,4 @@
-"""Measures users feel (first_gguf.measures) and the held-out sources (first_gguf.heldout).
+"""Measures users feel (first_gguf.measures) and the held-out sources (first_gguf.datasets.heldout).
 
 Repetition on hand-made token lists; on-policy KL on the tiny random model against an independent
 computation from Model.score_tokens; the held-out loader, and that no training path can load it.
@@ -13,10 +13,10 @@ import json
 import numpy as np
 import pytest
 
-from first_gguf import heldout
+from first_gguf.datasets import heldout
 from first_gguf.measures import (greedy_repetition, longest_run, onpolicy_kl, repeated_ngram_share,
                                  repeated_word_ngram_share, repetition_stats)
-from first_gguf.tasks import HELDOUT_SOURCES, is_reserved, load_task, parse_tasks, read_examples_jsonl
+from first_gguf.datasets.tasks import HELDOUT_SOURCES, is_reserved, load_task, parse_tasks, read_examples_jsonl
 
 PROMPTS = ["The quick brown fox", "Return the sum of the values", "Open the file and read"]
 
@@ -186,7 +186,7 @@ def test_load_heldout_news_and_yesno_from_task_files(tmp_path, monkeypatch):
         p.write_text(json.dumps(files[members[member]]))
         return p
 
-    monkeypatch.setattr(heldout, "_bigbench_file", fake_file)
+    monkeypatch.setattr(heldout, "bigbench_file", fake_file)
     (news,) = heldout.load_heldout("news")  # the example without a summary is dropped
     body = news.messages[0]["content"]
     assert body.startswith("Summarize this news article in one sentence:\nSentence number 0 ")

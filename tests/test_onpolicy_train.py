@@ -194,8 +194,8 @@ def test_chat_prompts_kept_apart_from_everyday():
     aside), and no prompt is an everyday prompt."""
     import re
 
-    from first_gguf.broad import CHAT_TASKS, CHAT_TOPICS, chat_prompts
-    from first_gguf.heldout import EVERYDAY_PROMPTS
+    from first_gguf.datasets.broad import CHAT_TASKS, CHAT_TOPICS, chat_prompts
+    from first_gguf.datasets.heldout import EVERYDAY_PROMPTS
 
     def words(s):
         return {w for w in re.findall(r"[a-z]+", s.lower()) if len(w) > 3}
@@ -213,7 +213,7 @@ def test_chat_prompts_kept_apart_from_everyday():
 def test_broad_prompts_leave_out_heldout_and_task_sources():
     """No broad prompt comes from a held-out evaluation source (news = xsum, yesno = strategyqa, German
     text), from a task's own source, or from another subtask over the qa task's passages."""
-    from first_gguf.broad import excluded
+    from first_gguf.datasets.broad import excluded
 
     for name in ("gem/xsum", "strategyqa", "gem/mlsum_de", "gender_inclusive_sentences_german",
                  "salient_translation_error_detection", "social_iqa", "gem/wikilingua_en",

@@ -197,13 +197,13 @@ def test_bad_config_and_data(tmp_path, tiny):
         train(TrainConfig(model=str(tmp_path / "missing"), output=base["output"]), sequences=[], progress=False)
     with pytest.raises(ValueError, match="no training sequences"):
         train(TrainConfig(**base), sequences=[], progress=False)
-    from first_gguf.tasks import parse_tasks
+    from first_gguf.datasets.tasks import parse_tasks
 
     with pytest.raises(ValueError, match="reserved"):
         parse_tasks("summarization,xsum")
     with pytest.raises(ValueError, match="unknown task 'cooking'"):
         parse_tasks("cooking")
-    from first_gguf.tasks import is_reserved
+    from first_gguf.datasets.tasks import is_reserved
 
     # German only as a whole word: "self-student" and "decode" contain "de" and are not reserved
     assert [is_reserved(t) for t in ("de", "translation-de", "en_de", "gem/xsum", "XSum", "strategyqa_cot")] == [True] * 6
@@ -312,7 +312,7 @@ def test_lr_schedule_task_balance_and_docs_supplement(tmp_path, tiny):
 
 
 def test_docs_supplement_is_disjoint_from_the_docs_task():
-    from first_gguf.tasks import docs_supplement, load_task
+    from first_gguf.datasets.tasks import docs_supplement, load_task
 
     task = load_task("docs")
     extra = docs_supplement()
@@ -326,7 +326,7 @@ def test_docs_supplement_is_disjoint_from_the_docs_task():
 
 
 def test_extra_data_jsonl(tmp_path, tiny):
-    from first_gguf.tasks import read_examples_jsonl
+    from first_gguf.datasets.tasks import read_examples_jsonl
 
     good = tmp_path / "extra.jsonl"
     good.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "target": "Hello there."}) + "\n\n"

@@ -164,7 +164,7 @@ def preflight(cfg: "TrainConfig", needs_tasks: bool = True) -> None:
 
         load_router_file(cfg.init_routers)  # RouterFileError (a ValueError) names the file
     if needs_tasks:
-        from ..tasks import parse_tasks
+        from ..datasets.tasks import parse_tasks
 
         parse_tasks(cfg.tasks)
 

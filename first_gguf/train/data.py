@@ -47,7 +47,7 @@ def encode_examples(model_path: str, examples, max_prompt: int, max_cont: int, *
 def encode_prompts(model_path: str, messages: Sequence[tuple], max_tokens: int = 4096) -> list[list[int]]:
     """Prompt token ids (chat template applied, generation prompt added) exactly as encode_examples makes
     them; an empty list for a prompt longer than ``max_tokens``."""
-    from ..tasks import Example
+    from ..datasets.tasks import Example
 
     seqs = encode_examples(model_path, [Example("p", tuple(m), "x x", str(i)) for i, m in enumerate(messages)],
                            max_tokens + 1, 2, keep_short=True)
@@ -83,7 +83,7 @@ def task_sampler(tasks: Sequence[str], balance: bool):
 def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=None) -> list[Sequence_]:
     """The prompts on-policy samples start from (``cfg.onpolicy_data``), as Sequence_s without continuation:
     ``tasks``: the training examples' prompts (``examples``, re-encoded whole; without them the training
-    sequences' prompts as given); ``bigbench`` / ``linux`` / ``broad`` (both) / ``chat``: first_gguf.broad.
+    sequences' prompts as given); ``bigbench`` / ``linux`` / ``broad`` (both) / ``chat``: first_gguf.datasets.broad.
     Prompts longer than max_prompt_tokens are dropped (not cut: a cut chat prompt loses its header)."""
     srcs = {x.strip() for x in cfg.onpolicy_data.split(",") if x.strip()}
     out, seen = [], set()
@@ -102,14 +102,14 @@ def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=
                 add(s.prompt, "tasks")
     broad = sorted({"bigbench", "linux"} & srcs | ({"bigbench", "linux"} if "broad" in srcs else set()))
     if broad:
-        from ..broad import broad_prompts
+        from ..datasets.broad import broad_prompts
 
         recs = broad_prompts(tuple(broad), seed=cfg.seed)
         toks = encode_prompts(cfg.model, [({"role": "user", "content": r["prompt"]},) for r in recs])
         for r, p in zip(recs, toks):
             add(p, r["source"])
     if "chat" in srcs:
-        from ..broad import chat_prompts
+        from ..datasets.broad import chat_prompts
 
         recs = chat_prompts()
         for r, p in zip(recs, encode_prompts(cfg.model, [({"role": "user", "content": r["prompt"]},) for r in recs])):
@@ -122,7 +122,7 @@ def onpolicy_prompt_pool(cfg: TrainConfig, sequences: list[Sequence_], examples=
 def training_data(cfg: TrainConfig):
     """(sequences, examples): cfg.tasks' train splits (+ docs supplement, extra data), tokenized as the
     runtime does (needs the llama.cpp runtime for a GGUF: on the GPU machine, carry them pre-tokenized)."""
-    from ..tasks import load_task, parse_tasks, split
+    from ..datasets.tasks import load_task, parse_tasks, split
 
     examples = []
     rs = random.Random(cfg.seed)
@@ -131,13 +131,13 @@ def training_data(cfg: TrainConfig):
         rs.shuffle(tr)
         examples += tr[: cfg.max_examples_per_task]
     if cfg.docs_supplement:
-        from ..tasks import docs_supplement
+        from ..datasets.tasks import docs_supplement
 
         extra = docs_supplement()
         rs.shuffle(extra)
         examples += extra[: cfg.max_examples_per_task]
     if cfg.extra_data:
-        from ..tasks import read_examples_jsonl
+        from ..datasets.tasks import read_examples_jsonl
 
         examples += read_examples_jsonl(cfg.extra_data)
     return encode_examples(cfg.model, examples, cfg.max_prompt_tokens, cfg.max_continuation_tokens), examples

@@ -2,7 +2,7 @@
 
 Decided before any training that is measured on them; no training set of the
 project draws from these sources, and ``tasks.load_task`` / ``parse_tasks`` /
-``read_examples_jsonl`` refuse their names (``tasks.is_reserved``). Only
+``read_examples_jsonl`` refuse their names (``common.is_reserved``). Only
 ``first-gguf eval --heldout`` loads them, through ``load_heldout``.
 
 - ``news``: BIG-bench ``gem/xsum``, a BBC article (cut to ~2,000 characters at a
@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import random
 
-from .tasks import (BIGBENCH_HELDOUT_MEMBERS, HELDOUT_SOURCES, Example, _bigbench_file, _uid, _user,
-                    catalogue_examples)
+from .common import (BIGBENCH_HELDOUT_MEMBERS, HELDOUT_SOURCES, Example, bigbench_file, catalogue_examples,
+                     example_uid, user_message)
 
 NEWS_MAX_CHARS = 2000
 
@@ -91,25 +91,25 @@ def _bigbench_pairs(source: str) -> list[tuple[str, str, str]]:
     """(input, target, id) of the examples of a BIG-bench held-out source that have both."""
     member = BIGBENCH_HELDOUT_MEMBERS[source]
     out = []
-    for ex in json.loads(_bigbench_file(member).read_text())["examples"]:
+    for ex in json.loads(bigbench_file(member).read_text())["examples"]:
         inp, target = ex.get("input", "").strip(), str(ex.get("target") or "").strip()
         if inp and target:
-            out.append((inp, target, _uid(member, inp)))
+            out.append((inp, target, example_uid(member, inp)))
     return out
 
 
 def _news() -> list[Example]:
-    return [Example("news", _user(f"Summarize this news article in one sentence:\n{_cut(article)}"), summary, uid)
-            for article, summary, uid in _bigbench_pairs("news")]
+    return [Example("news", user_message(f"Summarize this news article in one sentence:\n{_cut(article)}"), summary,
+                    uid) for article, summary, uid in _bigbench_pairs("news")]
 
 
 def _yesno() -> list[Example]:
-    return [Example("yesno", _user(f"Answer yes or no, and say why:\n{question}"), answer, uid)
+    return [Example("yesno", user_message(f"Answer yes or no, and say why:\n{question}"), answer, uid)
             for question, answer, uid in _bigbench_pairs("yesno")]
 
 
 def _everyday() -> list[Example]:
-    return [Example("everyday", _user(p), "", _uid("everyday", p)) for p in EVERYDAY_PROMPTS]
+    return [Example("everyday", user_message(p), "", example_uid("everyday", p)) for p in EVERYDAY_PROMPTS]
 
 
 def parse_heldout(spec: str | list[str]) -> list[str]:

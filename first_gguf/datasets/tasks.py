@@ -17,7 +17,7 @@ no dataset text is stored in this repository:
 
 Reserved for external evaluation and refused here: BIG-bench ``gem/xsum``,
 ``strategyqa``, the German (``de``) catalogues and the held-out source names of
-``first_gguf.heldout`` (``news``, ``de``, ``yesno``, ``everyday``), which only
+``first_gguf.datasets.heldout`` (``news``, ``de``, ``yesno``, ``everyday``), which only
 ``first-gguf eval --heldout`` loads.
 
 Splits are deterministic: each task's examples are shuffled with a fixed seed
@@ -25,116 +25,31 @@ and cut into train (80%), dev (10%) and test (10%).
 """
 from __future__ import annotations
 
-import gettext
-import hashlib
 import json
 import os
 import random
-import re
-import sys
-import tarfile
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from .common import (BIGBENCH_MEMBERS, DOC_MODULES, HELDOUT_SOURCES, Example, bigbench_file, catalogue_examples,
+                     docstrings, documented_objects, example_uid, is_reserved, user_message)
+
 TASKS = ("summarization", "qa", "mc", "translation", "docs")
-# Held-out-by-source prompt sets (first_gguf/heldout.py), decided before any training that measures on them:
-# news (BIG-bench gem/xsum), de (German catalogues), yesno (BIG-bench strategyqa), everyday (chat prompts).
-HELDOUT_SOURCES = ("news", "de", "yesno", "everyday")
-RESERVED = ("xsum", "strategyqa")    # reserved wherever they occur in a task name
-RESERVED_WORDS = HELDOUT_SOURCES     # reserved as a whole word of a task name ("de": German)
 SPLITS = ("train", "dev", "test")
 
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-BIGBENCH_MEMBERS = {
-    "summarization": ["bigbench/benchmark_tasks/gem/wikilingua_en/task.json"],
-    "qa": [f"bigbench/benchmark_tasks/natural_instructions/{t}/task.json" for t in (
-        "subtask024_cosmosqa_answer_generation", "subtask061_ropes_answer_generation",
-        "subtask058_multirc_question_answering")],
-    "mc": ["bigbench/benchmark_tasks/social_iqa/task.json"],
-}
-# extracted in the same pass, read only by first_gguf.heldout (never by load_task)
-BIGBENCH_HELDOUT_MEMBERS = {
-    "news": "bigbench/benchmark_tasks/gem/xsum/task.json",
-    "yesno": "bigbench/benchmark_tasks/strategyqa/task.json",
-}
 
-
-@dataclass(frozen=True)
-class Example:
-    task: str
-    messages: tuple  # ({"role": "user", "content": ...},)
-    target: str
-    uid: str
-
-
-def is_reserved(task: str) -> bool:
-    """Whether ``task`` names data kept for external evaluation (never trained or tuned on).
-
-    ``xsum`` / ``strategyqa`` anywhere in the name; the held-out source names (``de``: German,
-    ``news``, ``yesno``, ``everyday``) only as a whole word ("de", "translation-de", "en_de"), so
-    names like "self-student" or "decode" are not caught."""
-    t = task.lower()
-    return any(r in t for r in RESERVED) or any(w in RESERVED_WORDS for w in re.split(r"[^a-z0-9]+", t))
-
-
-def _cache_dir() -> Path:
-    from .default_model import cache_dir
-
-    return cache_dir() / "data"
-
-
-def _uid(*parts: str) -> str:
-    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:12]
-
-
-def _user(text: str) -> tuple:
-    return ({"role": "user", "content": text},)
-
-
-# ------------------------------------------------------------------ sources
 def _translation(max_chars: int = 160) -> list[Example]:
     return [ex for lang, name in (("fr", "French"), ("es", "Spanish"))
             for ex in catalogue_examples(lang, name, "translation", max_chars=max_chars)]
 
 
-def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160) -> list[Example]:
-    """English -> ``name`` software messages from the Debian gettext catalogues of ``lang``
-    (``/usr/share/locale/<lang>/LC_MESSAGES/*.mo``), one example per distinct English message."""
-    d = Path(f"/usr/share/locale/{lang}/LC_MESSAGES")
-    if not d.is_dir():
-        return []
-    out, seen = [], set()
-    for mo in sorted(d.glob("*.mo")):
-        try:
-            with open(mo, "rb") as f:
-                cat = gettext.GNUTranslations(f)._catalog
-        except Exception:  # a damaged catalogue is skipped, not fatal
-            continue
-        for src, dst in cat.items():
-            if not isinstance(src, str) or not src or not dst or src in seen:
-                continue
-            if not (15 <= len(src) <= max_chars) or "\n" in src or "%" in src or not src.isascii():
-                continue
-            if not any(c.isalpha() for c in src) or src.upper() == src:
-                continue
-            seen.add(src)
-            out.append(Example(task, _user(f"Translate to {name}:\n{src}"), dst, _uid(lang, src)))
-    return out
-
-
 def _docs() -> list[Example]:
-    from .ranking import _docstrings
-
-    return [_docs_example(name, doc, _uid(name)) for name, doc in _docstrings(min_chars=400)]
+    return [_docs_example(name, doc, example_uid(name)) for name, doc in docstrings(min_chars=400)]
 
 
 def _docs_example(name: str, doc: str, uid: str) -> Example:
     """A ``docs`` example: the first ~280 characters of ``doc`` as the prompt, the next 500 as the target."""
     cut = doc.rfind(" ", 0, 280)
-    return Example("docs", _user(f"Continue this Python documentation for {name}:\n{doc[:cut]}"),
+    return Example("docs", user_message(f"Continue this Python documentation for {name}:\n{doc[:cut]}"),
                    doc[cut:cut + 500].strip(), uid)
 
 
@@ -163,94 +78,24 @@ def docs_supplement(min_chars: int = 400) -> list[Example]:
     """
     import inspect
 
-    from .ranking import DOC_MODULES, _docstrings, documented_objects
-
     overlap = [m for m in DOCS_SUPPLEMENT_MODULES if m.split(".")[0] in DOC_MODULES]
     if overlap:
         raise AssertionError(f"supplement modules {overlap} overlap the docs task")
-    seen = {doc for _, doc in _docstrings(min_chars=min_chars)}
+    seen = {doc for _, doc in docstrings(min_chars=min_chars)}
     out = []
     for qual, obj in documented_objects(DOCS_SUPPLEMENT_MODULES, methods=True):
         doc = " ".join((inspect.getdoc(obj) or "").split())
         if len(doc) < min_chars or not doc.isascii() or doc in seen:
             continue
         seen.add(doc)
-        out.append(_docs_example(qual, doc, "supplement:" + _uid(qual)))
+        out.append(_docs_example(qual, doc, "supplement:" + example_uid(qual)))
     return out
-
-
-def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Path:
-    """Fetch one sdist file from the package index pip uses, checking its sha256.
-
-    ``pip download`` cannot be used for bigbench 1.0.0: pip rejects the sdist's
-    metadata (a direct-URL dependency) even with --no-deps, before saving it.
-    """
-    import urllib.request
-
-    from pip._internal.models.index import PyPI  # the index pip itself is configured with by default
-
-    dest = dest_dir / filename
-    if dest.exists():
-        return dest
-    index = PyPI.simple_url.rstrip("/") + f"/{name}/"
-    req = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        files = json.load(r)["files"]
-    entry = next((f for f in files if f["filename"] == filename), None)
-    if entry is None:
-        raise RuntimeError(f"{filename} is not on the package index")
-    print(f"[first-gguf] downloading {filename} ({entry.get('size', 0) / 1e6:.0f} MB, once)", file=sys.stderr)
-    h = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=dest_dir, suffix=".part", delete=False) as tmp:
-        try:
-            with urllib.request.urlopen(entry["url"], timeout=600) as r:
-                while chunk := r.read(1 << 20):
-                    h.update(chunk)
-                    tmp.write(chunk)
-            tmp.close()
-            if h.hexdigest() != sha256:
-                raise RuntimeError(f"{filename} has sha256 {h.hexdigest()}; expected {sha256}")
-            os.replace(tmp.name, dest)
-        finally:
-            if os.path.exists(tmp.name):
-                os.unlink(tmp.name)
-    return dest
-
-
-def bigbench_sdist() -> Path:
-    """The verified bigbench sdist in the data cache (downloaded once)."""
-    sdist_dir = _cache_dir() / "sdist"
-    sdist_dir.mkdir(parents=True, exist_ok=True)
-    return _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
-
-
-def _bigbench_file(member: str) -> Path:
-    """Extract one member of the bigbench sdist into the cache (downloading the sdist once)."""
-    dest = _cache_dir() / "bigbench" / member
-    if dest.exists():
-        return dest
-    sdist = bigbench_sdist()
-    wanted = {m for ms in BIGBENCH_MEMBERS.values() for m in ms} | set(BIGBENCH_HELDOUT_MEMBERS.values())
-    with tarfile.open(sdist) as tar:
-        for ti in tar:
-            rel = ti.name.split("/", 1)[1] if "/" in ti.name else ti.name
-            if rel in wanted and ti.isfile():
-                target = _cache_dir() / "bigbench" / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                data = tar.extractfile(ti).read()
-                # a unique temporary name: processes extracting at the same time never share one
-                with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp:
-                    tmp.write(data)
-                os.replace(tmp.name, target)
-    if not dest.exists():
-        raise RuntimeError(f"{member} not found in {sdist}")
-    return dest
 
 
 def _bigbench(task: str) -> list[Example]:
     out = []
     for member in BIGBENCH_MEMBERS[task]:
-        data = json.loads(_bigbench_file(member).read_text())
+        data = json.loads(bigbench_file(member).read_text())
         prefix = data.get("task_prefix", "") if task == "qa" else ""
         for ex in data["examples"]:
             inp = ex.get("input", "").strip()
@@ -271,7 +116,7 @@ def _bigbench(task: str) -> list[Example]:
                     prompt = f"{prefix.strip()}\n{inp}".strip()
             if not target or not inp or len(prompt) > 3000:
                 continue
-            out.append(Example(task, _user(prompt), str(target).strip(), _uid(member, inp)))
+            out.append(Example(task, user_message(prompt), str(target).strip(), example_uid(member, inp)))
     return out
 
 

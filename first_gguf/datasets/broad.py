@@ -17,7 +17,7 @@ distribution), so these prompts aim at diversity over volume:
   free-form replies like a chat's.
 - ``chat`` (not part of the default ``broad`` pair): everyday chat requests, written here as
   instruction templates over topics and how-to tasks (explain, list facts, pros and cons, a poem, a
-  story, tips, ...). The held-out ``everyday`` evaluation prompts (first_gguf.heldout) are the same
+  story, tips, ...). The held-out ``everyday`` evaluation prompts (first_gguf.datasets.heldout) are the same
   *kind* of request, so this source is kept apart from them by construction: none of its topics or
   tasks is the subject of an ``everyday`` prompt (tests/test_onpolicy_train.py checks that no content
   word of a topic appears in them), so an improvement measured on ``everyday`` is one that carries
@@ -37,7 +37,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .tasks import BIGBENCH_MEMBERS, _cache_dir, bigbench_sdist, is_reserved
+from .common import BIGBENCH_MEMBERS, bigbench_sdist, data_cache_dir, is_reserved
 
 BROAD_SOURCES = ("bigbench", "linux")
 # tasks whose examples are not English prose prompts (German text counts as held-out material: the `de`
@@ -181,7 +181,7 @@ def broad_prompts(sources=BROAD_SOURCES, *, per_task: int = 40, seed: int = 0) -
     bad = [s for s in sources if s not in BROAD_SOURCES]
     if bad or not sources:
         raise ValueError(f"unknown broad prompt source(s) {bad or sources!r}; expected some of {BROAD_SOURCES}")
-    cache = _cache_dir() / f"broad-v{FILTER_VERSION}-{'-'.join(sorted(sources))}-{per_task}-{seed}.jsonl"
+    cache = data_cache_dir() / f"broad-v{FILTER_VERSION}-{'-'.join(sorted(sources))}-{per_task}-{seed}.jsonl"
     if cache.exists():
         return [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
     out = []
