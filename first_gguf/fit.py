@@ -6,7 +6,7 @@ fits everything from what the patched runtime itself computes, at quantized spee
 
 1. **Calibration replies.** The full model replies (at full depth, sampled at ``temperature``) to chat
    requests of the training sources (``broad.chat_prompts``; none on a subject of the held-out everyday
-   prompts, see heldout.py). Replies are what a skipped block's bypass sees in decoding.
+   prompts, see datasets/heldout.py). Replies are what a skipped block's bypass sees in decoding.
 2. **Bypasses by least squares** (ReplaceMe-style, arXiv 2505.02819, one linear map per block): over the
    reply positions, the runtime's block inputs h_i and outputs h_{i+1} give
    ``X = rmsnorm(h_i)`` (no weight, model eps; the bypass definition) and ``D = h_{i+1} - h_i``; the
