@@ -149,3 +149,105 @@ def tiny1(tiny_gguf_model):
     m = first_gguf.load(tiny_gguf_model.path, n_ctx=1024, n_threads=1)
     yield m
     m.close()
+
+
+# ------------------------------------------------------------- the fast loop
+# `./test.sh -m "not slow"` leaves out the tests below; the full suite (`./test.sh`, what CI runs) runs them
+# all. Chosen from `pytest --durations` on the 2-core development machine: each took 8 s or more there
+# (setup included), and together they were most of the suite's time. Every module keeps fast tests. A name
+# is a node id prefix: a file, or a test with all of its parameters.
+SLOW_TESTS = {
+    "rewrites copies of the 93 MB default GGUF (attach, strip, quantize, sidecars) several times": [
+        "tests/test_convert.py",
+        "tests/test_sidecar.py::test_cli_attach_sidecar_and_routers_option",
+        "tests/test_sidecar.py::test_convert_writes_either_form",
+        "tests/test_sidecar.py::test_mismatched_sidecars_refused",
+        "tests/test_sidecar.py::test_sidecar_equals_attached_file",
+        "tests/test_sidecar.py::test_sidecar_header",
+        "tests/test_sidecar.py::test_train_writes_a_sidecar",
+        "tests/test_cli_errors.py::test_strip_and_quantize_refuse_a_sidecar",
+        "tests/test_errors.py::test_malformed_router_tensors",
+        "tests/test_errors.py::test_llama_cpp_itself_rejects_a_wrong_router_type",
+        "tests/test_errors.py::test_routers_on_unsupported_architecture_are_refused",
+        "tests/test_errors.py::test_unsupported_architecture_refuses_skipping",
+        "tests/test_llama_dropin.py::test_unsupported_architecture_refuses_skipping",
+        "tests/test_decode_lora.py::test_ckpt_routers_writes_the_checkpoints_decode_lora",
+    ],
+    "runs stock llama-cpp-python in a subprocess beside the patched build": [
+        "tests/test_reference_stock.py",
+        "tests/test_sidecar.py::test_stock_llama_cpp_loads_the_base",
+        "tests/test_sidecar.py::test_runtime_checks_without_python",
+        "tests/test_llama_dropin.py::test_budget0_equals_stock",
+        "tests/test_llama_dropin.py::test_response_shapes_are_llama_cpp_pythons",
+    ],
+    "fetches, verifies or runs the named models (Qwen2.5-Coder-1.5B 1.1 GB, Gemma 3 270M, the main command)": [
+        "tests/test_default_model.py::test_qwen_coder_1_5b_by_name",
+        "tests/test_default_model.py::test_gemma3_270m_by_name_with_its_shipped_routers",
+        "tests/test_default_model.py::test_main_command_streams_and_summarises",
+        "tests/test_default_model.py::test_default_model_is_verified_and_carries_routers_and_rankings",
+        "tests/test_default_model.py::test_info_shows_the_ranking",
+    ],
+    "a whole command end to end (fit on the default model, eval, 2-process DDP training)": [
+        "tests/test_fit.py::test_fit_on_the_default_model_end_to_end_and_resumes",
+        "tests/test_fit.py::test_refine_bypasses_fits_on_skipped_states_and_resumes",
+        "tests/test_fit.py::test_continuation_layer_inputs_are_what_decoding_sees",
+        "tests/test_train_device.py::test_two_gloo_processes_onpolicy_with_time_budget",
+        "tests/test_eval.py::test_eval_end_to_end_on_tiny_model",
+        "tests/test_train.py::test_ddp_two_cpu_processes",
+        "tests/test_cli_errors.py::test_train_checks_its_inputs_before_loading_the_model",
+        "tests/test_cli_errors.py::test_rank_reports_progress_within_each_phase",
+        "tests/test_rank_bench.py::test_rank_onpolicy_criterion_costs_are_onpolicy_kl",
+    ],
+    "many decodes on the real model (sampling statistics over seeds, a numpy forward, continued conversations)": [
+        "tests/test_sampling.py::test_sampled_first_token_follows_top_k_softmax",
+        "tests/test_sampling.py::test_fewer_blocks_than_the_budget_asks_warns_once_and_is_reported",
+        "tests/test_sampling.py::test_seed_reproduces_whatever_ran_before",
+        "tests/test_sampling.py::test_min_p_drops_unlikely_tokens",
+        "tests/test_masked_decode_numpy.py::test_masked_decode_matches_numpy",
+        "tests/test_kv_and_reuse.py::test_conversation_after_skipped_turn_equals_fresh_full_depth",
+        "tests/test_kv_and_reuse.py::test_stale_cells_would_change_the_result",
+        "tests/test_kv_and_reuse.py::test_graph_reuse_follows_the_mask",
+        "tests/test_router_scores.py::test_prefix_cache_keeps_router_aggregation_exact",
+        "tests/test_errors.py::test_repeated_skip_layers_are_refused",
+        "tests/test_archs.py::test_greedy_tokens_match_transformers",
+        "tests/test_decode_lora.py::test_full_depth_never_sees_the_decode_lora",
+    ],
+    "a live server under many requests (soak, concurrency, interleaved seeds) or a headless browser": [
+        "tests/test_server.py::test_bounded_soak_keeps_memory_flat",
+        "tests/test_server.py::test_streams_back_to_back_never_leak_the_queue",
+        "tests/test_server.py::test_seed_gives_the_same_reply_across_interleaved_requests",
+        "tests/test_server.py::test_concurrent_requests_equal_sequential",
+        "tests/test_server.py::test_bad_requests_get_4xx_and_the_server_keeps_serving",
+        "tests/test_server.py::test_max_completion_tokens_usage_and_include_usage",
+        "tests/test_server.py::test_errors_name_the_servers_own_ranges_and_seed_minus_one_is_random",
+        "tests/test_server.py::test_penalties_bias_and_extensions_change_the_reply",
+        "tests/test_server.py::test_streaming_chat_and_completion",
+        "tests/test_server.py::test_response_format_returns_json_that_parses",
+        "tests/test_server.py::test_chat_completion_with_skip_budget",
+        "tests/test_server.py::test_text_parts_and_null_assistant_content",
+        "tests/test_server.py::test_logit_bias_is_honoured",
+        "tests/test_server.py::test_logprobs_chat_and_completion",
+        "tests/test_server.py::test_client_hanging_up_mid_stream_frees_the_server",
+        "tests/test_server.py::test_client_timing_out_on_a_non_streaming_request_frees_the_server",
+    ],
+    "terminal sessions through a pseudo-terminal, one model load per command": [
+        "tests/test_chat.py",
+        "tests/test_cli_errors.py::test_bad_grammar_is_one_line_naming_the_fault",
+        "tests/test_cli_errors.py::test_generate_sampling_options_reach_the_sampler",
+        "tests/test_cli_errors.py::test_generate_seed_minus_one_is_random_and_shown",
+    ],
+    "builds a wheel and installs it into fresh virtual environments": [
+        "tests/test_wheel.py::test_fresh_venv_any_directory_any_import_order",
+        "tests/test_wheel.py::test_one_platform_wheel_with_the_patched_library",
+        "tests/test_wheel.py::test_cli_entry_point_in_fresh_venv",
+        "tests/test_wheel.py::test_dev_install_any_import_order",
+    ],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for reason, prefixes in SLOW_TESTS.items():
+            if any(item.nodeid == p or item.nodeid.startswith((p + "::", p + "[")) for p in prefixes):
+                item.add_marker(pytest.mark.slow(reason=reason))
+                break
