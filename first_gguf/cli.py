@@ -39,7 +39,7 @@ def _load(model, n_ctx, threads, seed=0, decode_lora=None, routers=None, ctx_war
     return m
 
 
-MAX_THREADS = (os.cpu_count() or 1) * 4  # beyond this llama.cpp hangs or crashes (issue 15)
+MAX_THREADS = (os.cpu_count() or 1) * 4  # beyond this llama.cpp hangs or crashes
 
 
 def threads_option(default: int | None = None, help: str | None = None):

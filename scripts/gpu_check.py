@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed and sanity check of on-policy training on a device (issue 25): a short `first_gguf.train.train` run
+"""Speed and sanity check of on-policy training on a device: a short `first_gguf.train.train` run
 per model x batch size (x eager / compiled decode), printing samples per second and writing a JSON report.
 
 Models: a tiny random Llama (always) and, with --model, a real GGUF (the default model on the GPU machine).

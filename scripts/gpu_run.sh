@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training on the GPU machine in time-budgeted slices (docs/gpu_recipe.md; issue 25).
+# Training on the GPU machine in time-budgeted slices (docs/gpu_recipe.md).
 #
 # Here (the CPU machine, with the runtime):
 #   scripts/gpu_run.sh split [MODEL.gguf]        model -> runs/gpu/a/model.part_a (52 MB), runs/gpu/b/model.part_b,

@@ -1,5 +1,5 @@
 """Bad input on the command line and in the terminal chat: one clear line, never a traceback, a crash or a
-silent cut; nothing half-written (issue 15)."""
+silent cut; nothing half-written."""
 from __future__ import annotations
 
 import io
@@ -437,7 +437,7 @@ def test_chat_states_the_session_seed_when_sampling(base_model):
         assert (f"blocks), seed {base_model.seed}. /help" in out.getvalue()) == shown, out.getvalue()
 
 
-# ---------------------------------------------------------------- rank (issue 27, defect 3)
+# ---------------------------------------------------------------- rank: the output path checked before computing
 def test_rank_checks_its_output_before_loading_or_computing(tmp_path, monkeypatch):
     """An output that cannot be written is refused before the model loads (rank computes for minutes)."""
     from first_gguf import cli
@@ -495,7 +495,7 @@ def test_rank_reports_progress_within_each_phase(tiny_gguf_model):
     assert any(line.startswith("rank: step 1 (examples x sets): 1/4") for line in lines)
 
 
-# ---------------------------------------------------------------- sidecar given as a model (issue 27, defect 7)
+# ---------------------------------------------------------------- a sidecar given as a model
 def test_strip_and_quantize_refuse_a_sidecar(base_gguf, tmp_path):
     """strip wrote a useless 305-byte file and quantize said "key not found in model: llama.context_length":
     both now say the file is a sidecar, not a model, and write nothing."""
@@ -543,7 +543,7 @@ def test_generate_refuses_options_it_would_ignore(args, shown):
     assert shown in _error_line(res.output)
 
 
-# ---------------------------------------------------------------- issue 27, defect 10
+# ---------------------------------------------------------------- grammar errors, repeated skip_layers, n_ctx above training
 @pytest.mark.parametrize("grammar,why", [
     ("root ::= (", "expecting ')' at the end of the grammar"),
     ('root ::= "a" ) x', "expecting newline or end at ') x'"),

@@ -207,7 +207,7 @@ def test_chat_fields_refused_or_checked_by_name(server, extra, param):
 
 
 def test_range_messages_match_the_api(server):
-    """top_p is '(0, 1]' here as in Model and the CLI (issue 15: '[0, 1]' in one message, '(0, 1]' in another)."""
+    """top_p is '(0, 1]' here as in Model and the CLI (once '[0, 1]' in one message and '(0, 1]' in another)."""
     status, err = _post(server, "/v1/completions", {"prompt": "hi", "top_p": 0})
     assert status == 400 and "top_p must be in (0, 1]; got 0" in err["error"]["message"], err
 

@@ -1,4 +1,4 @@
-"""Sidecar GGUFs (issue 16): routers, bypasses and rankings in a small file of their own, attached at load
+"""Sidecar GGUFs: routers, bypasses and rankings in a small file of their own, attached at load
 time to an untouched base GGUF that every other llama.cpp tool still opens.
 
 References: the same data attached into a single-file GGUF (convert.attach) must give the same tokens,

@@ -1,4 +1,4 @@
-"""Training on a device (issue 25): --device validation, explicit CPU equals the default, the KV-cached sampler
+"""Training on a device: --device validation, explicit CPU equals the default, the KV-cached sampler
 computes a block only for the rows that keep it, the time budget stops cleanly with a resumable checkpoint
 (full / compact / params formats, resumed from another path), two gloo processes with on-policy steps and a
 time budget, the GPU check script's CPU dry run. CUDA paths are tested where CUDA is available."""

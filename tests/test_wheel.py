@@ -1,4 +1,4 @@
-"""The package as users install it (issue 16, part 2).
+"""The package as users install it.
 
 ``pip wheel . -w DIR`` gives one wheel for this platform (plus its dependencies' wheels); installed
 offline (``--no-index``) into a fresh virtual environment it runs from any directory, whichever of
