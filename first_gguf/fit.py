@@ -420,8 +420,9 @@ def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base
     The blocks are refitted one at a time in block order (Gauss-Seidel): block b's inputs are taken with
     the upstream bypasses already refitted. Refitting all blocks at once from the same states (Jacobi)
     corrects every upstream error once per block of a span, and measured worse on Qwen2.5-Coder-1.5B
-    (held-out teacher-forced KL at skip_budget 0.2: 0.256 -> 0.301). Costs one pass over the replies per
-    block and set. ``base``: a RouterFile whose bypasses start the sweep (and are kept for blocks outside
+    (held-out teacher-forced KL at skip_budget 0.2: 0.256 -> 0.301); one at a time measured no better than
+    fit()'s own bypasses (0.256 -> 0.266 from 64 replies; docs/results.md), so it is not part of
+    ``first-gguf fit``. Costs one pass over the replies per block and set. ``base``: a RouterFile whose bypasses start the sweep (and are kept for blocks outside
     the sets). Resumable: each block's result is saved in ``work`` as it is fitted.
 
     Returns (bypasses {block: (down, up)} at ``rank``, report); the report holds the teacher-forced
