@@ -291,7 +291,7 @@ def test_two_gloo_processes_onpolicy_with_time_budget(tiny, tmp_path):
     data.write_text(json.dumps({"seqs": [[s.prompt, s.cont] for s in seqs]}))
     script = tmp_path / "run.py"
     script.write_text(f"""
-import json, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 from first_gguf.train import Sequence_, TrainConfig, train
@@ -302,16 +302,20 @@ kw = json.loads(sys.argv[1])
 s = train(TrainConfig(model={str(d)!r}, output={str(tmp_path / 'ddp.safetensors')!r}, batch_size=1, onpolicy_batch=2,
                       onpolicy_tokens=5, bypass_rank=4, budget_min=0.25, budget_max=0.5, bf16=False,
                       n_static_examples=4, device="cpu", **kw), sequences=seqs, onpolicy_prompts=pool, progress=False)
-print("SUMMARY", json.dumps(s))
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(os.path.join(sys.argv[2], "summary%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(s, f)
 """)
 
     def run(kw, port):
+        out = tmp_path / f"out{port}"
+        out.mkdir()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               str(script), json.dumps(kw)]
+               str(script), json.dumps(kw), str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
-        return [json.loads(line.split(" ", 1)[1]) for line in res.stdout.splitlines() if line.startswith("SUMMARY")]
+        return [json.loads((out / f"summary{r}.json").read_text()) for r in (0, 1)]
 
     sums = run({"steps": 40, "time_budget": 1e-3}, 29631)
     assert len(sums) == 2 and all(s["world_size"] == 2 and s["stopped_at_time_budget"] for s in sums)
