@@ -232,3 +232,53 @@ def test_refine_bypasses_fits_on_skipped_states_and_resumes(tmp_path, base_gguf,
     assert rep2 == rep and all(np.array_equal(byp2[b][0], byp[b][0]) for b in byp)
     with pytest.raises(ValueError, match="other settings"):
         refine_bypasses(base_gguf, tmp_path, base, replies, sets, rank=2, ridge=1e-3, n_fit=3, n_val=1, eps=eps)
+
+
+def test_greedy_set_ranking_picks_the_cheapest_set_each_step_and_resumes(tmp_path, base_gguf, monkeypatch):
+    """Each step's trials are set_kl of the chosen blocks plus one candidate, averaged over the replies
+    (measured here directly, one reply at a time); the cheapest is taken; the ranking is a permutation of
+    the blocks with the unchosen ones by single cost; a rerun measures nothing; another reply set in the
+    same folder is refused."""
+    import first_gguf
+    from first_gguf import model as model_mod
+    from first_gguf.fit import greedy_set_ranking, set_kl
+
+    m = first_gguf.load(base_gguf, n_ctx=512, n_threads=1)
+    replies = []
+    try:
+        n_layer = m.n_layer
+        for q in ["What is rain?", "Name a fruit.", "Why is ice slippery?"]:
+            p, _ = m.prompt_tokens_for([{"role": "user", "content": q}])
+            replies.append({"prompt_tokens": p, "reply_tokens": list(m.generate_tokens(p, max_tokens=8).tokens)})
+        assert set_kl(m, replies[0], [[]]) == [0.0]
+        cands = [5, 9, 14, 20]
+        single = {c: float(np.mean([set_kl(m, r, [[c]])[0] for r in replies])) for c in cands}
+        first = min(cands, key=lambda c: (single[c], c))
+        pair = {c: float(np.mean([set_kl(m, r, [sorted([first, c])])[0] for r in replies]))
+                for c in cands if c != first}
+    finally:
+        m.close()
+    assert all(v > 0 for v in single.values())
+    res = greedy_set_ranking(base_gguf, None, tmp_path, replies, n_layer=n_layer, candidates=cands, max_set=2,
+                             single_cost={c: -single[c] for c in cands}, threads=1)
+    st = res["greedy_steps"]
+    assert [s["block"] for s in st][0] == first
+    assert st[0]["trials"] == pytest.approx({str(c): v for c, v in single.items()}, abs=1e-4)
+    assert st[1]["trials"] == pytest.approx({str(c): v for c, v in pair.items()}, abs=1e-4)
+    assert st[1]["block"] == min(pair, key=lambda c: (pair[c], c)) and st[1]["set"] == sorted([first, st[1]["block"]])
+    rest = [c for c in sorted(cands, key=lambda c: -single[c]) if c not in res["ranking"][:2]]
+    assert res["ranking"][2:4] == rest and sorted(res["ranking"]) == list(range(n_layer))
+
+    def boom(*a, **k):
+        raise AssertionError("a measured set was measured again")
+
+    monkeypatch.setattr(model_mod.Model, "score_tokens", boom)
+    again = greedy_set_ranking(base_gguf, None, tmp_path, replies, n_layer=n_layer, candidates=cands, max_set=2,
+                               single_cost={c: -single[c] for c in cands}, threads=1)
+    assert again == res
+    with pytest.raises(ValueError, match="holds set costs"):
+        greedy_set_ranking(base_gguf, None, tmp_path, replies[:2], n_layer=n_layer, candidates=cands, max_set=2)
+    with pytest.raises(ValueError, match="max_set 5"):
+        greedy_set_ranking(base_gguf, None, tmp_path, replies, n_layer=n_layer, candidates=cands, max_set=5)
+    with pytest.raises(ValueError, match="distinct blocks"):
+        greedy_set_ranking(base_gguf, None, tmp_path, replies, n_layer=n_layer, candidates=[5, 5], max_set=1)
