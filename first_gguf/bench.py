@@ -25,6 +25,7 @@ import time
 from typing import Callable, Sequence
 
 from .model import Model
+from .sampling import CHAT_DEFAULTS
 
 BENCH_TEXT = (
     "The history of computing is a story of layers: hardware that runs instructions, operating systems that "
@@ -56,7 +57,7 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
 
 
 # the sampled configuration: llama.cpp's chat defaults, a fixed seed
-SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=0)
+SAMPLED = {**CHAT_DEFAULTS, "seed": 0}
 
 
 def _decode_time(model: Model, prompt: list[int], skip: list[int], n_tokens: int,

@@ -18,7 +18,7 @@ import sys
 from typing import Callable, TextIO
 
 from .model import Generation, Model
-from .sampling import SamplingParams
+from .sampling import CHAT_DEFAULTS, SamplingParams
 
 HELP = """commands:
   /budget F   set the skip budget (fraction of blocks skipped while decoding, 0 <= F < 1)
@@ -34,23 +34,19 @@ TTY_LINE_MAX = 4095  # Linux's line-mode (canonical) terminal input keeps this m
 NOTICE_CHARS = 1000  # a message this long, or of several lines, is acknowledged with its size
 
 
-# llama.cpp's chat defaults (common_params_sampling)
-CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
-
-
 class ChatSession:
     """A conversation with ``model``: turn() streams a reply to ``out``, command() runs a /command.
 
     ``sampling``: Model.generate()'s sampling keywords (temperature, top_k, top_p, min_p, typical_p,
     repeat_penalty, presence_penalty, frequency_penalty, seed, logit_bias, grammar); unset ones take
-    llama.cpp's chat defaults (CHAT_SAMPLING). A reply takes at most half of n_ctx (``max_tokens`` is
+    llama.cpp's chat defaults (CHAT_DEFAULTS). A reply takes at most half of n_ctx (``max_tokens`` is
     capped there; ``max_tokens_asked`` keeps the value given)."""
 
     def __init__(self, model: Model, *, skip_budget: float = 0.0, skip_strategy: str = "auto",
                  system: str | None = None, max_tokens: int = 512, out: TextIO = sys.stdout, **sampling):
         self.model = model
         model.check_skip(skip_budget, skip_strategy, None)  # fail early on a bad budget/strategy
-        self.sampling = {**CHAT_SAMPLING, **sampling}
+        self.sampling = {**CHAT_DEFAULTS, **sampling}
         SamplingParams.check(model.n_vocab, **self.sampling)  # ... and on a bad sampling option
         if self.sampling.get("grammar") is not None:  # GBNF is parsed when a chain is built: build one now
             model.make_sampler(**{**self.sampling, "temperature": 0.0}).close()  # (temperature 0 draws no seed)

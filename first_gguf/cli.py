@@ -8,8 +8,7 @@ import sys
 
 import click
 
-from .chat import CHAT_SAMPLING
-from .sampling import SamplingParams, check_value
+from .sampling import CHAT_DEFAULTS, NUMERIC_OPTIONS, OPTION_HELP, RANGES, SamplingParams, check_value
 
 
 class _UserError(click.ClickException):
@@ -59,32 +58,16 @@ decode_lora_option = click.option(
          "--lora-rank writes one); never to the prompt or at skip budget 0.")
 
 
-_GREEDY = SamplingParams()  # generate's defaults: greedy, every other sampler off (chat: CHAT_SAMPLING)
-_NUMERIC_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty")
+_GREEDY = SamplingParams()  # generate's defaults: greedy, every other sampler off (chat: CHAT_DEFAULTS)
 
 
 def sampling_options(defaults: dict):
-    """Model.generate()'s sampling keywords as options (llama.cpp's and llama-cpp-python's names); ``defaults``
-    overrides the greedy ones."""
-    d = {name: defaults.get(name, getattr(_GREEDY, name)) for name in _NUMERIC_SAMPLING}
-    opts = [
-        click.option("--temperature", type=float, default=d["temperature"], show_default=True,
-                     help="0: greedy (the most likely token)."),
-        click.option("--top-k", type=int, default=d["top_k"], show_default=True,
-                     help="Keep the k most likely tokens (0: off)."),
-        click.option("--top-p", type=float, default=d["top_p"], show_default=True,
-                     help="Nucleus threshold in (0, 1] (1: off)."),
-        click.option("--min-p", type=float, default=d["min_p"], show_default=True,
-                     help="Drop tokens below min-p x the top token's probability, in [0, 1] (0: off)."),
-        click.option("--typical-p", type=float, default=d["typical_p"], show_default=True,
-                     help="Locally typical sampling, in (0, 1] (1: off)."),
-        click.option("--repeat-penalty", type=float, default=d["repeat_penalty"], show_default=True,
-                     help="Penalty on tokens among the last 64 generated (1: off)."),
-        click.option("--presence-penalty", type=float, default=d["presence_penalty"], show_default=True,
-                     help="In [-2, 2] (0: off)."),
-        click.option("--frequency-penalty", type=float, default=d["frequency_penalty"], show_default=True,
-                     help="In [-2, 2] (0: off)."),
+    """Model.generate()'s sampling keywords as options (llama.cpp's and llama-cpp-python's names, generated
+    from sampling.NUMERIC_OPTIONS, RANGES and OPTION_HELP); ``defaults`` overrides the greedy ones."""
+    opts = [click.option("--" + name.replace("_", "-"), type=int if RANGES[name][4] else float,
+                         default=defaults.get(name, getattr(_GREEDY, name)), show_default=True,
+                         help=OPTION_HELP[name]) for name in NUMERIC_OPTIONS]
+    opts += [
         click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN=BIAS",
                      help="Add BIAS in [-100, 100] to the logit of token id TOKEN (also llama.cpp's TOKEN+BIAS / "
                           "TOKEN-BIAS); repeatable."),
@@ -116,7 +99,7 @@ def _parse_logit_bias(items) -> dict[int, float] | None:
 def _sampling(kw: dict) -> dict:
     """Pop the sampling options from a command's keyword arguments; checked, as Model's keywords, before any
     model loads (messages name the option, its value and its range)."""
-    out = {name: kw.pop(name) for name in _NUMERIC_SAMPLING}
+    out = {name: kw.pop(name) for name in NUMERIC_OPTIONS}
     for name, v in out.items():
         try:
             check_value(name, v)
@@ -782,7 +765,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens per reply (at most half of --n-ctx, so the conversation keeps the other half).")
-@sampling_options(CHAT_SAMPLING)
+@sampling_options(CHAT_DEFAULTS)
 @click.option("--seed", type=click.IntRange(-1, 0xFFFFFFFE), default=None,
               help="Seed of the session's replies: the same seed and messages give the same replies "
                    "(default or -1: a random one, shown at the start).")

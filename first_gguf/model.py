@@ -33,11 +33,8 @@ import numpy as np
 from . import _lib
 from ._lib import llama_cpp
 from .gguf_info import GGUFInfo, read_info, read_with_sidecar
-from .sampling import RANDOM_SEEDS, SEED_MAX, Sampler, SamplingParams, random_seed, top_logprobs
-
-# the sampling keywords of generate / chat / their streaming forms (llama-cpp-python's create_completion names)
-SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty", "seed", "logit_bias", "grammar", "logprobs")
+from .sampling import (RANDOM_SEEDS, SAMPLING_KEYWORDS, SEED_MAX, Sampler, SamplingParams, random_seed,  # noqa: F401
+                       top_logprobs)
 
 SEQ = 0  # Model drives a single sequence
 
@@ -760,9 +757,6 @@ class Model:
     def make_sampler(self, **sampling) -> Sampler:
         """A llama.cpp sampler chain for Decoding.sample(); options as generate()'s sampling options (a
         ``seed`` of None is drawn from the Model's generator). Close it when done (``Sampler.close()``)."""
-        unknown = sorted(set(sampling) - set(SAMPLING_KEYWORDS))
-        if unknown:
-            raise TypeError(f"unknown sampling option {unknown[0]!r}; expected one of {list(SAMPLING_KEYWORDS)}")
         return self._sampler(SamplingParams.check(self.n_vocab, **sampling))[1]
 
     def _sampler(self, params: SamplingParams) -> tuple[int | None, Sampler]:

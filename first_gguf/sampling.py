@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 import numbers
 import os
@@ -27,6 +28,24 @@ SEED_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is LLAMA_DEFAULT_SEED (a random seed)
 RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's and llama-cpp-python's "random seed" (-1 is LLAMA_DEFAULT_SEED as uint32)
 PENALTY_LAST_N = 64    # llama-cpp-python's last_n_tokens_size: penalties look at the last 64 generated tokens
 MAX_LOGPROBS = 20      # OpenAI's top_logprobs limit
+
+# The sampling vocabulary, defined here once (llama-cpp-python's create_completion names): Model's keywords,
+# the CLI's options, the server's request fields and the drop-in's keywords are derived from these.
+NUMERIC_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty")
+# llama.cpp's chat defaults (common/common.h's sampling defaults); generation's own defaults are greedy
+CHAT_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+# what each option does, in the words the CLI's --help and the docs use
+OPTION_HELP = {
+    "temperature": "0: greedy (the most likely token).",
+    "top_k": "Keep the k most likely tokens (0: off).",
+    "top_p": "Nucleus threshold in (0, 1] (1: off).",
+    "min_p": "Drop tokens below min-p x the top token's probability, in [0, 1] (0: off).",
+    "typical_p": "Locally typical sampling, in (0, 1] (1: off).",
+    "repeat_penalty": "Penalty on tokens among the last 64 generated (1: off).",
+    "presence_penalty": "In [-2, 2] (0: off).",
+    "frequency_penalty": "In [-2, 2] (0: off).",
+}
 
 # name -> (low, high, low open, high open, integer); the ranges every message states
 RANGES = {
@@ -102,14 +121,14 @@ class SamplingParams:
     logprobs: int | None = None  # top-n log-probabilities per generated token; None: none
 
     @classmethod
-    def check(cls, n_vocab: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
-              repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=None, logit_bias=None,
-              grammar=None, logprobs=None) -> "SamplingParams":
-        """Every option checked; raises TypeError/ValueError naming the option, its value and its range."""
-        nums = {name: check_value(name, v) for name, v in (
-            ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
-            ("typical_p", typical_p), ("repeat_penalty", repeat_penalty),
-            ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty))}
+    def check(cls, n_vocab: int, **options) -> "SamplingParams":
+        """Every option (SAMPLING_KEYWORDS; the field defaults where left out) checked; raises TypeError for an
+        unknown one and TypeError/ValueError naming the option, its value and its range."""
+        unknown = sorted(set(options) - set(SAMPLING_KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown sampling option {unknown[0]!r}; expected one of {list(SAMPLING_KEYWORDS)}")
+        nums = {name: check_value(name, options.get(name, _DEFAULTS[name])) for name in NUMERIC_OPTIONS}
+        seed, logit_bias, grammar, logprobs = (options.get(k) for k in ("seed", "logit_bias", "grammar", "logprobs"))
         seed = None if seed is None else check_value("seed", seed)
         return cls(**nums, seed=random_seed() if seed == -1 else seed,
                    logit_bias=check_logit_bias(logit_bias, n_vocab),
@@ -121,6 +140,12 @@ class SamplingParams:
         """Plain greedy: the argmax of the logits, no chain needed."""
         return (self.temperature == 0.0 and self.repeat_penalty == 1.0 and self.presence_penalty == 0.0
                 and self.frequency_penalty == 0.0 and not self.logit_bias and self.grammar is None)
+
+
+# every option SamplingParams.check (so Model.generate and its siblings) takes, in declaration order
+SAMPLING_KEYWORDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams) if f.name in NUMERIC_OPTIONS}
+assert SAMPLING_KEYWORDS[:len(NUMERIC_OPTIONS)] == NUMERIC_OPTIONS and set(RANGES) <= set(SAMPLING_KEYWORDS)
 
 
 def check_logit_bias(logit_bias, n_vocab: int) -> dict[int, float]:

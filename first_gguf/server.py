@@ -2,7 +2,7 @@
 
 Endpoints: GET / (the chat page, first_gguf/web/index.html: plain HTML and JavaScript, streaming, a
 skip-budget slider, the skipped blocks and speeds of each reply, a side-by-side mode; docs/chat.md),
-GET /first-gguf/defaults (the page's sampling defaults: llama.cpp's chat defaults, chat.CHAT_SAMPLING, and
+GET /first-gguf/defaults (the page's sampling defaults: llama.cpp's chat defaults, sampling.CHAT_DEFAULTS, and
 the default max_tokens), GET /health, GET /v1/models,
 GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (``stream: true`` answers with
 server-sent events, like the OpenAI API).
@@ -42,7 +42,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .model import Model
-from .sampling import check_logit_bias, check_value
+from .sampling import CHAT_DEFAULTS, NUMERIC_OPTIONS, check_logit_bias, check_value
 
 MAX_BODY = 1 << 20
 
@@ -65,8 +65,7 @@ def _num(body: dict, key: str, default, lo: float, hi: float, *, integer=False, 
 
 
 # Request fields. Every field is honoured, refused with a 400 naming it, or unknown (400 too, as OpenAI does).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                   "frequency_penalty", "seed", "logit_bias")
+SAMPLING_FIELDS = (*NUMERIC_OPTIONS, "seed", "logit_bias")  # grammar and logprobs: below
 COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "n", "user", "response_format",
                  "grammar", "skip_budget", "skip_strategy", *SAMPLING_FIELDS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -294,7 +293,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
                 raise APIError(400, f"temperature must be in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
                                param="temperature")
             opts["temperature"] = float(temperature)
-        for key in SAMPLING_FIELDS[1:-1]:
+        for key in (*NUMERIC_OPTIONS[1:], "seed"):  # temperature: above
             if body.get(key) is not None:
                 opts[key] = _checked(key, check_value, key, body[key])
         if body.get("logit_bias") is not None:
@@ -444,9 +443,8 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
 
     @app.get("/first-gguf/defaults", include_in_schema=False)
     async def defaults():  # the page takes its sampling from here rather than repeating it
-        from .chat import CHAT_SAMPLING
 
-        return {"sampling": CHAT_SAMPLING, "max_tokens": DEFAULT_MAX_TOKENS}
+        return {"sampling": CHAT_DEFAULTS, "max_tokens": DEFAULT_MAX_TOKENS}
 
     @app.get("/health")
     async def health():

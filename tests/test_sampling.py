@@ -320,3 +320,32 @@ def test_streaming_holds_back_only_a_tail_that_may_start_a_stop_string(m):
     # a stop string that is found is cut, whatever was held
     g = m.generate_tokens(prompt, max_tokens=len(words), sampler=forced(), stop=["QQ th"])
     assert g.text == " one two " and g.finish_reason == "stop"
+
+
+def test_the_sampling_vocabulary_is_defined_once():
+    """sampling.py holds the option names, defaults and chat defaults; Model's explicit signatures, the CLI's
+    options, the server's fields and the benchmark's sampled run agree with them."""
+    import dataclasses
+    import inspect
+
+    from click.testing import CliRunner
+
+    from first_gguf import bench, cli, server
+    from first_gguf.model import Model
+    from first_gguf.sampling import CHAT_DEFAULTS, NUMERIC_OPTIONS, SAMPLING_KEYWORDS, SamplingParams
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    defaults["logit_bias"] = None
+    for method in (Model.generate,):
+        sig = inspect.signature(method).parameters
+        assert {k: sig[k].default for k in SAMPLING_KEYWORDS} == defaults, method.__name__
+    assert set(server.SAMPLING_FIELDS) == set(NUMERIC_OPTIONS) | {"seed", "logit_bias"}
+    assert bench.SAMPLED == {**CHAT_DEFAULTS, "seed": 0}
+    for cmd, want in (("generate", {}), ("chat", CHAT_DEFAULTS)):
+        params = {p.name: p for p in cli.main.commands[cmd].params}
+        for name in NUMERIC_OPTIONS:
+            assert params[name].default == want.get(name, defaults[name]), (cmd, name)
+    out = CliRunner().invoke(cli.main, ["generate", "--help"]).output
+    assert all("--" + n.replace("_", "-") in out for n in NUMERIC_OPTIONS)
+    with pytest.raises(TypeError, match="unknown sampling option 'top_q'"):
+        SamplingParams.check(100, top_q=0.5)

@@ -98,22 +98,22 @@ def no_overflow(page):
 
 
 def test_defaults_come_from_the_server(server, browser):
-    from first_gguf.chat import CHAT_SAMPLING
+    from first_gguf.sampling import CHAT_DEFAULTS
 
     with urllib.request.urlopen(server + "/first-gguf/defaults", timeout=10) as r:
         d = json.loads(r.read())
-    assert d["sampling"] == CHAT_SAMPLING and d["max_tokens"] == 256
+    assert d["sampling"] == CHAT_DEFAULTS and d["max_tokens"] == 256
     ctx = browser.new_context()
     page = ctx.new_page()
     page.goto(server + "/")
     page.evaluate("window.defaultsLoaded")
-    assert float(page.input_value("#temperature")) == CHAT_SAMPLING["temperature"]
+    assert float(page.input_value("#temperature")) == CHAT_DEFAULTS["temperature"]
     assert page.input_value("#max-tokens") == "256"
     page.fill("#key", KEY)
     page.fill("#max-tokens", "4")
     seen = bodies(page)
     send(page, "Hi.")
-    assert {k: seen[0][k] for k in CHAT_SAMPLING} == CHAT_SAMPLING and seen[0]["max_tokens"] == 4
+    assert {k: seen[0][k] for k in CHAT_DEFAULTS} == CHAT_DEFAULTS and seen[0]["max_tokens"] == 4
     ctx.close()
 
 
