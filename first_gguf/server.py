@@ -209,6 +209,116 @@ def _logprobs_completion(model: Model, lps, offset: int = 0) -> dict | None:
             "top_logprobs": [{text(t): lp for t, lp in x.top} for x in lps]}
 
 
+def parse_body(raw: bytes, allowed: set[str], model_id: str) -> dict:
+    """A request's JSON body as a dict, checked: its size, its JSON, its ``model`` (404 unless ``model_id``)
+    and its fields (``allowed``; an unknown one is a 400 naming it). Raises APIError."""
+    if len(raw) > MAX_BODY:
+        raise APIError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as e:
+        raise APIError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the JSON body must be an object")
+    if body.get("model") not in (None, model_id):
+        raise APIError(404, f"model {body.get('model')!r} not found; this server serves {model_id!r}",
+                       param="model")
+    _check_fields(body, allowed)
+    return body
+
+
+def request_options(body: dict, model, chat: bool) -> tuple[dict, str | None, str | None]:
+    """A request body's Model keyword arguments, the field a grammar came from, and the field that set
+    max_tokens (None: the default). ``model``: what the options are checked against (``check_skip``,
+    ``n_ctx``, ``n_vocab``). Raises APIError (400) naming the field."""
+    budget = _num(body, "skip_budget", 0.0, 0.0, 1.0, hi_open=True)
+    strategy = body.get("skip_strategy", "auto")
+    if not isinstance(strategy, str):
+        raise APIError(400, f"'skip_strategy' must be a string; got {strategy!r}", param="skip_strategy")
+    _checked("skip_strategy", model.check_skip, 0.0, strategy)
+    _checked("skip_budget", model.check_skip, budget, strategy)
+    max_field = None
+    for key in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
+        if body.get(key) is not None:
+            max_field = max_field or key
+    if chat and None not in (body.get("max_tokens"), body.get("max_completion_tokens")) \
+            and body["max_tokens"] != body["max_completion_tokens"]:
+        raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ; give one",
+                       param="max_completion_tokens")
+    max_tokens = _num(body, max_field, DEFAULT_MAX_TOKENS, 1, model.n_ctx - 1, integer=True) if max_field \
+        else DEFAULT_MAX_TOKENS
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) and stop or isinstance(stop, list)
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, f"'stop' must be a string or a list of non-empty strings; got {stop!r:.80}",
+                       param="stop")
+    opts = dict(skip_budget=budget, skip_strategy=strategy, max_tokens=max_tokens, stop=stop)
+    temperature = body.get("temperature")
+    if temperature is not None:  # OpenAI's range, narrower than Model's [0, inf): the message says this one
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise APIError(400, f"temperature must be a number in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
+                           param="temperature")
+        if math.isnan(temperature) or not 0 <= temperature <= TEMPERATURE_MAX:
+            raise APIError(400, f"temperature must be in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
+                           param="temperature")
+        opts["temperature"] = float(temperature)
+    for key in (*NUMERIC_OPTIONS[1:], "seed"):  # temperature: above
+        if body.get(key) is not None:
+            opts[key] = _checked(key, check_value, key, body[key])
+    if body.get("logit_bias") is not None:
+        opts["logit_bias"] = _checked("logit_bias", check_logit_bias, body["logit_bias"], model.n_vocab)
+    if chat:
+        lp, top = body.get("logprobs"), body.get("top_logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise APIError(400, f"'logprobs' must be a boolean; got {lp!r}", param="logprobs")
+        if top is not None:
+            if not lp:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            try:
+                top = check_value("logprobs", top)
+            except (TypeError, ValueError) as e:  # the message names the field the request used
+                raise APIError(400, "top_logprobs" + str(e)[len("logprobs"):], param="top_logprobs") from None
+        if lp:
+            opts["logprobs"] = top or 0
+    elif body.get("logprobs") is not None:
+        opts["logprobs"] = _checked("logprobs", check_value, "logprobs", body["logprobs"])
+    grammar, grammar_field = _grammar(body)
+    if grammar is not None:
+        opts["grammar"] = grammar
+    return opts, grammar_field, max_field
+
+
+def fit_context(opts: dict, n_ctx: int, n_prompt: int, max_field: str | None, prompt_field: str) -> None:
+    """Fit opts' max_tokens to the context left after an ``n_prompt``-token prompt: the default is cut to
+    it, a requested value over it is a 400 naming ``max_field`` (``prompt_field`` when nothing is left)."""
+    room = n_ctx - n_prompt
+    if room < 1:
+        raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds {n_ctx}",
+                       param=prompt_field)
+    if max_field is None:
+        opts["max_tokens"] = min(opts["max_tokens"], room)
+    elif opts["max_tokens"] > room:
+        raise APIError(400, f"prompt ({n_prompt} tokens) + {max_field} ({opts['max_tokens']}) = "
+                            f"{n_prompt + opts['max_tokens']} tokens exceed the context ({n_ctx})",
+                       param=max_field)
+
+
+def first_info(g) -> dict:
+    """The ``"first"`` key of a response: what skipping did (a Generation's fields, JSON-safe)."""
+    return {"skipped_layers": g.skipped_layers, "skip_strategy": g.skip_strategy,
+            "n_skip_requested": g.n_skip_requested, "seed": g.seed,
+            "prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
+            "bypassed_layers": g.bypassed_layers, "decode_lora": g.decode_lora,
+            "router_scores": None if g.router_scores is None else
+            [None if math.isnan(s) else s for s in g.router_scores]}
+
+
+def usage(g) -> dict:
+    """OpenAI's usage object of a Generation."""
+    return {"prompt_tokens": g.n_prompt_tokens, "completion_tokens": len(g.tokens),
+            "total_tokens": g.n_prompt_tokens + len(g.tokens)}
+
+
 def create_app(model: Model, *, model_id: str | None = None, api_key: str | None = None):
     app = FastAPI(title="first-gguf", docs_url=None, redoc_url=None)
     model_id = model_id or model.path.stem
@@ -245,102 +355,7 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
     async def parse(request: Request, allowed: set[str]) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise APIError(413, f"request body over {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise APIError(400, f"malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the JSON body must be an object")
-        if body.get("model") not in (None, model_id):
-            raise APIError(404, f"model {body.get('model')!r} not found; this server serves {model_id!r}",
-                           param="model")
-        _check_fields(body, allowed)
-        return body
-
-    def options(body: dict, chat: bool) -> tuple[dict, str | None, str | None]:
-        """Model keyword arguments, the field a grammar came from, the field that set max_tokens (None: default)."""
-        budget = _num(body, "skip_budget", 0.0, 0.0, 1.0, hi_open=True)
-        strategy = body.get("skip_strategy", "auto")
-        if not isinstance(strategy, str):
-            raise APIError(400, f"'skip_strategy' must be a string; got {strategy!r}", param="skip_strategy")
-        _checked("skip_strategy", model.check_skip, 0.0, strategy)
-        _checked("skip_budget", model.check_skip, budget, strategy)
-        max_field = None
-        for key in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
-            if body.get(key) is not None:
-                max_field = max_field or key
-        if chat and None not in (body.get("max_tokens"), body.get("max_completion_tokens")) \
-                and body["max_tokens"] != body["max_completion_tokens"]:
-            raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ; give one",
-                           param="max_completion_tokens")
-        max_tokens = _num(body, max_field, DEFAULT_MAX_TOKENS, 1, model.n_ctx - 1, integer=True) if max_field \
-            else DEFAULT_MAX_TOKENS
-        stop = body.get("stop")
-        if stop is not None and not (isinstance(stop, str) and stop or isinstance(stop, list)
-                                     and all(isinstance(s, str) and s for s in stop)):
-            raise APIError(400, f"'stop' must be a string or a list of non-empty strings; got {stop!r:.80}",
-                           param="stop")
-        opts = dict(skip_budget=budget, skip_strategy=strategy, max_tokens=max_tokens, stop=stop)
-        temperature = body.get("temperature")
-        if temperature is not None:  # OpenAI's range, narrower than Model's [0, inf): the message says this one
-            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-                raise APIError(400, f"temperature must be a number in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
-                               param="temperature")
-            if math.isnan(temperature) or not 0 <= temperature <= TEMPERATURE_MAX:
-                raise APIError(400, f"temperature must be in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
-                               param="temperature")
-            opts["temperature"] = float(temperature)
-        for key in (*NUMERIC_OPTIONS[1:], "seed"):  # temperature: above
-            if body.get(key) is not None:
-                opts[key] = _checked(key, check_value, key, body[key])
-        if body.get("logit_bias") is not None:
-            opts["logit_bias"] = _checked("logit_bias", check_logit_bias, body["logit_bias"], model.n_vocab)
-        if chat:
-            lp, top = body.get("logprobs"), body.get("top_logprobs")
-            if lp is not None and not isinstance(lp, bool):
-                raise APIError(400, f"'logprobs' must be a boolean; got {lp!r}", param="logprobs")
-            if top is not None:
-                if not lp:
-                    raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-                try:
-                    top = check_value("logprobs", top)
-                except (TypeError, ValueError) as e:  # the message names the field the request used
-                    raise APIError(400, "top_logprobs" + str(e)[len("logprobs"):], param="top_logprobs") from None
-            if lp:
-                opts["logprobs"] = top or 0
-        elif body.get("logprobs") is not None:
-            opts["logprobs"] = _checked("logprobs", check_value, "logprobs", body["logprobs"])
-        grammar, grammar_field = _grammar(body)
-        if grammar is not None:
-            opts["grammar"] = grammar
-        return opts, grammar_field, max_field
-
-    async def fit_context(opts: dict, n_prompt: int, max_field: str | None, prompt_field: str) -> None:
-        room = model.n_ctx - n_prompt
-        if room < 1:
-            raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds {model.n_ctx}",
-                           param=prompt_field)
-        if max_field is None:
-            opts["max_tokens"] = min(opts["max_tokens"], room)
-        elif opts["max_tokens"] > room:
-            raise APIError(400, f"prompt ({n_prompt} tokens) + {max_field} ({opts['max_tokens']}) = "
-                                f"{n_prompt + opts['max_tokens']} tokens exceed the context ({model.n_ctx})",
-                           param=max_field)
-
-    def first_info(g) -> dict:
-        return {"skipped_layers": g.skipped_layers, "skip_strategy": g.skip_strategy,
-                "n_skip_requested": g.n_skip_requested, "seed": g.seed,
-                "prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
-                "bypassed_layers": g.bypassed_layers, "decode_lora": g.decode_lora,
-                "router_scores": None if g.router_scores is None else
-                [None if math.isnan(s) else s for s in g.router_scores]}
-
-    def usage(g) -> dict:
-        return {"prompt_tokens": g.n_prompt_tokens, "completion_tokens": len(g.tokens),
-                "total_tokens": g.n_prompt_tokens + len(g.tokens)}
+        return parse_body(await request.body(), allowed, model_id)
 
     async def run(make_stream, chat: bool, body: dict, opts: dict, grammar_field: str | None,
                   request: Request | None = None):
@@ -473,17 +488,17 @@ def create_app(model: Model, *, model_id: str | None = None, api_key: str | None
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
-        opts, grammar_field, max_field = options(body, False)
-        await fit_context(opts, len(await on_worker(model.tokenize, prompt)), max_field, "prompt")
+        opts, grammar_field, max_field = request_options(body, model, False)
+        fit_context(opts, model.n_ctx, len(await on_worker(model.tokenize, prompt)), max_field, "prompt")
         return await run(lambda: model.stream_generate(prompt, **opts), False, body, opts, grammar_field, request)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(request, CHAT_FIELDS)
         messages = _messages(body.get("messages"))
-        opts, grammar_field, max_field = options(body, True)
+        opts, grammar_field, max_field = request_options(body, model, True)
         tokens, _ = await on_worker(_checked, "messages", model.prompt_tokens_for, messages)
-        await fit_context(opts, len(tokens), max_field, "messages")
+        fit_context(opts, model.n_ctx, len(tokens), max_field, "messages")
         return await run(lambda: model.stream_chat(messages, **opts), True, body, opts, grammar_field, request)
 
     app.include_router(v1)
