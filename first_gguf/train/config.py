@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..datasets.tasks import TASKS
 from .checkpoint import CHECKPOINT_FORMATS
 from .outputs import lora_path
 
@@ -33,7 +34,7 @@ def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
 class TrainConfig:
     model: str
     output: str
-    tasks: list[str] = field(default_factory=lambda: ["summarization", "qa", "mc", "translation", "docs"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     steps: int = 2000
     batch_size: int = 4
     max_prompt_tokens: int = 192
