@@ -1,4 +1,5 @@
-"""first-gguf eval end to end on the tiny model (hand-made examples), metric wrappers, bad arguments."""
+"""first-gguf eval end to end on the tiny model (hand-made examples), metric wrappers, bad arguments; the
+side-by-side table of several results folders (first_gguf.evaluate.compare_measures)."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def test_metric_wrappers_on_fixed_inputs():
 
 
 def test_eval_end_to_end_on_tiny_model(tiny_gguf_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "load_task", _examples)
+    monkeypatch.setattr(ev.loop, "load_task", _examples)
     cfg = ev.EvalConfig(tasks=["summarization", "qa", "mc", "translation"], budgets=[0, 0.25, 0.5],
                         strategies=["router", "random", "last"], n_examples=2, gen_tokens=4, random_seeds=2,
                         bench=True, bench_repeats=1)
@@ -95,11 +96,18 @@ def test_resume_refuses_another_router_file(tmp_path):
 def test_eval_bad_arguments(tiny_gguf_model, tmp_path):
     bad = [(dict(tasks=["cooking"]), "unknown task"), (dict(tasks=["xsum"]), "reserved"),
            (dict(budgets=[1.2]), "out of range"), (dict(strategies=["magic"]), "unknown strategy"),
-           (dict(strategies=["static"]), "needs a static ranking")]
+           (dict(strategies=["static"]), "needs a static ranking"),
+           # strategies are parsed by Model.check_skip; eval takes them under their own name only
+           (dict(strategies=["router", "auto"]), r"unknown strategy 'auto'; expected 'full' or a skip strategy"),
+           (dict(strategies=["random:1"]), r"unknown strategy 'random:1'.*use 'random' and random_seeds"),
+           (dict(strategies=[None]), r"unknown strategy None.*skip_strategy must be a str")]
     for kw, pat in bad:
         cfg = ev.EvalConfig(**{**dict(tasks=["qa"], budgets=[0.25], strategies=["router"]), **kw})
         with pytest.raises(ValueError, match=pat):
             ev.evaluate(tiny_gguf_model, cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown strategy 'magic'.*expected one of \['router', 'static'"):
+        ev.check_config(tiny_gguf_model, ev.EvalConfig(tasks=["qa"], budgets=[0.25], strategies=["full", "magic"]))
+    ev.check_config(tiny_gguf_model, ev.EvalConfig(tasks=["qa"], budgets=[0.25], strategies=["full", "last", "random"]))
     from first_gguf.cli import main
 
     res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "o")])
@@ -111,7 +119,7 @@ def test_eval_bad_arguments(tiny_gguf_model, tmp_path):
 
 def test_eval_measures_heldout_and_resume(tiny1, tmp_path, monkeypatch):
     """nll + on-policy KL + repetition on an in-distribution task and the everyday source, then resume."""
-    monkeypatch.setattr(ev, "load_task", _examples)
+    monkeypatch.setattr(ev.loop, "load_task", _examples)
     cfg = ev.EvalConfig(tasks=["qa"], heldout=["everyday"], budgets=[0, 0.5], strategies=["router", "random"],
                         measures=["nll", "onpolicy", "repetition"], n_examples=2, n_heldout=3, gen_tokens=4,
                         onpolicy_tokens=5, greedy_tokens=6, random_seeds=2, bench=False)
@@ -184,3 +192,41 @@ def test_eval_new_options_bad_values(tiny1, tmp_path):
         res = CliRunner().invoke(main, base + extra)
         assert res.exit_code != 0 and msg in res.output, (extra, res.output)
         assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def _results_folder(path, rows, run):
+    path.mkdir()
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "run.json").write_text(json.dumps(run))
+    return path
+
+
+def test_compare_measures_side_by_side(tmp_path):
+    """compare_measures (scripts/compare_measures.py's tables): means per (budget, strategy) and group, one column
+    per labelled folder, then per task/source with the distinct skip sets; folders measured otherwise refused."""
+    def row(task, group, strategy, budget, kl, rep, skipped):
+        return {"task": task, "group": group, "strategy": strategy, "budget": budget, "n": 2, "onpolicy_kl": kl + 1,
+                "onpolicy_kl_exact": kl, "extra_nll": None, "repetition": {"token_4gram": rep, "looping": 0.5,
+                                                                           "long_runs": 0.0}, "skipped": skipped}
+
+    run = {"measures": ["onpolicy", "repetition"], "seed": 0}
+    a = _results_folder(tmp_path / "a", [row("qa", "in-distribution", "router", 0.2, 0.25, 0.1, [[1, 2], [1, 2]]),
+                                         row("news", "held-out source", "router", 0.2, 0.5, 0.2, [[1, 2], [2, 3]])], run)
+    b = _results_folder(tmp_path / "b", [row("qa", "in-distribution", "router", 0.2, 0.75, 0.3, [[0, 1], [1, 3]])],
+                        run)
+    text = ev.compare_measures({"one": a, "two": str(b)})
+    lines = text.splitlines()
+    assert lines[0].startswith("| budget | strategy | group | on-policy KL, exact: one | on-policy KL, exact: two |")
+    assert "| 0.2 | router | in-distribution | 0.250 | 0.750 | 1.250 | 1.750 |  |  | 10.0% | 30.0% | 50% | 50% |" in text
+    assert "| 0.2 | router | held-out source | 0.500 |  | 1.500 |  |" in text
+    assert "| 0.2 | router | qa | 0.250 | 0.750 | 10.0% | 30.0% | 1 | 2 |" in text
+    assert "| 0.2 | router | news | 0.500 |  | 20.0% |  | 2 |  |" in text
+    assert text.endswith("\n") and "paired by prompt" in text  # no per-prompt values: no paired cells
+    assert ev.parse_labelled("x=a=b") == ("x", "a=b")
+    with pytest.raises(ValueError, match="expected LABEL=RESULTS_FOLDER"):
+        ev.parse_labelled("folder")
+    with pytest.raises(ValueError, match=r"results\.jsonl: not found"):
+        ev.compare_measures({"one": a, "none": tmp_path / "none"})
+    c = _results_folder(tmp_path / "c", [], {**run, "seed": 1, "split": "dev"})
+    with pytest.raises(ValueError, match=r"^three: measured with other settings \(seed, split\); compare like"):
+        ev.compare_measures({"one": a, "three": c})

@@ -1,126 +1,30 @@
-"""Evaluation: quality against speed, FiRST routers against static skipping.
-
-For every (task or held-out source, strategy, budget) on the same prompts and the
-same runtime, the measures asked for (``EvalConfig.measures``):
-
-``nll`` (the default):
-
-- extra NLL: mean negative log-likelihood per token of the reference
-  continuation minus the full model's (teacher-forced, Model.score_tokens: prompt
-  at full depth, continuation decoded with the blocks skipped); None for a
-  source without references (``everyday``);
-- agreement: fraction of greedy tokens equal to the full model's greedy output
-  (position by position, over ``gen_tokens``);
-- the task metric on the greedy output: ROUGE-L (summarization, docs, news), chrF
-  and BLEU (translation, de), exact match / token F1 (qa), whether the reply's
-  first word is the reference's yes or no (yesno); multiple choice (mc) is scored
-  by log-likelihood of each option through Model.score_tokens (accuracy);
-
-``onpolicy``: KL(p_skip || p_full) on temperature-1 samples of the skipped model
-(``measures.onpolicy_kl``; 0 by definition in the ``full`` rows);
-
-``repetition``: repeated token 4-grams and runs of one token in greedy replies
-(``measures.greedy_repetition``), the full model's own figure in the ``full`` rows;
-
-and which blocks were skipped (for the per-task heatmap). Rows belong to a group:
-``in-distribution`` (a task's test or dev split) or ``held-out source``
-(``first_gguf.datasets.heldout``: sources no training set draws from).
-
-Strategies: ``full`` (budget 0), ``router``, ``static`` (the GGUF's default
-ranking), any stored ranking by name (``block_influence``, ``router_mean``,
-``greedy_nll``), ``random`` (averaged over ``random_seeds`` seeded draws) and
-``last``. Results are appended per (task, strategy, budget) to
-``results.jsonl`` in the output folder, so an interrupted run resumes where
-it stopped; ``results.json``, ``results.csv`` and the plots are rewritten at
-the end.
+"""The evaluation run of ``first-gguf eval``: ``EvalConfig`` and its checks, ``evaluate`` (rows per task or
+held-out source, strategy and budget, appended to ``results.jsonl`` and resumed from it), the settings a
+resumed folder must share (``run.json``), and the measuring of one row.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import re
-import string
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .datasets.heldout import load_heldout, parse_heldout
-from .datasets.tasks import TASKS, Example, load_task, parse_tasks, split
-from .default_model import _sha256
-from .measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
-                       pool_repetition)
-from .model import Model
+from ..datasets.heldout import load_heldout, parse_heldout
+from ..datasets.tasks import Example, load_task, parse_tasks, split
+from ..default_model import _sha256
+from ..measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
+                        pool_repetition)
+from ..model import Model
+from .metrics import task_metrics
+from .report import HELDOUT, IN_DISTRIBUTION, _fmt_row, write_results
 
-STRATEGIES_BUILTIN = ("full", "router", "static", "random", "last")
 MEASURES = ("nll", "onpolicy", "repetition")
-IN_DISTRIBUTION, HELDOUT = "in-distribution", "held-out source"
 
 
-# ---------------------------------------------------------------- metrics
-def rouge_l(pred: str, ref: str) -> float:
-    from rouge_score import rouge_scorer
-
-    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)["rougeL"].fmeasure)
-
-
-def chrf(pred: str, ref: str) -> float:
-    import sacrebleu
-
-    return float(sacrebleu.sentence_chrf(pred, [ref]).score)
-
-
-def bleu(pred: str, ref: str) -> float:
-    import sacrebleu
-
-    return float(sacrebleu.sentence_bleu(pred, [ref]).score)
-
-
-def _norm_answer(s: str) -> list[str]:
-    s = s.lower()
-    s = "".join(c for c in s if c not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return s.split()
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return float(_norm_answer(pred) == _norm_answer(ref))
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = _norm_answer(pred), _norm_answer(ref)
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def yes_no_match(pred: str, ref: str) -> float:
-    """Whether the first word of ``pred`` is the yes/no that ``ref`` starts with."""
-    p, r = _norm_answer(pred)[:1], _norm_answer(ref)[:1]
-    return float(bool(r) and r[0] in ("yes", "no") and p == r)
-
-
-def task_metrics(task: str, pred: str, ref: str) -> dict[str, float]:
-    if task in ("summarization", "docs", "news"):
-        return {"rougeL": rouge_l(pred, ref)}
-    if task in ("translation", "de"):
-        return {"chrF": chrf(pred, ref), "BLEU": bleu(pred, ref)}
-    if task == "qa":
-        return {"EM": exact_match(pred, ref), "F1": token_f1(pred, ref)}
-    if task == "yesno":
-        return {"yes/no": yes_no_match(pred, ref)}
-    return {}
-
-
-# ------------------------------------------------------------ evaluation
 @dataclass
 class EvalConfig:
     """What ``evaluate`` measures.
@@ -171,6 +75,23 @@ def _check_count(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
+def _check_strategy(model: Model, s) -> None:
+    """``full`` (the budget-0 rows) or a skip strategy as ``Model.check_skip`` parses it, under its own name:
+    not ``auto`` (it resolves to router or static; rows name what ran) nor ``random:<seed>`` (``random`` is
+    run with ``random_seeds`` seeds)."""
+    if s == "full":
+        return
+    try:
+        resolved = model.check_skip(0.0, s).strategy
+        why = None if resolved == s and ":" not in s else (
+            "'auto' picks router or static: name one" if s == "auto" else "use 'random' and random_seeds")
+    except (TypeError, ValueError) as e:
+        why = str(e)
+    if why is not None:
+        raise ValueError(f"unknown strategy {s!r}; expected 'full' or a skip strategy other than 'auto' and "
+                         f"'random:<seed>' ({why})")
+
+
 def check_config(model: Model, cfg: EvalConfig) -> None:
     cfg.heldout = parse_heldout(cfg.heldout)
     if not cfg.tasks and not cfg.heldout:
@@ -180,10 +101,8 @@ def check_config(model: Model, cfg: EvalConfig) -> None:
     for b in cfg.budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1 or math.isnan(b):
             raise ValueError(f"budget {b!r} out of range; expected numbers in [0, 1)")
-    known = list(STRATEGIES_BUILTIN) + list(model.info.static_rankings)
     for s in cfg.strategies:
-        if s not in known:
-            raise ValueError(f"unknown strategy {s!r}; expected one of {known}")
+        _check_strategy(model, s)
     if "router" in cfg.strategies and model.n_routers == 0:
         raise ValueError(f"strategy 'router' needs routers; {model.path} has none")
     if "static" in cfg.strategies and not model.info.static_rankings:
@@ -251,7 +170,7 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
 
     speed = None
     if cfg.bench:
-        from .bench import run_bench
+        from ..bench import run_bench
 
         strat = "router" if model.n_routers else ("static" if model.info.static_rankings else None)
         if strat:
@@ -260,9 +179,7 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
     rows = [r for r in done.values() if r["task"] in cfg.tasks + cfg.heldout]
     result = {"model": str(model.path), "n_layer": model.n_layer, "config": cfg.__dict__, "rows": rows, "speed": speed,
               "seconds": round(time.time() - t_start, 1)}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    _write_csv(out / "results.csv", rows)
-    plot(result, out)
+    write_results(result, out)
     return result
 
 
@@ -325,24 +242,6 @@ def _encode(model: Model, examples: list[Example], cfg: EvalConfig) -> list[tupl
         if len(p) + max(len(c), cfg.gen_tokens) + 2 < model.n_ctx and (c or not ex.target):
             enc.append((ex, p, c, stops))
     return enc
-
-
-def _fmt_metrics(m: dict) -> str:
-    return " ".join(f"{k} {v:.3f}" for k, v in m.items())
-
-
-def _fmt_row(r: dict) -> str:
-    parts = []
-    if "agreement" in r:
-        if r.get("extra_nll") is not None:
-            parts.append(f"extra NLL {r['extra_nll']:+.3f}")
-        parts.append(f"agreement {r['agreement']:.2f} {_fmt_metrics(r['metrics'])}".rstrip())
-    if r.get("onpolicy"):
-        parts.append(f"on-policy KL {r['onpolicy']['kl']:.3f}, exact per state "
-                     f"{r['onpolicy'].get('kl_exact', float('nan')):.3f} ({r['onpolicy']['n_tokens']} tok)")
-    if r.get("repetition"):
-        parts.append(f"repeated token 4-grams {r['repetition']['token_4gram']:.1%}")
-    return " | ".join(parts)
 
 
 def _append(path: Path, row: dict) -> None:
@@ -438,163 +337,3 @@ def _merge(runs: list[dict], strategy: str) -> dict:
     r["skipped"] = [s for x in runs for s in x["skipped"]]
     r["n_seeds"] = len(runs)
     return r
-
-
-CSV_MEASURES = (  # (column, row -> value)
-    ("onpolicy_kl", lambda r: r.get("onpolicy_kl")),
-    ("onpolicy_kl_exact", lambda r: r.get("onpolicy_kl_exact")),
-    ("onpolicy_tokens", lambda r: (r.get("onpolicy") or {}).get("n_tokens")),
-    ("rep_token_4gram", lambda r: (r.get("repetition") or {}).get("token_4gram")),
-    ("rep_looping", lambda r: (r.get("repetition") or {}).get("looping")),
-    ("rep_longest_run", lambda r: (r.get("repetition") or {}).get("longest_run")),
-    ("rep_long_runs", lambda r: (r.get("repetition") or {}).get("long_runs")),
-    ("rep_word_4gram", lambda r: (r.get("repetition") or {}).get("word_4gram")),
-)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    metric_names = sorted({k for r in rows for k in r.get("metrics", {})})
-    fmt = lambda v: "" if v is None else (str(v) if isinstance(v, int) else f"{v:.4f}")  # noqa: E731
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "group", "strategy", "budget", "n", "nll", "extra_nll", "agreement", *metric_names,
-                    *(c for c, _ in CSV_MEASURES)])
-        for r in sorted(rows, key=lambda r: (r["group"], r["task"], r["strategy"], r["budget"])):
-            w.writerow([r["task"], r["group"], r["strategy"], r["budget"], r["n"], fmt(r.get("nll")),
-                        fmt(r.get("extra_nll")), fmt(r.get("agreement")),
-                        *[fmt(r.get("metrics", {}).get(m)) for m in metric_names],
-                        *[fmt(get(r)) for _, get in CSV_MEASURES]])
-
-
-def plot(result: dict, out: Path) -> list[Path]:
-    """quality_vs_speed.png (extra NLL per task with references) and skip_heatmap.png (router rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    rows = result["rows"]
-    tasks = sorted({r["task"] for r in rows})
-    speed = {round(r["skip_budget"], 6): r["decode_ratio"] for r in (result.get("speed") or {}).get("rows", [])}
-    files = []
-    nll_tasks = [t for t in tasks if all(r.get("extra_nll") is not None for r in rows if r["task"] == t)]
-    if nll_tasks:
-        files.append(_plot_quality(rows, nll_tasks, speed, out))
-    router_rows = [r for r in rows if r["strategy"] == "router" and r.get("skipped")]
-    if router_rows:
-        files.append(_plot_heatmap(result, router_rows, tasks, out))
-    return files
-
-
-def _plot_quality(rows: list[dict], tasks: list[str], speed: dict, out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for strategy in sorted({r["strategy"] for r in rows if r["task"] == task and r["strategy"] != "full"}):
-            pts = sorted((r["budget"], r["extra_nll"]) for r in rows if r["task"] == task and r["strategy"] == strategy)
-            xs = [speed.get(round(b, 6), 1.0 / (1.0 - b)) for b, _ in pts]
-            ax.plot([1.0] + xs, [0.0] + [e for _, e in pts], marker="o", label=strategy)
-        ax.set_title(task)
-        ax.set_xlabel("decode speedup" if speed else "1 / (1 - budget)")
-        ax.set_ylabel("extra NLL (nats/token)")
-        ax.set_yscale("symlog", linthresh=1.0)  # baselines reach 10+ nats; keep the small differences visible
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "quality_vs_speed.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
-
-
-def _plot_heatmap(result: dict, router_rows: list[dict], tasks: list[str], out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    n_layer = result.get("n_layer") or 1 + max((il for r in router_rows for s in r["skipped"] for il in s),
-                                               default=0)
-    b = max(r["budget"] for r in router_rows)
-    heat = np.zeros((len(tasks), n_layer))
-    for i, task in enumerate(tasks):
-        rs = [r for r in router_rows if r["task"] == task and r["budget"] == b]
-        sets = [s for r in rs for s in r["skipped"]]
-        for s in sets:
-            for il in s:
-                heat[i, il] += 1 / max(len(sets), 1)
-    fig, ax = plt.subplots(figsize=(max(6, n_layer * 0.3), 0.6 * len(tasks) + 1.5))
-    im = ax.imshow(heat, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(tasks)), tasks)
-    ax.set_xticks(range(n_layer))
-    ax.set_xlabel("block")
-    ax.set_title(f"how often the routers skip each block (skip_budget {b:g})")
-    fig.colorbar(im, ax=ax, label="fraction of prompts")
-    fig.tight_layout()
-    p = out / "skip_heatmap.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
-
-
-def summary_table(result: dict, metric_of: dict[str, str] | None = None) -> str:
-    """A Markdown table, one line per row: extra NLL, agreement, task metric, on-policy KL, repetition."""
-    metric_of = metric_of or {"summarization": "rougeL", "translation": "chrF", "qa": "F1", "mc": "accuracy",
-                              "docs": "rougeL", "news": "rougeL", "de": "chrF", "yesno": "yes/no"}
-    rows = result["rows"]
-    lines = ["| task | strategy | budget | extra NLL | agreement | metric | on-policy KL | on-policy KL (exact) | "
-             "repeated token 4-grams |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r.get("group", IN_DISTRIBUTION) != IN_DISTRIBUTION, r["task"], r["budget"],
-                                         r["strategy"])):
-        m = metric_of.get(r["task"])
-        mv = f"{m} {r['metrics'][m]:.3f}" if m in r.get("metrics", {}) else ""
-        rep = r.get("repetition")
-        lines.append(f"| {r['task']} | {r['strategy']} | {r['budget']:g} | {_num(r.get('extra_nll'), '{:+.3f}')} | "
-                     f"{_num(r.get('agreement'), '{:.2f}')} | {mv} | {_num(r.get('onpolicy_kl'), '{:.3f}')} | "
-                     f"{_num(r.get('onpolicy_kl_exact'), '{:.3f}')} | {_num(rep and rep['token_4gram'], '{:.1%}')} |")
-    return "\n".join(lines)
-
-
-def _num(v, fmt: str) -> str:
-    return "" if v is None else fmt.format(v)
-
-
-def measures_table(result: dict) -> str:
-    """A Markdown table per (budget, strategy) and group (in-distribution tasks, held-out sources): the mean
-    over the group's tasks or sources of each measure, and beside the repetition the full model's own.
-
-    Means are unweighted over tasks/sources that have the measure (extra NLL: those with references);
-    "looping" and "runs >= 8" are the shares of replies above 20% repeated token 4-grams and with a run
-    of 8 or more of one token."""
-    rows = result["rows"]
-    full = {r["task"]: r for r in rows if r["strategy"] == "full"}
-    lines = ["| budget | strategy | group | tasks | extra NLL | on-policy KL | on-policy KL (exact) | repeated token "
-             "4-grams (full model) | looping replies (full) | runs >= 8 (full) | repeated word 4-grams |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["budget"], r["strategy"]) for r in rows}, key=lambda k: (k[0], k[1] != "full", k[1]))
-    for budget, strategy in keys:
-        for group in (IN_DISTRIBUTION, HELDOUT):
-            rs = [r for r in rows if (r["budget"], r["strategy"]) == (budget, strategy)
-                  and r.get("group", IN_DISTRIBUTION) == group]
-            if not rs:
-                continue
-            fs = [full[r["task"]] for r in rs if r["task"] in full]
-
-            def mean(rows_, get):
-                vals = [v for v in map(get, rows_) if v is not None and not math.isnan(v)]
-                return float(np.mean(vals)) if vals else None
-
-            def rep(k, fmt):
-                get = lambda r: (r.get("repetition") or {}).get(k)  # noqa: E731
-                own, ref = mean(rs, get), mean(fs, get)
-                return "" if own is None else (fmt.format(own) + ("" if strategy == "full" or ref is None
-                                                                  else f" ({fmt.format(ref)})"))
-
-            lines.append(f"| {budget:g} | {strategy} | {group} | {len(rs)} | "
-                         f"{_num(mean(rs, lambda r: r.get('extra_nll')), '{:+.3f}')} | "
-                         f"{_num(mean(rs, lambda r: r.get('onpolicy_kl')), '{:.3f}')} | "
-                         f"{_num(mean(rs, lambda r: r.get('onpolicy_kl_exact')), '{:.3f}')} | {rep('token_4gram', '{:.1%}')} | "
-                         f"{rep('looping', '{:.0%}')} | {rep('long_runs', '{:.0%}')} | "
-                         f"{_num(mean(rs, lambda r: (r.get('repetition') or {}).get('word_4gram')), '{:.1%}')} |")
-    return "\n".join(lines)
-
-
-__all__ = ["EvalConfig", "MEASURES", "evaluate", "measures_table", "parse_measures", "plot", "summary_table",
-           "task_metrics", "TASKS"]
