@@ -1,4 +1,5 @@
-"""The runtime: prompt-decided layer skipping on the patched llama.cpp.
+"""The runtime: Model, a GGUF on the patched llama.cpp with prompt-decided layer skipping (loading, text,
+the KV cache, prefill and masked decode, generation, chat, scoring, introspection).
 
 Decode semantics (FiRST): the prompt is evaluated at full depth while the
 routers score every prompt token; the chosen blocks are then skipped for every
@@ -12,6 +13,12 @@ is removed from the cache (llama_memory_seq_rm); the next call re-evaluates
 those tokens at full depth as part of its prompt. Continuing a conversation
 after a skipped generation therefore computes exactly what the full-depth
 model computes. Without a mask, generated tokens are clean and stay cached.
+
+Model's parts live beside it: the skip choice in skip.py, the result types in results.py, Decoding and the
+generation loop's helpers in decoding.py, the llama.cpp log capture, sidecar attach and LoRA calls in
+loading.py, message checks and chat-template rendering in prompts.py, block-input capture in introspect.py.
+Names other code imports from here (Generation, SkipRequest, check_skip_request, attach_sidecar, _LOG, ...)
+stay importable from first_gguf.model.
 """
 from __future__ import annotations
 
@@ -19,136 +26,27 @@ import codecs
 import contextlib
 import ctypes
 import functools
-import math
 import numbers
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import _lib
+from . import _lib, introspect
 from ._lib import llama_cpp
+from .decoding import Decoding, _last, _Request, _stop_prefix_len, open_decoding
 from .gguf_info import GGUFInfo, read_info, read_with_sidecar
+from .loading import _LOG, attach_sidecar, load_lora, max_threads, set_lora
+from .prompts import chat_template_tokens, check_messages, check_stop
+from .results import Generation, GenerationChunk, ScoreResult, TokenLogprob
 from .sampling import (RANDOM_SEEDS, SAMPLING_KEYWORDS, SEED_MAX, Sampler, SamplingParams, random_seed,  # noqa: F401
                        top_logprobs)
+from .skip import SkipRequest, aggregate_router_scores, check_skip_request, choose_skip, n_skip_for_budget
 
 SEQ = 0  # Model drives a single sequence
-
-
-@dataclass
-class TokenLogprob:
-    """Log-probability of a generated token and the ``logprobs`` most likely tokens at that step.
-
-    From the model's raw logits (log-softmax), before penalties, bias, grammar or temperature."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, log-probability), most likely first
-
-
-@dataclass
-class Generation:
-    """Result of Model.generate / Model.chat."""
-
-    text: str
-    tokens: list[int]
-    skipped_layers: list[int]
-    router_scores: list[float] | None  # one aggregated keep-score per block (NaN: no router); None without routers
-    n_prompt_tokens: int
-    prefill_tokens_per_s: float  # over the prompt tokens evaluated in this call (a cached prefix is reused)
-    decode_tokens_per_s: float   # over the decode steps (one llama_decode of one token each)
-    finish_reason: str           # "stop" (end-of-generation token or stop string) or "length"
-    skip_strategy: str = "router"
-    n_prefill_tokens: int = 0    # prompt tokens actually evaluated (not taken from the cache)
-    bypassed_layers: list[int] = field(default_factory=list)  # skipped blocks that ran their bypass adapter
-    decode_lora: bool = False    # the decode-only LoRA was attached while decoding
-    n_skip_requested: int = 0    # blocks the budget asked for; more than len(skipped_layers) when the
-                                 # strategy has fewer candidates (routers on some blocks, a short ranking)
-    seed: int | None = None      # the sampler's seed (None: greedy, no random draw)
-    logprobs: list[TokenLogprob] | None = None  # one per generated token when logprobs= was given
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["router_scores"] is not None:
-            d["router_scores"] = [None if math.isnan(s) else s for s in d["router_scores"]]
-        return d
-
-
-@dataclass
-class GenerationChunk:
-    """One step of Model.stream_generate / Model.stream_chat.
-
-    ``text`` is the new text: ``token``'s, unless a multi-byte character is incomplete or the text ends in
-    what may be the start of a stop string (held back until it is not, then sent with a later token, as
-    llama-cpp-python does); the last chunk carries ``generation``.
-    """
-
-    text: str
-    token: int | None
-    generation: Generation | None = None
-    logprob: TokenLogprob | None = None  # of ``token``, when logprobs= was given
-
-
-@dataclass
-class ScoreResult:
-    logprobs: list[float]
-    tokens: list[int]
-    skipped_layers: list[int]
-    router_scores: list[float] | None = field(default=None)
-    # with score_tokens(..., logprob_rows=True): float32 [len(tokens), n_vocab], the log-softmax each token
-    # was scored from (row i: the distribution of token i given the prompt and tokens[:i])
-    logprob_rows: np.ndarray | None = field(default=None, repr=False)
-
-
-class _LogCapture:
-    """Keeps llama.cpp's recent error lines so a load failure can say what went wrong."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.verbose = False
-        self._in_error = False
-        self.listener = None  # callable(level, text), e.g. a progress bar
-
-        @llama_cpp.llama_log_callback
-        def _cb(level, text, user_data):  # pragma: no cover - called from C
-            msg = text.decode("utf-8", errors="replace")
-            if level == 4 or (level == 5 and self._in_error):  # GGML_LOG_LEVEL_ERROR, or its continuation
-                self._in_error = True
-                if msg.strip():
-                    self.lines.append(msg.strip())
-                    del self.lines[:-20]
-            elif level != 5:
-                self._in_error = False
-            if self.listener is not None:
-                self.listener(level, msg)
-            if self.verbose:
-                import sys
-
-                print(msg, end="", file=sys.stderr, flush=True)
-
-        self._cb = _cb
-        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
-
-    def detail(self, default: str) -> str:
-        """The captured error lines as one message (``default`` when llama.cpp logged none)."""
-        return "; ".join(line for line in self.lines if line) or default
-
-
-_LOG = _LogCapture()
-
-
-def _check_number(name: str, value, lo: float, hi: float, *, hi_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
-    v = float(value)
-    if math.isnan(v) or v < lo or (v >= hi if hi_open else v > hi):
-        rng = f"[{lo:g}, {hi:g})" if hi_open else f"[{lo:g}, {hi:g}]"
-        raise ValueError(f"{name} must be in {rng}; got {value!r}")
-    return v
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
@@ -157,26 +55,6 @@ def _check_int(name: str, value, lo: int, hi: int | None = None, why: str = "") 
     if value < lo or (hi is not None and value > hi):
         raise ValueError(f"{name} must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}{why}; got {value}")
     return int(value)
-
-
-def max_threads() -> int:
-    """Most threads a Model accepts: 4x the logical CPUs (llama.cpp hangs or crashes far above that)."""
-    return 4 * (os.cpu_count() or 1)
-
-
-def check_stop(stop) -> list[str]:
-    """``stop`` (None, a str or a list of str) as a list; the error shows the value given."""
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, Sequence) and not isinstance(stop, bytes) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise TypeError(f"stop must be a str or a list of str; got {stop!r:.200}")
-    if any(s == "" for s in stops):
-        raise ValueError(f"stop strings must not be empty; got {stop!r:.200}")
-    return stops
 
 
 def _open(method):
@@ -194,199 +72,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-class SkipRequest(NamedTuple):
-    """Checked skip options (Model.check_skip): the budget, the resolved strategy, explicit blocks or None."""
-
-    budget: float
-    strategy: str
-    layers: list[int] | None
-
-
-def _random_seed(strategy: str) -> int | None:
-    """The seed of a "random:<seed>" strategy; None for any other name."""
-    return int(strategy[7:]) if strategy.startswith("random:") and strategy[7:].isdigit() else None
-
-
-# The skip choice, shared by Model and first_gguf.Llama (the llama-cpp-python drop-in): module functions over
-# what they need, so both runtimes parse strategies and pick blocks with the same code.
-def check_skip_request(path, info: GGUFInfo, n_layer: int, supports_skip: bool, n_routers: int,
-                       skip_budget: float = 0.0, skip_strategy: str = "router",
-                       skip_layers: Sequence[int] | None = None) -> SkipRequest:
-    """Model.check_skip for a model at ``path`` with ``info``, ``n_layer`` blocks, skip support and routers."""
-    budget = _check_number("skip_budget", skip_budget, 0.0, 1.0, hi_open=True)
-    if not isinstance(skip_strategy, str):
-        raise TypeError(f"skip_strategy must be a str; got {type(skip_strategy).__name__}")
-    strategies = ["router", "static", "auto", "last", "random", *info.static_rankings]
-    if skip_strategy not in strategies and _random_seed(skip_strategy) is None:
-        raise ValueError(f"unknown skip_strategy {skip_strategy!r}; expected one of "
-                         f"{strategies + ['random:<seed>']}")
-    if skip_strategy == "auto":  # stated in Generation.skip_strategy, never silent
-        skip_strategy = "router" if n_routers or not info.static_rankings else "static"
-    layers = None
-    if skip_layers is not None:
-        if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, Sequence):
-            raise TypeError(f"skip_layers must be a list of block indices; got {type(skip_layers).__name__}")
-        layers = []
-        for il in skip_layers:
-            if isinstance(il, bool) or not isinstance(il, numbers.Integral):
-                raise TypeError(f"skip_layers must hold integers; got {il!r}")
-            if not 0 <= il < n_layer:
-                raise ValueError(f"skip_layers index {il} out of range; the model has blocks 0..{n_layer - 1}")
-            layers.append(int(il))
-        repeated = sorted({il for il in layers if layers.count(il) > 1})
-        if repeated:
-            raise ValueError(f"skip_layers lists block{'s' if len(repeated) > 1 else ''} "
-                             f"{', '.join(map(str, repeated))} more than once; got {layers}")
-        layers = sorted(layers)
-        if len(layers) == n_layer:
-            raise ValueError(f"skip_layers would skip all {n_layer} blocks; keep at least one")
-    wants_skip = (layers and len(layers) > 0) or budget > 0
-    if wants_skip and not supports_skip:
-        raise ValueError(f"{path}: {_lib.unsupported_architecture(info.architecture)}; only "
-                         f"skip_budget=0 is possible")
-    if layers is None and budget > 0:
-        if skip_strategy == "router" and n_routers == 0:
-            hint = " (try skip_strategy='static')" if info.static_rankings else " and the model has neither routers nor a static ranking (first.static_rankings) for 'auto'/'static': use skip_strategy='last' or 'random', or attach a router sidecar"
-            raise ValueError(f"{path} has no router tensors (blk.N.router.weight); "
-                             f"skip_budget={budget:g} needs routers{hint}")
-        if skip_strategy == "static" and not info.static_rankings:
-            raise ValueError(f"{path} stores no static ranking (first.static_rankings); "
-                             f"skip_strategy='static' is not available")
-    return SkipRequest(budget, skip_strategy, layers)
-
-
-def n_skip_for_budget(skip_budget: float, n_layer: int) -> int:
-    """Blocks a budget skips: floor(skip_budget * n_layer)."""
-    return int(math.floor(skip_budget * n_layer + 1e-9))
-
-
-def choose_skip(req: SkipRequest, scores: np.ndarray | None, *, n_layer: int, seed: int, info: GGUFInfo,
-                warned: set, report: str = "Generation.n_skip_requested", stacklevel: int = 5
-                ) -> tuple[list[int], int]:
-    """(blocks to skip, blocks the budget asked for) for a checked request and the prompt's aggregated router
-    scores (``seed``: the "random" strategy's); warns once per (strategy, k), kept in ``warned``, when the
-    strategy has fewer candidates than the budget asks for (``report``: where the shortfall is reported)."""
-    if req.layers is not None:
-        return req.layers, len(req.layers)
-    k = n_skip_for_budget(req.budget, n_layer)
-    strategy = req.strategy
-    if k == 0:
-        return [], 0
-    if strategy == "router":
-        cand = [il for il in range(n_layer) if not np.isnan(scores[il])]
-        cand.sort(key=lambda il: (scores[il], il))
-        skip, why = sorted(cand[:k]), f"only {len(cand)} blocks have routers"
-    elif strategy == "last":  # the last k blocks (a common naive baseline)
-        skip, why = list(range(n_layer - k, n_layer)), ""
-    elif strategy.startswith("random"):  # k blocks drawn with a fixed seed ("random:<seed>", default: model seed)
-        seed = _random_seed(strategy) if strategy != "random" else seed
-        skip, why = sorted(np.random.default_rng(seed).choice(n_layer, size=k, replace=False).tolist()), ""
-    else:
-        name = info.default_static_ranking if strategy == "static" else strategy
-        ranking = info.static_rankings[name]
-        skip, why = sorted(ranking[:k]), f"ranking {name!r} lists only {len(ranking)} blocks"
-    if len(skip) < k and (strategy, k) not in warned:
-        warned.add((strategy, k))
-        warnings.warn(f"skip_budget {req.budget:g} asks for {k} skipped blocks but skip_strategy {strategy!r} "
-                      f"can skip only {len(skip)} ({why}); skipping {len(skip)} (reported in "
-                      f"{report})", UserWarning, stacklevel=stacklevel)
-    return skip, k
-
-
-def aggregate_router_scores(per_token: np.ndarray, n_layer: int) -> np.ndarray:
-    """Aggregated keep-score per block: the mean over the tokens of ``per_token`` [n_tokens, n_layer], NaN
-    ignored (NaN: no router)."""
-    out = np.full(n_layer, np.nan, dtype=np.float64)
-    valid = ~np.isnan(per_token)
-    cnt = valid.sum(axis=0)
-    tot = np.where(valid, per_token, 0.0).sum(axis=0, dtype=np.float64)
-    np.divide(tot, cnt, out=out, where=cnt > 0)
-    return out
-
-
-def attach_sidecar(llama, routers_path, model_path, verbose: bool) -> None:
-    """Attach a first-gguf sidecar's tensors to a loaded llama_cpp.Llama (the C side checks them again and
-    applies all or nothing), then give it a fresh context: one made before the attach does not see them.
-    Raises ValueError naming both files; the caller closes the Llama."""
-    from llama_cpp import _internals
-
-    err = ctypes.create_string_buffer(1024)
-    rc = _lib.first_model_attach_sidecar(llama._model.model, str(routers_path).encode("utf-8"), err, len(err))
-    if rc != _lib.FIRST_OK:
-        raise ValueError(f"cannot attach {routers_path} to {model_path}: "
-                         f"{err.value.decode('utf-8', 'replace') or _lib.FIRST_ERRORS.get(rc, rc)}")
-    old = llama._ctx
-    llama._ctx = llama._stack.enter_context(contextlib.closing(
-        _internals.LlamaContext(model=llama._model, params=llama.context_params, verbose=verbose)))
-    old.close()
-
-
-class Decoding:
-    """A prompt prefilled at full depth, then decoded one token at a time with the chosen blocks skipped.
-
-    Made by Model.decoding() (a context manager). ``logits`` holds the next token's logits
-    (float32 [n_vocab]); ``step(token)`` evaluates a token and updates them.
-    """
-
-    def __init__(self, model: "Model", prompt: list[int], logits: np.ndarray, skipped: list[int], n_requested: int,
-                 scores: np.ndarray | None, n_prefill: int, prefill_s: float, strategy: str) -> None:
-        self._model = model
-        self.prompt_tokens = prompt
-        self.logits = logits
-        self.skipped_layers = list(skipped)
-        self.n_skip_requested = n_requested
-        self.router_scores = scores       # aggregated keep-score per block; None without routers
-        self.skip_strategy = strategy
-        self.n_prefill_tokens = n_prefill  # prompt tokens evaluated (a cached prefix is reused)
-        self.prefill_seconds = prefill_s
-        self.decode_seconds = 0.0          # over step() calls (one llama_decode each)
-        self.n_decoded = 0
-        self.decode_lora = model._lora_on
-        self.bypassed_layers = [il for il in skipped if model.bypass and il in model._bypass_blocks]
-
-    def step(self, token: int) -> np.ndarray:
-        """Evaluate ``token`` (blocks skipped) and return the next token's logits."""
-        t0 = time.perf_counter()
-        self.logits = self._model._eval([token], masked=bool(self.skipped_layers), logits="last")[-1]
-        self.decode_seconds += time.perf_counter() - t0
-        self.n_decoded += 1
-        return self.logits
-
-    def sample(self, sampler: Sampler) -> int:
-        """A token drawn by a llama.cpp sampler chain from the current logits (as llama.cpp holds them)."""
-        return sampler.sample(self._model._ctx)
-
-
-@dataclass
-class _Request:
-    prompt: list[int]
-    skip: SkipRequest
-    max_tokens: int
-    stops: list[str]
-    params: SamplingParams
-    seed: int | None
-    sampler: Sampler | Callable[[np.ndarray], int] | None  # None: argmax
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string (0: none), as
-    llama-cpp-python holds back a streamed tail."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def _last(stream: Iterator[GenerationChunk]) -> Generation:
-    last = None
-    for last in stream:
-        pass
-    return last.generation
 
 
 class Model:
@@ -494,25 +179,13 @@ class Model:
         if not self.supports_skip:
             raise ValueError(f"{self.path}: the runtime cannot skip blocks of this model, so a decode-only LoRA "
                              f"({path}) would never be used")
-        _LOG.lines.clear()
-        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
-        if not adapter:
-            raise ValueError(f"failed to load LoRA adapter {path} for {self.path}: "
-                             f"{_LOG.detail('llama_adapter_lora_init failed')}")
-        self._lora, self.decode_lora_path = adapter, path
+        self._lora, self.decode_lora_path = load_lora(self._model, path, self.path), path
 
     def _attach_lora(self, on: bool) -> None:
         on = on and self._lora is not None and self.use_decode_lora
         if on == self._lora_on:
             return
-        if on:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
-            scales = (ctypes.c_float * 1)(1.0)
-            rc = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
-        else:
-            rc = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
-        if rc != 0:
-            raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
+        set_lora(self._ctx, self._lora if on else None)
         self._lora_on = on
 
     def close(self) -> None:
@@ -715,10 +388,9 @@ class Model:
 
     # ------------------------------------------------------------ decoding
     @_open
-    @contextlib.contextmanager
     def decoding(self, prompt_tokens: Sequence[int], skip_budget: float = 0.0, *, skip_strategy: str = "router",
-                 skip_layers: Sequence[int] | None = None, adapters: bool = True,
-                 routing: bool = True, reuse_cache: bool = True) -> Iterator[Decoding]:
+                 skip_layers: Sequence[int] | None = None, adapters: bool = True, routing: bool = True,
+                 reuse_cache: bool = True) -> contextlib.AbstractContextManager[Decoding]:
         """Prefill ``prompt_tokens`` at full depth, choose the blocks to skip, and decode token by token.
 
         A context manager yielding a Decoding (``logits``, ``step(token)``, ``sample(sampler)``); on exit
@@ -734,23 +406,8 @@ class Model:
                 another batch shape moves the logits by ~1e-6, enough to change a sampled token, so a
                 seeded request is only reproducible from a prompt evaluated in one piece.
         """
-        req = skip_budget if isinstance(skip_budget, SkipRequest) else self.check_skip(
-            skip_budget, skip_strategy, skip_layers)
-        tokens = self._check_tokens(prompt_tokens, "prompt")
-        saved = self.bypass, self.use_decode_lora
-        if not adapters:
-            self.bypass, self.use_decode_lora = False, False
-        try:
-            logits, n_eval, t_prefill = self._prefill(tokens, routing=routing, reuse=reuse_cache)
-            scores = self.prompt_router_scores(len(tokens))
-            skip, k = self._choose_skip(req, scores)
-            self._set_mask(skip)
-            yield Decoding(self, tokens, logits, skip, k, scores, n_eval, t_prefill, req.strategy)
-        finally:
-            self._set_mask(())
-            self._drop_dirty()
-            if not adapters:
-                self.bypass, self.use_decode_lora = saved
+        return open_decoding(self, prompt_tokens, skip_budget, skip_strategy=skip_strategy, skip_layers=skip_layers,
+                             adapters=adapters, routing=routing, reuse_cache=reuse_cache)
 
     # ---------------------------------------------------------- generation
     @_open
@@ -922,14 +579,7 @@ class Model:
             frequency_penalty=frequency_penalty, seed=seed, logit_bias=logit_bias, grammar=grammar,
             logprobs=logprobs, stop=stop, skip_strategy=skip_strategy, skip_layers=skip_layers))
 
-    @staticmethod
-    def check_messages(messages) -> None:
-        """Raise TypeError unless ``messages`` is a non-empty list of dicts with str 'role' and 'content'."""
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-            raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TypeError(f"messages[{i}] must be a dict with str 'role' and 'content'; got {m!r}")
+    check_messages = staticmethod(check_messages)
 
     @property
     def has_chat_template(self) -> bool:
@@ -942,16 +592,7 @@ class Model:
         template = self._llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"{self.path} has no chat template (tokenizer.chat_template); use generate()")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        eos = self._llama.detokenize([self._llama.token_eos()], special=True).decode("utf-8", errors="replace")
-        bos = self._llama.detokenize([self._llama.token_bos()], special=True).decode("utf-8", errors="replace")
-        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
-                                  add_generation_prompt=True, stop_token_ids=[self._llama.token_eos()])
-        res = fmt(messages=list(messages))
-        tokens = self._llama.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
-        stops = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
-        return tokens, [s for s in stops if s]
+        return chat_template_tokens(self._llama, template, messages)
 
     @_open
     def prompt_tokens_for(self, messages: Sequence[dict]) -> tuple[list[int], list[str]]:
@@ -1045,28 +686,7 @@ class Model:
     def layer_inputs_tokens(self, tokens: Sequence[int], layers: Sequence[int]) -> dict[int, np.ndarray]:
         """layer_inputs() on token ids: {block: F32 [n_tokens, n_embd]}; at most n_batch (512) tokens, which
         the runtime evaluates in one llama_decode."""
-        tokens = self._check_tokens(tokens, "input")
-        if len(tokens) > self.n_batch:
-            raise ValueError(f"layer_inputs_tokens takes at most {self.n_batch} tokens; got {len(tokens)}")
-        layers = [int(il) for il in layers]
-        bad = [il for il in layers if not 0 <= il < self.n_layer]
-        if bad:
-            raise ValueError(f"block indices {bad} out of range; the model has blocks 0..{self.n_layer - 1}")
-        for il in layers:
-            _lib.first_set_layer_inp_output(self._ctx, il, True)
-        try:
-            self.reset()
-            self._eval(tokens, masked=False, logits="last")
-            n_embd = self.info.n_embd
-            out = {}
-            for il in layers:
-                ptr = _lib.first_get_layer_inp(self._ctx, il)
-                out[il] = np.ctypeslib.as_array(ptr, shape=(len(tokens), n_embd)).copy()
-        finally:
-            for il in layers:
-                _lib.first_set_layer_inp_output(self._ctx, il, False)
-            self.reset()
-        return out
+        return introspect.layer_inputs_tokens(self, tokens, layers)
 
     @_open
     def continuation_layer_inputs(self, prompt_tokens: Sequence[int], continuation_tokens: Sequence[int],
@@ -1076,40 +696,7 @@ class Model:
         full depth (evaluated once), then the continuation teacher-forced with the set's blocks skipped
         (bypasses on, as decoding has them; an empty set: full depth). Returns, per set,
         {block: F32 [len(continuation), n_embd]}; the continuation is at most n_batch (512) tokens."""
-        p_tokens = self._check_tokens(prompt_tokens, "prompt")
-        c_tokens = self._check_tokens(continuation_tokens, "continuation")
-        if len(c_tokens) > self.n_batch:
-            raise ValueError(f"continuation_layer_inputs takes at most {self.n_batch} continuation tokens; "
-                             f"got {len(c_tokens)}")
-        if len(p_tokens) + len(c_tokens) > self.n_ctx:
-            raise ValueError(f"prompt + continuation have {len(p_tokens) + len(c_tokens)} tokens; n_ctx is {self.n_ctx}")
-        layers = [int(il) for il in layers]
-        bad = [il for il in layers if not 0 <= il < self.n_layer]
-        if bad:
-            raise ValueError(f"block indices {bad} out of range; the model has blocks 0..{self.n_layer - 1}")
-        sets = [self.check_skip(skip_layers=list(s)).layers if s else [] for s in skip_sets]
-        out = []
-        try:
-            self.reset()
-            self._set_mask(())
-            self._eval(p_tokens, masked=False, logits="none", routing=False)
-            for skip in sets:
-                for il in layers:
-                    _lib.first_set_layer_inp_output(self._ctx, il, True)
-                self._set_mask(skip)
-                self._eval(c_tokens, masked=bool(skip), logits="last", routing=False)
-                n_embd = self.info.n_embd
-                out.append({il: np.ctypeslib.as_array(_lib.first_get_layer_inp(self._ctx, il),
-                                                      shape=(len(c_tokens), n_embd)).copy() for il in layers})
-                for il in layers:
-                    _lib.first_set_layer_inp_output(self._ctx, il, False)
-                self._truncate(len(p_tokens))
-        finally:
-            for il in layers:
-                _lib.first_set_layer_inp_output(self._ctx, il, False)
-            self._set_mask(())
-            self.reset()
-        return out
+        return introspect.continuation_layer_inputs(self, prompt_tokens, continuation_tokens, layers, skip_sets)
 
     @_open
     def cached_router_scores(self) -> np.ndarray:
