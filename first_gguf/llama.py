@@ -35,8 +35,8 @@ import numpy as np
 from . import _lib
 from ._lib import llama_cpp
 from .gguf_info import GGUFInfo, read_info, read_with_sidecar
-from .model import (_LOG, SkipRequest, aggregate_router_scores, attach_sidecar, check_skip_request, choose_skip,
-                    n_skip_for_budget)
+from .loading import _LOG, attach_sidecar
+from .skip import SkipRequest, aggregate_router_scores, check_skip_request, choose_skip, n_skip_for_budget
 
 import llama_cpp.llama as _stock  # noqa: E402  (after _lib, which loads the patched library)
 
