@@ -1,19 +1,24 @@
 """attach / strip: add first-gguf data (routers, bypass adapters, static rankings) to any GGUF, or remove it.
 
-Every other key and tensor is copied bit-identically, whatever the quant type.
+Every other key and tensor is copied bit-identically, whatever the quant type. ``attach_data`` turns a router
+file and static ranking files into what ``attach`` and ``write_sidecar`` write: every command and function that
+attaches a router file (``first-gguf attach``, ``first-gguf convert``, the known models' sidecars, the sidecar
+``first-gguf train`` writes) goes through it.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import gguf
 import numpy as np
 
 from ..constants import BYPASS_DEFINITION, FORMAT_VERSION, ROUTER_DEFINITION, SIDECAR_ADAPTER_TYPE, Keys, Tensors
 from .gguf_edit import KV, GGUFEditError, rewrite_gguf
+from .ranking_file import RankingError, check_ranking, check_ranking_name, read_ranking_file
 
 
 def _info(path):
@@ -29,21 +34,14 @@ def _ranking_kv(n_layer: int, rankings: Mapping[str, Mapping]) -> dict[str, KV]:
     kv: dict[str, KV] = {}
     names = list(rankings)
     for name in names:
-        if not name or not all(c.isalnum() or c in "_-" for c in name) or name in ("router", "static"):
-            raise GGUFEditError(f"invalid static ranking name {name!r}; expected letters, digits, '_' or '-', "
-                                f"not 'router' or 'static'")
-        r = rankings[name]
-        order = r.get("ranking") if isinstance(r, Mapping) else None
-        if not isinstance(order, (list, tuple, np.ndarray)) or not all(
-                isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in order):
-            raise GGUFEditError(f"static ranking {name!r}: 'ranking' must be a list of block indices (integers); "
-                                f"got {order!r}")
-        order = [int(b) for b in order]
-        if len(set(order)) != len(order) or any(not 0 <= b < n_layer for b in order):
-            raise GGUFEditError(f"static ranking {name!r} must hold distinct block indices in [0, {n_layer}); "
-                                f"got {order}")
+        where = f"static ranking {name!r}"
+        try:
+            check_ranking_name(name, where)
+            order = check_ranking(rankings[name], where, n_layer=n_layer)
+        except RankingError as e:
+            raise GGUFEditError(str(e)) from None
         kv[Keys.STATIC_RANKING.format(name=name)] = KV(order, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
-        source = {k: v for k, v in r.items() if k != "ranking"}
+        source = {k: v for k, v in rankings[name].items() if k != "ranking"}
         kv[Keys.STATIC_RANKING_SOURCE.format(name=name)] = KV(json.dumps(source, sort_keys=True), gguf.GGUFValueType.STRING)
     kv[Keys.STATIC_RANKINGS] = KV(names, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     return kv
@@ -115,6 +113,95 @@ def _first_data(src, info, routers, rankings, router_source, bypasses, bypass_dt
         set_kv.update(_ranking_kv(info.n_layer, rankings))
 
     return set_kv, tensors
+
+
+@dataclass
+class AttachData:
+    """What a router file and static rankings add to a GGUF (see attach_data): ``kwargs()`` are the keyword
+    arguments of attach() and write_sidecar()."""
+    routers: dict[int, tuple[np.ndarray, float | None]] | None = None
+    bypasses: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+    rankings: dict[str, dict] = field(default_factory=dict)   # stored in this order; the first is the default
+    router_source: dict | None = None                           # the router file's provenance
+    fingerprint: dict | None = None                             # the model the router file was made for
+    router_path: str | None = None                              # the router file, for messages
+    ranking_sources: dict[str, str] = field(default_factory=dict)  # ranking name -> where it came from
+    overridden: list[str] = field(default_factory=list)          # router-file rankings replaced by a given one
+
+    def kwargs(self) -> dict:
+        return {"routers": self.routers, "bypasses": self.bypasses, "rankings": self.rankings or None,
+                "router_source": self.router_source}
+
+    def check_base(self, base: str | os.PathLike, *, force: bool = False,
+                   label: str | os.PathLike | None = None) -> None:
+        """Refuse ``base`` (the GGUF the data will be attached to; named ``label`` in messages, default its path)
+        when the router file was made for another model (unless ``force``) or a ranking names a block it does
+        not have. Raises RouterFileError / RankingError naming the file that does not fit."""
+        from .router_file import RouterFileError, compare_fingerprints, fingerprint_gguf
+
+        label = base if label is None else label
+        if self.routers or self.bypasses:
+            diff = compare_fingerprints(self.fingerprint or {}, fingerprint_gguf(base))
+            if diff and not force:
+                raise RouterFileError(f"{self.router_path} does not fit {label} (pass force=True (--force) to "
+                                      f"attach anyway):\n  " + "\n  ".join(diff))
+        if self.rankings:
+            n_layer = _info(base).n_layer
+            for name, r in self.rankings.items():
+                check_ranking(r, self.ranking_sources.get(name, f"static ranking {name!r}"), n_layer=n_layer)
+
+
+def attach_data(router_file=None, rankings: Iterable = ()) -> AttachData:
+    """The first-gguf data that ``router_file`` and ``rankings`` add to a GGUF: the one glue between router
+    files and attach() / write_sidecar() (``attach(src, dst, **attach_data(rf, files).kwargs())``).
+
+    router_file: a router file's path (read and checked with router_file.load_router_file), a loaded
+        RouterFile, or None. Its routers, bypass adapters, provenance (``router_source``) and static rankings.
+    rankings: static rankings given explicitly, each a ranking file's path (ranking_file.read_ranking_file)
+        or a mapping as such a file holds, with its ``name``.
+
+    The merge rule for rankings, the only one: the given rankings first, in the order given, then the router
+    file's own rankings, in the file's order. **A given ranking overrides a same-named ranking inside the router
+    file** (it keeps the given ranking's place; ``overridden`` lists those names). Two given rankings with the
+    same name are refused. The first ranking stored is the default of ``skip_strategy="static"``.
+
+    Call ``check_base`` with the GGUF before writing. Raises RouterFileError / RankingError naming the file.
+    """
+    from .router_file import RouterFile, load_router_file
+
+    if isinstance(rankings, (str, os.PathLike)):  # one file
+        rankings = [rankings]
+    data = AttachData()
+    rf = None
+    if router_file is not None:
+        rf = router_file if isinstance(router_file, RouterFile) else load_router_file(router_file)
+        data.router_path = "the router file" if isinstance(router_file, RouterFile) else str(router_file)
+        data.routers, data.bypasses = rf.routers(), rf.bypasses or None
+        data.router_source, data.fingerprint = rf.provenance, rf.fingerprint
+    n_layer = rf.n_layer if rf is not None else None
+    for item in rankings:
+        if isinstance(item, Mapping):
+            name = item.get("name")
+            where = f"static ranking {name!r}" if isinstance(name, str) and name else "a static ranking"
+            order = check_ranking(item, where, n_layer=n_layer, need_name=True)
+            r = {**item, "ranking": order}
+        else:
+            r = read_ranking_file(item, n_layer=n_layer)
+            where = f"ranking {item}"
+        name = r["name"]
+        if name in data.rankings:
+            raise RankingError(f"{where}: 'name' {name!r} is also the name of {data.ranking_sources[name]}; two "
+                               f"given rankings cannot share a name")
+        data.rankings[name] = r
+        data.ranking_sources[name] = where
+    if rf is not None:
+        for name, r in rf.static_rankings.items():
+            if name in data.rankings:
+                data.overridden.append(name)
+            else:
+                data.rankings[name] = r
+                data.ranking_sources[name] = f"static ranking {name!r} of {data.router_path}"
+    return data
 
 
 def attach(src: str | os.PathLike, dst: str | os.PathLike, *,

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
-from .attach import attach, write_sidecar
+from .attach import attach, attach_data, write_sidecar
 from .gguf_edit import GGUFEditError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -220,12 +221,13 @@ def merge_lora(base_dir: Path, lora_dir: Path, out_dir: Path) -> Path:
 
 
 def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f16",
-               routers: str | os.PathLike | None = None, rankings: dict | None = None,
+               routers: str | os.PathLike | None = None, rankings: Sequence = (),
                lora: str | os.PathLike | None = None, sidecar: str | os.PathLike | None = None,
                force: bool = False, progress: bool = False, pre_tokenizer: str | None = None) -> Path:
     """Convert a Hugging Face checkpoint to ``output`` with upstream convert_hf_to_gguf.py and add the
-    router file ``routers`` (with its bypasses and rankings) and ``rankings``: into ``output`` itself, or,
-    with ``sidecar``, into that sidecar GGUF beside an untouched ``output``. Returns ``output``.
+    router file ``routers`` (with its bypasses and rankings) and ``rankings`` (static ranking files or
+    mappings with a 'name'; merged as attach.attach_data says): into ``output`` itself, or, with
+    ``sidecar``, into that sidecar GGUF beside an untouched ``output``. Returns ``output``.
 
     ``pre_tokenizer``: the llama.cpp name of the checkpoint's BPE pre-tokenizer (e.g. 'qwen2'), for a
     tokenizer upstream does not recognise by its hash (a retrained or trimmed one); see
@@ -245,11 +247,7 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
         raise GGUFEditError(f"output file exists: {out}; pass force=True (--force) to overwrite")
     if not out.parent.is_dir():
         raise GGUFEditError(f"output folder does not exist: {out.parent}")
-    rf = None
-    if routers is not None:
-        from .router_file import load_router_file
-
-        rf = load_router_file(routers)  # fail early, before the slow conversion
+    data = attach_data(routers, rankings)  # fail early, before the slow conversion
     script = llama_source_dir() / "convert_hf_to_gguf.py"
     with tempfile.TemporaryDirectory(prefix=".first-convert-", dir=out.parent) as tmp:
         tmp_p = Path(tmp)
@@ -275,25 +273,12 @@ def convert_hf(model_dir: str | os.PathLike, output: str | os.PathLike, *, outty
             raise GGUFEditError(f"convert_hf_to_gguf.py failed on {src} (exit {rc}): {tail}")
         if pre_tokenizer is not None:
             _check_vocab_loads(base, pre_tokenizer)
-        if rf is None and not rankings:
+        if routers is None and not data.rankings:
             os.replace(base, out)
             return out
-        ranks = dict(rankings or {})
-        routers_map = source = bypasses = None
-        if rf is not None:
-            from .router_file import compare_fingerprints, fingerprint_gguf
-
-            diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
-            if diff and not force:
-                raise GGUFEditError(f"{routers} does not fit {model_dir} (pass --force to attach anyway):\n  "
-                                    + "\n  ".join(diff))
-            routers_map, source, bypasses = rf.routers(), rf.provenance, rf.bypasses or None
-            for name, r in rf.static_rankings.items():
-                ranks.setdefault(name, r)
+        data.check_base(base, force=force, label=model_dir)
         if side is None:
-            return attach(base, out, routers=routers_map, rankings=ranks or None, router_source=source,
-                          bypasses=bypasses, force=True, progress=progress)
-        write_sidecar(base, side, routers=routers_map, rankings=ranks or None, router_source=source,
-                      bypasses=bypasses, force=True)
+            return attach(base, out, **data.kwargs(), force=True, progress=progress)
+        write_sidecar(base, side, **data.kwargs(), force=True)
         os.replace(base, out)
         return out

@@ -16,7 +16,8 @@ A safetensors file with one tensor per routed block and a JSON header
       definition        constants.ROUTER_DEFINITION (the runtime's)
       bypass_rank       rank of the bypasses ("0": none); bypass_definition: constants.BYPASS_DEFINITION
       fingerprint       JSON: base model architecture, shapes, sha256 of a reference tensor
-      static_rankings   JSON: {name: {"ranking": [...], ...provenance}} (optional)
+      static_rankings   JSON: {name: {"ranking": [...], ...provenance}} (optional; checked by
+                        ranking_file.check_ranking)
       provenance        JSON: command, data, seed, ... (optional)
 
 The fingerprint's reference tensor is the final norm (``output_norm.weight`` in
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import BYPASS_DEFINITION, ROUTER_DEFINITION
+from .ranking_file import RankingError, check_ranking
 
 FORMAT = "first-gguf-routers"
 VERSION = "1"
@@ -161,10 +163,10 @@ def _validate(rf: RouterFile, p: Path) -> None:
         elif not (np.all(np.isfinite(down)) and np.all(np.isfinite(up))):
             errors.append(f"bypass.{b} holds NaN or Inf")
     for name, r in rf.static_rankings.items():
-        order = r.get("ranking") if isinstance(r, dict) else None
-        if not isinstance(order, list) or len(set(order)) != len(order) or \
-                any(not isinstance(x, int) or not 0 <= x < rf.n_layer for x in order):
-            errors.append(f"static ranking {name!r} must hold distinct block indices in [0, {rf.n_layer})")
+        try:
+            check_ranking(r, f"static ranking {name!r}", n_layer=rf.n_layer)
+        except RankingError as e:
+            errors.append(str(e))
     if errors:
         raise RouterFileError(f"{p}: invalid router file:\n  " + "\n  ".join(errors))
 

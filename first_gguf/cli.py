@@ -430,31 +430,6 @@ def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, 
     click.echo(f"wrote {output}: ranking single_kl {report['ranking']}", err=True)
 
 
-def _read_ranking(path: str, *, need_name: bool = True) -> dict:
-    """A static ranking file, as first-gguf rank writes it: a JSON object with a 'ranking' list of block indices
-    and (when it is stored in a GGUF) the 'name' it is stored under. Raises ValueError naming the file and field."""
-    from pathlib import Path
-
-    try:
-        r = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read ranking {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ValueError(f"ranking {path} is not valid JSON: {e}") from None
-    fields = "'name' and 'ranking'" if need_name else "'ranking'"
-    if not isinstance(r, dict):
-        raise ValueError(f"ranking {path}: expected a JSON object with {fields} (first-gguf rank's output); "
-                         f"got a JSON {type(r).__name__}")
-    if need_name and not (isinstance(r.get("name"), str) and r["name"]):
-        raise ValueError(f"ranking {path}: 'name' must be the non-empty name to store the ranking under; "
-                         + (f"got {r['name']!r}" if "name" in r else "it is missing"))
-    order = r.get("ranking")
-    if not isinstance(order, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in order):
-        raise ValueError(f"ranking {path}: 'ranking' must be a list of block indices (integers); "
-                         + (f"got {order!r}" if "ranking" in r else "it is missing"))
-    return r
-
-
 def _convert_errors(fn):
     """Run fn, turning converter errors into one-line CLI errors."""
     from .convert.gguf_edit import GGUFEditError
@@ -471,7 +446,8 @@ def _convert_errors(fn):
 @click.argument("routers", type=click.Path(dir_okay=False), required=False)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @click.option("--ranking", "rankings", multiple=True, type=click.Path(dir_okay=False),
-              help="Static ranking JSON (from first-gguf rank) to store; repeatable, the first is the default.")
+              help="Static ranking JSON (from first-gguf rank) to store; repeatable, the first is the default. "
+                   "It replaces a ranking of the same name inside ROUTERS.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT and accept a fingerprint mismatch.")
 @click.option("--sidecar", is_flag=True,
               help="Write OUTPUT as a sidecar GGUF holding only the first-gguf data, for BASE left untouched "
@@ -483,29 +459,16 @@ def attach(base, routers, output, rankings, force, sidecar):
     goes to a small file of its own instead, as llama.cpp's LoRA adapters do.
     """
     from .convert.attach import attach as do_attach
-    from .convert.attach import write_sidecar
-    from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
+    from .convert.attach import attach_data, write_sidecar
 
     def run():
-        routers_map, source, ranks, bypasses = None, None, {}, None
-        if routers:
-            rf = load_router_file(routers)
-            diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
-            if diff and not force:
-                raise ValueError(f"{routers} does not fit {base} (pass --force to attach anyway):\n  " + "\n  ".join(diff))
-            routers_map, source = rf.routers(), rf.provenance
-            bypasses = rf.bypasses or None
-        for path in rankings:  # first: the first --ranking is the default
-            r = _read_ranking(path)
-            ranks.setdefault(r["name"], r)
-        if routers:
-            for name, r in rf.static_rankings.items():
-                ranks.setdefault(name, r)
+        data = attach_data(routers, rankings)
+        data.check_base(base, force=force)
+        for name in data.overridden:
+            click.echo(f"static ranking {name!r}: {data.ranking_sources[name]} replaces the router file's", err=True)
         if sidecar:
-            return write_sidecar(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
-                                 bypasses=bypasses, force=force)
-        return do_attach(base, output, routers=routers_map, rankings=ranks or None, router_source=source,
-                         bypasses=bypasses, force=force, progress=True)
+            return write_sidecar(base, output, **data.kwargs(), force=force)
+        return do_attach(base, output, **data.kwargs(), force=force, progress=True)
 
     out = _convert_errors(run)
     click.echo(f"wrote {out}", err=True)
@@ -545,7 +508,8 @@ def quantize(model, output, qtype, threads, allow_requantize, force):
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
 @click.option("--routers", type=click.Path(dir_okay=False), default=None, help="Router .safetensors file to add.")
 @click.option("--ranking", "rankings", multiple=True, type=click.Path(dir_okay=False),
-              help="Static ranking JSON to store; repeatable.")
+              help="Static ranking JSON to store; repeatable, the first is the default. It replaces a ranking "
+                   "of the same name inside --routers.")
 @click.option("--lora", type=click.Path(file_okay=False), default=None,
               help="PEFT LoRA adapter merged into the weights before conversion.")
 @click.option("--sidecar", type=click.Path(dir_okay=False), default=None,
@@ -567,11 +531,7 @@ def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force,
             if pre is not None:
                 raise ValueError("give --pre-tokenizer or --pre-tokenizer-from, not both")
             pre = pre_tokenizer_from_gguf(pre_tokenizer_from)
-        ranks = {}
-        for path in rankings:
-            r = _read_ranking(path)
-            ranks[r["name"]] = r
-        return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=ranks or None,
+        return convert_hf(model_dir, output, outtype=outtype, routers=routers, rankings=rankings,
                           lora=lora, sidecar=sidecar, force=force, progress=True, pre_tokenizer=pre)
 
     out = _convert_errors(run)
@@ -656,6 +616,7 @@ def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force,
 @click.pass_context
 def train(ctx, config_file, **kw):
     """Train FiRST routers (and optionally LoRA) on a frozen model by distillation."""
+    from .convert.ranking_file import read_ranking_file
     from .train import TrainConfig, train as do_train
 
     opts = {}
@@ -678,7 +639,7 @@ def train(ctx, config_file, **kw):
     ranking_file = opts.pop("static_ranking_file", None)
     if ranking_file:
         try:
-            opts["static_ranking"] = _read_ranking(ranking_file, need_name=False)["ranking"]
+            opts["static_ranking"] = read_ranking_file(ranking_file, need_name=False)["ranking"]
         except ValueError as e:
             raise _UserError(str(e)) from None
     try:

@@ -227,11 +227,11 @@ def default_sidecar_path(name: str | None = None) -> Path | None:
     bypass adapters, the shipped static ranking and the router file's rankings, for the untouched upstream
     GGUF of base_gguf_path(name); None when nothing is shipped for it.
 
-    Rankings: ``greedy_nll`` (first-gguf rank, the default for skip_strategy="static"),
-    then the router file's ``router_mean`` and ``block_influence``.
+    Rankings (merged by convert.attach.attach_data): the shipped ranking file's first (``greedy_nll``,
+    first-gguf rank: the default for skip_strategy="static"), then the router file's (``block_influence``,
+    ``router_mean``); the shipped file's replaces a router-file ranking of the same name.
     """
-    from .convert.attach import write_sidecar
-    from .convert.router_file import compare_fingerprints, fingerprint_gguf, load_router_file
+    from .convert.attach import attach_data, write_sidecar
 
     km = known_model(name)
     ranking = shipped_ranking(km.name)
@@ -251,17 +251,13 @@ def default_sidecar_path(name: str | None = None) -> Path | None:
     if dest.exists():
         return dest
     base = base_gguf_path(km.name)
-    rankings = {ranking["name"]: ranking} if ranking is not None else {}
-    kw = {}
-    if routers is not None:
-        rf = load_router_file(routers)
-        diff = compare_fingerprints(rf.fingerprint, fingerprint_gguf(base))
-        if diff:
-            raise RuntimeError(f"shipped routers {routers} do not fit {base}: {diff}")
-        rankings.update(rf.static_rankings)
-        kw = {"routers": rf.routers(), "router_source": rf.provenance, "bypasses": rf.bypasses or None}
+    try:
+        data = attach_data(routers, [ranking] if ranking is not None else [])
+        data.check_base(base)
+    except ValueError as e:  # RouterFileError, RankingError, GGUFEditError
+        raise RuntimeError(f"{km.name}'s shipped routers or ranking (first_gguf/data/): {e}") from None
     _log(f"writing the first-gguf sidecar {dest.name}")
-    write_sidecar(base, dest, rankings=rankings or None, force=True, **kw)
+    write_sidecar(base, dest, **data.kwargs(), force=True)
     return dest
 
 

@@ -99,11 +99,10 @@ def _write_outputs(cfg, model, routers, sequences, pad, history, summary, lora, 
         from ..convert.gguf_edit import GGUFEditError
 
         try:
-            from ..convert.attach import write_sidecar
+            from ..convert.attach import attach_data, write_sidecar
 
             # the same data as a sidecar GGUF for the model trained on, ready for --routers
-            write_sidecar(cfg.model, sidecar_path(cfg.output), routers=rf.routers(), rankings=statics,
-                          router_source=provenance, bypasses=rf.bypasses or None, force=True)
+            write_sidecar(cfg.model, sidecar_path(cfg.output), **attach_data(rf).kwargs(), force=True)
         except (GGUFEditError, ImportError) as e:  # e.g. the model already carries first-gguf data; no runtime
             print(f"[first-gguf] no sidecar written: {e}", file=sys.stderr)
     if lora is not None:
