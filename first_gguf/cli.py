@@ -538,6 +538,66 @@ def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force,
     click.echo(f"wrote {out}", err=True)
 
 
+@main.group(name="routers")
+def routers_group():
+    """Router files (.safetensors): the shipped form of one, or one from a training checkpoint."""
+
+
+@routers_group.command(name="ship")
+@click.argument("src", metavar="ROUTERS", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The shipped router file.")
+@click.option("--blocks", default=None, metavar="N,N,...",
+              help="Keep only these blocks' adapters (comma-separated); a skipped block without an adapter passes "
+                   "its input through (plain skipping).")
+@click.option("--rank", "rank_", type=click.IntRange(min=1), default=None,
+              help="Keep the first RANK components of every adapter (for first-gguf fit's reduced-rank bypasses, "
+                   "ordered by explained variance: exactly the rank-RANK fit).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def routers_ship(src, output, blocks, rank_, force):
+    """The shipped form of a router file: bypass adapters as float16, identity adapters (never trained) dropped.
+
+    Dropping an adapter whose up matrix is zero is exact; routers, rankings, fingerprint and provenance are
+    copied unchanged (first_gguf/convert/ship.py)."""
+    from .convert.ship import parse_blocks, ship_router_file
+
+    def run():
+        keep = parse_blocks(blocks) if blocks is not None else None
+        return ship_router_file(src, output, blocks=keep, rank=rank_, force=force)
+
+    res = _convert_errors(run)
+    click.echo(f"wrote {res.path}: {len(res.kept)} adapters as float16; dropped (identity or not in --blocks): "
+               f"{res.dropped}", err=True)
+
+
+@routers_group.command(name="from-checkpoint")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--like", required=True, type=click.Path(dir_okay=False),
+              help="A router file for the same model (e.g. the one the run started from): its fingerprint and "
+                   "static rankings are copied.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The router file to write.")
+@click.option("--lora-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the checkpoint's decode-only LoRA (a --lora-rank run's) as a llama.cpp adapter GGUF.")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="The base GGUF the run trained on (architecture, head counts); needed with --lora-out.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT (and --lora-out).")
+def routers_from_checkpoint(checkpoint, like, output, lora_out, model, force):
+    """A router file from a training checkpoint (OUTPUT.ckpt.pt), to measure a run while it trains.
+
+    The rankings copied from --like describe its routers, not the checkpoint's: measure such a file with the
+    router strategy or a ranking of its own (attach --ranking). See first_gguf/train/from_checkpoint.py."""
+    def run():
+        try:
+            from .train.from_checkpoint import router_file_from_checkpoint
+        except ImportError as e:
+            raise ValueError(f"routers from-checkpoint needs torch (pip install 'first-gguf[train]'): {e}") from None
+        return router_file_from_checkpoint(checkpoint, like, output, lora_out=lora_out, model=model, force=force)
+
+    res = _convert_errors(run)
+    click.echo(f"wrote {res.path}: step {res.step}, {res.n_bypasses} bypasses", err=True)
+    if res.lora is not None:
+        click.echo(f"wrote {res.lora}: decode-only LoRA of rank {res.lora_rank}", err=True)
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(), help="GGUF file or Hugging Face checkpoint directory.")
 @click.option("--data", "tasks", default="summarization,qa,mc,translation,docs", show_default=True,
@@ -573,7 +633,7 @@ def convert(model_dir, output, outtype, routers, rankings, lora, sidecar, force,
               help="Add training-only docstrings from other modules to the docs task (see tasks.docs_supplement).")
 @click.option("--extra-data", type=click.Path(dir_okay=False), default=None,
               help="JSON Lines file of more training examples: {\"messages\": [...], \"target\": ..., \"task\": ...} "
-                   "per line (e.g. scripts/self_replies.py's output).")
+                   "per line (e.g. research/self_replies.py's output).")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="cosine: every learning rate decays to --lr-final times its start over --steps.")
 @click.option("--lr-final", type=float, default=0.1, show_default=True)

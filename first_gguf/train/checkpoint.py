@@ -1,7 +1,7 @@
 """Training checkpoints (``<stem>.ckpt.pt`` beside the router file): the formats, writing one, resuming a run
 from one, and reading one from outside a run (``read_checkpoint``, ``checkpoint_meta``, ``checkpoint_routers``,
-``checkpoint_bypasses``, ``checkpoint_lora``: scripts/ckpt_routers.py, scripts/gpu_check.py). Every
-reader of the checkpoint layout goes through this module."""
+``checkpoint_bypasses``, ``checkpoint_lora``: ``first-gguf routers from-checkpoint`` (from_checkpoint.py),
+scripts/gpu_check.py). Every reader of the checkpoint layout goes through this module."""
 from __future__ import annotations
 
 import os
@@ -119,11 +119,13 @@ def restore_checkpoint(src, cfg, signature: dict, *, routers, bypass, lora, opt,
 def read_checkpoint(path) -> dict:
     """The checkpoint at ``path`` as written (every tensor on the CPU); a ValueError naming the file when it
     cannot be read or is not a first-gguf training checkpoint."""
+    import pickle
+
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a missing, truncated or foreign file
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(state, dict) or "weight" not in state or "step" not in state:
         raise ValueError(f"{path} is not a first-gguf training checkpoint (no 'weight'/'step')")

@@ -1,9 +1,9 @@
 """Merge `first-gguf eval` runs into the recovery table: extra NLL per task for each recovery x selection x budget.
 
-    .venv/bin/python scripts/recovery_table.py "no recovery=results-none" "bypass=results-bypass" \\
+    .venv/bin/python research/recovery_table.py "no recovery=results-none" "bypass=results-bypass" \\
         -o docs/results/recovery.csv > table.md
     # columns of an earlier table: LABEL=FILE.csv[:LABEL_IN_FILE]
-    .venv/bin/python scripts/recovery_table.py "no recovery=old.csv" "stage 4=old.csv:bypass" "stage 5=results" -o new.csv
+    .venv/bin/python research/recovery_table.py "no recovery=old.csv" "stage 4=old.csv:bypass" "stage 5=results" -o new.csv
 
 Each argument is LABEL=FOLDER (a folder written by `first-gguf eval`, read from its results.jsonl) or
 LABEL=FILE.csv[:OLD] (the rows of an earlier output of this script whose recovery is OLD, default LABEL);

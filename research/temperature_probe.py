@@ -5,7 +5,7 @@ held-out sources; the shipped routers + bypasses), KL(softmax(log q / tau) || p_
 for several tau, and both models' mean entropies, per source. First-order: the states stay those sampled at
 tau = 1.
 
-    python scripts/temperature_probe.py [SKIP_BUDGET (0.2)] [PROMPTS PER SOURCE (12)]
+    python research/temperature_probe.py [SKIP_BUDGET (0.2)] [PROMPTS PER SOURCE (12)]
 """
 import json
 import sys

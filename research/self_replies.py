@@ -1,7 +1,7 @@
 """The model's own greedy replies to training prompts, as extra training data (JSON Lines).
 
-    .venv/bin/python scripts/self_replies.py --n 400 -o self-replies.jsonl                 # full model
-    .venv/bin/python scripts/self_replies.py --budgets 0.1,0.2,0.34 -o student.jsonl      # skipped model
+    .venv/bin/python research/self_replies.py --n 400 -o self-replies.jsonl                 # full model
+    .venv/bin/python research/self_replies.py --budgets 0.1,0.2,0.34 -o student.jsonl      # skipped model
     first-gguf train ... --extra-data self-replies.jsonl
 
 Teacher-forced references (the tasks' continuations) are not what a chat sees: while decoding, the
