@@ -598,111 +598,65 @@ def routers_from_checkpoint(checkpoint, like, output, lora_out, model, force):
         click.echo(f"wrote {res.lora}: decode-only LoRA of rank {res.lora_rank}", err=True)
 
 
-@main.command()
-@click.option("--model", required=True, type=click.Path(), help="GGUF file or Hugging Face checkpoint directory.")
-@click.option("--data", "tasks", default="summarization,qa,mc,translation,docs", show_default=True,
-              help="Comma-separated tasks (train splits).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Router .safetensors file.")
-@click.option("--steps", type=int, default=2000, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--lr", type=float, default=5e-3, show_default=True)
-@click.option("--budget-min", type=float, default=0.05, show_default=True)
-@click.option("--budget-max", type=float, default=0.5, show_default=True)
-@click.option("--temperature", type=float, default=0.5, show_default=True, help="Soft-gate temperature.")
-@click.option("--reg-lambda", type=float, default=0.01, show_default=True)
-@click.option("--lora-rank", type=int, default=0, show_default=True,
-              help="Train a decode-only LoRA too, active only on tokens decoded with blocks skipped; written to "
-                   "<output stem>.lora.gguf for --decode-lora (0: off).")
-@click.option("--lora-lr", type=float, default=2e-4, show_default=True)
-@click.option("--bypass-rank", type=int, default=0, show_default=True,
-              help="Train a low-rank bypass per block, used in place of a skipped block (0: off; 16 is the default "
-                   "model's).")
-@click.option("--bypass-lr", type=float, default=2e-3, show_default=True)
-@click.option("--static-mix", type=float, default=0.0, show_default=True,
-              help="Fraction of sequences trained under the --static-ranking set instead of the routed one.")
-@click.option("--static-ranking", "static_ranking_file", type=click.Path(dir_okay=False), default=None,
-              help="JSON file with a 'ranking' list of blocks (e.g. the output of `first-gguf rank`).")
-@click.option("--init-routers", type=click.Path(dir_okay=False), default=None,
-              help="Start from this router file's routers (and bypasses of the same rank).")
-@click.option("--max-prompt-tokens", type=int, default=192, show_default=True)
-@click.option("--max-continuation-tokens", type=int, default=64, show_default=True)
-@click.option("--max-examples-per-task", type=int, default=4000, show_default=True)
-@click.option("--balance-tasks", is_flag=True,
-              help="Draw each training sequence from a uniformly chosen task (default: uniformly over sequences).")
-@click.option("--docs-supplement", is_flag=True,
-              help="Add training-only docstrings from other modules to the docs task (see tasks.docs_supplement).")
-@click.option("--extra-data", type=click.Path(dir_okay=False), default=None,
-              help="JSON Lines file of more training examples: {\"messages\": [...], \"target\": ..., \"task\": ...} "
-                   "per line (e.g. research/self_replies.py's output).")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-              help="cosine: every learning rate decays to --lr-final times its start over --steps.")
-@click.option("--lr-final", type=float, default=0.1, show_default=True)
-@click.option("--onpolicy-batch", type=int, default=0, show_default=True,
-              help="On-policy distillation: prompts per step whose continuation the current student samples and "
-                   "the full model scores (0: off; --batch-size 0 trains on them alone).")
-@click.option("--onpolicy-tokens", type=int, default=48, show_default=True, help="Tokens sampled per prompt.")
-@click.option("--onpolicy-temperature", type=float, default=1.0, show_default=True,
-              help="Sampling temperature of the student (0: greedy).")
-@click.option("--onpolicy-beta", type=float, default=0.0, show_default=True,
-              help="Divergence on the samples: (1-beta) KL(student||full) + beta KL(full||student).")
-@click.option("--onpolicy-data", default="tasks,broad", show_default=True,
-              help="Prompt sources of the samples: tasks (the --data train prompts), bigbench, linux, broad (both).")
-@click.option("--set-noise", type=float, default=0.0, show_default=True,
-              help="Fraction of the routed (non --static-mix) sequences whose set is moved by 1-3 swaps to "
-                   "nearby-ranked blocks.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@threads_option()
-@click.option("--no-bf16", "bf16", flag_value=False, default=True, help="fp32 instead of bf16 autocast.")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUTPUT's .ckpt.pt checkpoint.")
-@click.option("--resume-from", type=click.Path(dir_okay=False), default=None,
-              help="Continue from this checkpoint file (any path; e.g. one brought back from the GPU machine). "
-                   "New checkpoints go to OUTPUT's .ckpt.pt.")
-@click.option("--checkpoint-format", type=click.Choice(["full", "compact", "params"]), default="full",
-              show_default=True,
-              help="full: fp32 parameters + optimizer state; compact: fp16 parameters + Adam moments in bf16; "
-                   "params: fp16 parameters only (the optimizer restarts on resume).")
-@click.option("--time-budget", type=float, default=None,
-              help="Seconds (from start, model loading included): stop before a step that would end later, "
-                   "writing the checkpoint and the outputs; --resume / --resume-from continues.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Under torchrun: cuda:LOCAL_RANK "
-                   "and NCCL on CUDA, gloo on the CPU.")
-@click.option("--compile", is_flag=True,
-              help="torch.compile the decoder layers (opt-in; see docs/gpu_recipe.md).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="JSON file with any of these options (command-line options win).")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-@click.pass_context
-def train(ctx, config_file, **kw):
-    """Train FiRST routers (and optionally LoRA) on a frozen model by distillation."""
-    from .convert.ranking_file import read_ranking_file
-    from .train import TrainConfig, train as do_train
+def train_options(f):
+    """``first-gguf train``'s options, one per TrainConfig field, generated from the fields' metadata (name,
+    type, default, help: first_gguf/train/config.py), so the two cannot drift. Defaults are shown but not set
+    here: an option left out leaves the field to the --config file, then to TrainConfig's default."""
+    import dataclasses
 
-    opts = {}
-    if config_file:
-        try:
-            opts = json.loads(open(config_file).read())
-        except (OSError, ValueError) as e:
-            raise _UserError(f"cannot read config {config_file}: {e}") from None
-        if not isinstance(opts, dict):
-            raise _UserError(f"config {config_file} must hold a JSON object")
-        known = set(TrainConfig.__dataclass_fields__)
-        unknown = sorted(set(opts) - known)
-        if unknown:
-            raise _UserError(f"config {config_file}: unknown keys {unknown}; expected some of {sorted(known)}")
-    for k, v in kw.items():
-        src = ctx.get_parameter_source(k)
-        if k not in opts or src == click.core.ParameterSource.COMMANDLINE:
-            opts[k] = v
-    opts["tasks"] = [t for t in str(opts["tasks"]).split(",") if t] if isinstance(opts["tasks"], str) else opts["tasks"]
-    ranking_file = opts.pop("static_ranking_file", None)
-    if ranking_file:
-        try:
-            opts["static_ranking"] = read_ranking_file(ranking_file, need_name=False)["ranking"]
-        except ValueError as e:
-            raise _UserError(str(e)) from None
+    from .train.config import TrainConfig
+
+    opts = []
+    for fd in dataclasses.fields(TrainConfig):
+        meta = dict(fd.metadata)
+        default = fd.default_factory() if fd.default_factory is not dataclasses.MISSING else fd.default
+        if meta.get("type") == "threads":
+            opts.append(threads_option(help=meta["help"]))
+            continue
+        decls = meta.get("flag", "--" + fd.name.replace("_", "-")).split("/")
+        kw = {"help": meta.get("help") or None, "default": None}
+        if "flag_value" in meta:
+            kw.update(flag_value=meta["flag_value"], default=None)
+        elif isinstance(default, bool):
+            kw.update(is_flag=True, default=None)
+        else:
+            typ = meta.get("type", type(default) if default is not None else str)
+            kw["type"] = (click.Path(dir_okay=False) if typ == "path" and fd.name != "model" else
+                          click.Path() if typ == "path" else click.Choice(meta["choices"]) if "choices" in meta
+                          else str if isinstance(default, list) else typ)
+            if meta.get("required"):
+                kw["help"] += " Required (here or in --config)."
+            elif default is not None:
+                kw["help"] = f"{kw['help'] or ''}  [default: {','.join(default) if isinstance(default, list) else default}]"
+        opts.append(click.option(*decls, fd.name, **kw))
+    opts.append(click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                             help="JSON file with any of these options as TrainConfig keys (recipes/ holds the "
+                                  "runs behind the shipped router files); command-line options win."))
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@train_options
+def train(config_file, **kw):
+    """Train FiRST routers (and optionally LoRA) on a frozen model by distillation."""
+    from .default_model import resolve
+    from .train import TrainConfig, train as do_train
+    from .train.config import read_config_file, read_static_ranking, split_tasks
+
     try:
+        opts = read_config_file(config_file) if config_file else {}
+        given = {k: v for k, v in kw.items() if v is not None}  # left out on the command line: None
+        if "tasks" in given:
+            given["tasks"] = split_tasks(given["tasks"])
+        if "static_ranking" in given:
+            given["static_ranking"] = read_static_ranking(given["static_ranking"])
+        opts.update(given)
+        for key in ("model", "output"):
+            if opts.get(key) is None:
+                raise ValueError(f"missing --{key} (or '{key}' in a --config file)")
+        opts["model"] = str(resolve(opts["model"])[0])  # a known model's name: its cached GGUF (fetched once)
         cfg = TrainConfig(**opts)
         summary = do_train(cfg)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -26,9 +26,9 @@ from gpu_check import bootstrap, read_json  # noqa: E402
 
 
 def load_config(path, **over):
-    opts = json.loads(Path(path).read_text()) if path else {}
-    if isinstance(opts.get("tasks"), str):
-        opts["tasks"] = [t for t in opts["tasks"].split(",") if t]
+    from first_gguf.train.config import read_config_file  # the keys and checks of first-gguf train --config
+
+    opts = read_config_file(path) if path else {}
     opts.update({k: v for k, v in over.items() if v is not None})
     opts.setdefault("output", "unused.safetensors")
     return opts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,51 +30,87 @@ def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
 
 
+def _opt(default=None, help: str = "", *, factory=None, **cli):
+    """A TrainConfig field with what its command-line option needs (``first-gguf train``'s options are
+    generated from these, first_gguf.cli.train_options): ``help``, and optionally ``flag`` (the option's
+    name when not --field-name), ``type`` (int/float/str/"path"; default: the default's type), ``choices``,
+    ``is_flag``, ``flag_value``, ``required`` (on the command line unless a --config file gives it)."""
+    meta = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    model: str
-    output: str
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    steps: int = 2000
-    batch_size: int = 4
-    max_prompt_tokens: int = 192
-    max_continuation_tokens: int = 64
-    lr: float = 5e-3
-    budget_min: float = 0.05
-    budget_max: float = 0.5
-    temperature: float = 0.5
-    reg_lambda: float = 0.01
-    lora_rank: int = 0
-    lora_lr: float = 2e-4
-    bypass_rank: int = 0
-    bypass_lr: float = 2e-3
-    static_mix: float = 0.0
-    static_ranking: list[int] | None = None
-    init_routers: str | None = None
-    seed: int = 0
-    bf16: bool = True
-    threads: int | None = None
-    checkpoint_every: int = 100
-    resume: bool = False
-    max_examples_per_task: int = 4000
-    balance_tasks: bool = False
-    docs_supplement: bool = False
-    lr_schedule: str = "constant"
-    lr_final: float = 0.1
-    extra_data: str | None = None
-    n_static_examples: int = 64
-    force: bool = False
-    onpolicy_batch: int = 0
-    onpolicy_tokens: int = 48
-    onpolicy_temperature: float = 1.0
-    onpolicy_beta: float = 0.0
-    onpolicy_data: str = "tasks,broad"
-    set_noise: float = 0.0
-    device: str = "auto"
-    time_budget: float | None = None
-    checkpoint_format: str = "full"
-    resume_from: str | None = None
-    compile: bool = False
+    """Everything a training run takes. Each field is an option of ``first-gguf train`` (``--field-name``,
+    with the exceptions noted in its ``flag``) and a key of a ``--config`` JSON file (recipes/ holds the
+    runs behind the shipped router files)."""
+
+    model: str = _opt(None, "GGUF file, Hugging Face checkpoint directory, or a known model's name "
+                            "(first-gguf info lists them).", type="path", required=True)
+    output: str = _opt(None, "Router .safetensors file.", flag="-o/--output", type="path", required=True)
+    tasks: list[str] = _opt(help="Comma-separated tasks (train splits).", factory=lambda: list(TASKS), flag="--data")
+    steps: int = _opt(2000)
+    batch_size: int = _opt(4)
+    max_prompt_tokens: int = _opt(192)
+    max_continuation_tokens: int = _opt(64)
+    lr: float = _opt(5e-3)
+    budget_min: float = _opt(0.05)
+    budget_max: float = _opt(0.5)
+    temperature: float = _opt(0.5, "Soft-gate temperature.")
+    reg_lambda: float = _opt(0.01)
+    lora_rank: int = _opt(0, "Train a decode-only LoRA too, active only on tokens decoded with blocks skipped; "
+                             "written to <output stem>.lora.gguf for --decode-lora (0: off).")
+    lora_lr: float = _opt(2e-4)
+    bypass_rank: int = _opt(0, "Train a low-rank bypass per block, used in place of a skipped block (0: off; 16 "
+                               "is the default model's).")
+    bypass_lr: float = _opt(2e-3)
+    static_mix: float = _opt(0.0, "Fraction of sequences trained under the --static-ranking set instead of the "
+                                  "routed one.")
+    static_ranking: list[int] | None = _opt(None, "JSON file with a 'ranking' list of blocks (e.g. the output of "
+                                                  "`first-gguf rank`); in a --config file the file's name or the "
+                                                  "list itself.", type="path")
+    init_routers: str | None = _opt(None, "Start from this router file's routers (and bypasses of the same rank).",
+                                    type="path")
+    seed: int = _opt(0)
+    bf16: bool = _opt(True, "fp32 instead of bf16 autocast.", flag="--no-bf16", flag_value=False)
+    threads: int | None = _opt(None, "CPU threads.", type="threads")
+    checkpoint_every: int = _opt(100)
+    resume: bool = _opt(False, "Continue from OUTPUT's .ckpt.pt checkpoint.")
+    max_examples_per_task: int = _opt(4000)
+    balance_tasks: bool = _opt(False, "Draw each training sequence from a uniformly chosen task (default: "
+                                      "uniformly over sequences).")
+    docs_supplement: bool = _opt(False, "Add training-only docstrings from other modules to the docs task (see "
+                                        "tasks.docs_supplement).")
+    lr_schedule: str = _opt("constant", "cosine: every learning rate decays to --lr-final times its start over "
+                                        "--steps.", choices=LR_SCHEDULES)
+    lr_final: float = _opt(0.1)
+    extra_data: str | None = _opt(None, "JSON Lines file of more training examples: {\"messages\": [...], "
+                                        "\"target\": ..., \"task\": ...} per line (e.g. research/self_replies.py's "
+                                        "output).", type="path")
+    n_static_examples: int = _opt(64, "Training sequences the static rankings stored in OUTPUT are measured on.")
+    force: bool = _opt(False, "Overwrite OUTPUT.")
+    onpolicy_batch: int = _opt(0, "On-policy distillation: prompts per step whose continuation the current student "
+                                  "samples and the full model scores (0: off; --batch-size 0 trains on them alone).")
+    onpolicy_tokens: int = _opt(48, "Tokens sampled per prompt.")
+    onpolicy_temperature: float = _opt(1.0, "Sampling temperature of the student (0: greedy).")
+    onpolicy_beta: float = _opt(0.0, "Divergence on the samples: (1-beta) KL(student||full) + beta KL(full||student).")
+    onpolicy_data: str = _opt("tasks,broad", "Prompt sources of the samples: tasks (the --data train prompts), "
+                                             "bigbench, linux, broad (both), chat (everyday chat requests).")
+    set_noise: float = _opt(0.0, "Fraction of the routed (non --static-mix) sequences whose set is moved by 1-3 "
+                                 "swaps to nearby-ranked blocks.")
+    device: str = _opt("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Under torchrun: "
+                               "cuda:LOCAL_RANK and NCCL on CUDA, gloo on the CPU.")
+    time_budget: float | None = _opt(None, "Seconds (from start, model loading included): stop before a step that "
+                                           "would end later, writing the checkpoint and the outputs; --resume / "
+                                           "--resume-from continues.", type=float)
+    checkpoint_format: str = _opt("full", "full: fp32 parameters + optimizer state; compact: fp16 parameters + "
+                                          "Adam moments in bf16; params: fp16 parameters only (the optimizer "
+                                          "restarts on resume).", choices=CHECKPOINT_FORMATS)
+    resume_from: str | None = _opt(None, "Continue from this checkpoint file (any path; e.g. one brought back from "
+                                         "the GPU machine). New checkpoints go to OUTPUT's .ckpt.pt.", type="path")
+    compile: bool = _opt(False, "torch.compile the decoder layers (opt-in; see docs/gpu_recipe.md).")
 
     def validate(self) -> None:
         def bad(msg):
@@ -142,6 +178,41 @@ class TrainConfig:
                 bad(f"output file exists: {f}; pass --force to overwrite or --resume to continue")
         if not out.parent.is_dir():
             bad(f"output folder does not exist: {out.parent}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The options a ``--config`` JSON file gives: an object whose keys are TrainConfig fields. ``tasks`` may
+    be a list or a comma-separated string; ``static_ranking`` the list of blocks or the name of a ranking
+    file (read and checked here). Relative file names are taken as given (from the working directory), as on
+    the command line. Raises ValueError naming the file and the key."""
+    import json
+
+    try:
+        opts = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read config {path}: {e}") from None
+    if not isinstance(opts, dict):
+        raise ValueError(f"config {path} must hold a JSON object; got {type(opts).__name__}")
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ValueError(f"config {path}: unknown keys {unknown}; expected some of {known}")
+    if isinstance(opts.get("tasks"), str):
+        opts["tasks"] = split_tasks(opts["tasks"])
+    if isinstance(opts.get("static_ranking"), str):
+        opts["static_ranking"] = read_static_ranking(opts["static_ranking"])
+    return opts
+
+
+def split_tasks(spec: str) -> list[str]:
+    return [t.strip() for t in str(spec).split(",") if t.strip()]
+
+
+def read_static_ranking(path: str | Path) -> list[int]:
+    """The block order of a ranking file (``first-gguf rank``'s output, a shipped .static-ranking.json)."""
+    from ..convert.ranking_file import read_ranking_file
+
+    return read_ranking_file(path, need_name=False)["ranking"]
 
 
 def preflight(cfg: "TrainConfig", needs_tasks: bool = True) -> None:
