@@ -365,10 +365,10 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         costs = list(np.load(costs_path)) if costs_path.exists() else []
         if len(costs) < cfg.n_cost:
             m.close()
-            from .convert.attach import write_sidecar
+            from .convert.attach import attach_data, write_sidecar
 
             side = work / f"bypass-r{cfg.rank}.sidecar.gguf"
-            write_sidecar(model_path, side, routers=rf.routers(), bypasses=rf.bypasses, force=True)
+            write_sidecar(model_path, side, **attach_data(rf).kwargs(), force=True)
             m = Model(model_path, n_ctx=2048, n_threads=cfg.threads, routers=side, verbose=False)
             t0 = time.time()
             for i in range(len(costs), cfg.n_cost):
@@ -518,7 +518,7 @@ def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base
     """
     import dataclasses
 
-    from .convert.attach import write_sidecar
+    from .convert.attach import attach_data, write_sidecar
     from .convert.router_file import load_router_file, save_router_file
     from .model import Model
 
@@ -536,7 +536,7 @@ def refine_bypasses(model_path: str | os.PathLike, work: str | os.PathLike, base
 
     def sidecar(byp, name):
         side = work / f"{name}.sidecar.gguf"
-        write_sidecar(model_path, side, routers=base.routers(), bypasses=byp, force=True)
+        write_sidecar(model_path, side, **attach_data(dataclasses.replace(base, bypasses=byp)).kwargs(), force=True)
         return side
 
     def val_kl(side) -> list[float]:
