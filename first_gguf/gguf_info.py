@@ -15,6 +15,7 @@ import numpy as np
 
 from .constants import SIDECAR_ADAPTER_TYPE, Keys, Tensors
 from .convert.gguf_edit import GGUFEditError, field_value, read_gguf
+from .convert.ranking_file import RankingError, check_ranking
 
 
 @dataclass
@@ -157,10 +158,11 @@ def read_info(path: str | Path) -> GGUFInfo:
         if ranking is None:
             errors.append(f"{Keys.STATIC_RANKINGS} lists '{rname}' but {Keys.STATIC_RANKING.format(name=rname)} is missing")
             continue
-        ranking = [int(x) for x in ranking]
-        bad = [b for b in ranking if not 0 <= b < n_layer]
-        if bad or len(set(ranking)) != len(ranking):
-            errors.append(f"{Keys.STATIC_RANKING.format(name=rname)} must hold distinct block indices in [0, {n_layer}); got {ranking}")
+        try:
+            where = f"static ranking '{rname}' ({Keys.STATIC_RANKING.format(name=rname)})"
+            ranking = check_ranking({"ranking": ranking}, where, n_layer=n_layer)
+        except RankingError as e:
+            errors.append(str(e))
             continue
         rankings[rname] = ranking
         src = _json_or_text(field_value(reader, Keys.STATIC_RANKING_SOURCE.format(name=rname)))

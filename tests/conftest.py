@@ -171,7 +171,7 @@ SLOW_TESTS = {
         "tests/test_errors.py::test_routers_on_unsupported_architecture_are_refused",
         "tests/test_errors.py::test_unsupported_architecture_refuses_skipping",
         "tests/test_llama_dropin.py::test_unsupported_architecture_refuses_skipping",
-        "tests/test_decode_lora.py::test_ckpt_routers_writes_the_checkpoints_decode_lora",
+        "tests/test_decode_lora.py::test_routers_from_checkpoint_writes_the_checkpoints_decode_lora",
     ],
     "runs stock llama-cpp-python in a subprocess beside the patched build": [
         "tests/test_reference_stock.py",

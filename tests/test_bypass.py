@@ -326,19 +326,18 @@ def test_init_routers_loads_a_file_with_omitted_adapters(tiny, tmp_path):
         train(cfg3, sequences=seqs, progress=False)
 
 
-def test_ship_routers_script_drops_identity_adapters_and_halves_the_rest(bypasses, tiny_routers, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_routers_ship_drops_identity_adapters_and_halves_the_rest(bypasses, tiny_routers, tmp_path):
+    """first-gguf routers ship (convert/ship.py)."""
+    def ship(*args):
+        return CliRunner().invoke(main, ["routers", "ship", *map(str, args)])
 
     rf = load_router_file(tiny_routers[0])
     rf.bypasses = {il: bypasses[il] for il in range(N_LAYER)}
     rf.bypasses[0] = (bypasses[0][0], np.zeros_like(bypasses[0][1]))  # never trained: the identity
     src = save_router_file(tmp_path / "trained.safetensors", rf)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_routers.py"
     out = tmp_path / "ship.safetensors"
-    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = ship(src, "-o", out)
+    assert res.exit_code == 0, res.output
     assert "dropped (identity or not in --blocks): [0]" in res.stderr
     back = load_router_file(out)
     assert sorted(back.bypasses) == list(range(1, N_LAYER))
@@ -350,27 +349,22 @@ def test_ship_routers_script_drops_identity_adapters_and_halves_the_rest(bypasse
         np.testing.assert_array_equal(back.weights[il], rf.weights[il])
     assert back.biases == rf.biases and back.fingerprint == rf.fingerprint
     # an existing output is not overwritten without --force; a file without adapters is refused by name
-    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out)], capture_output=True, text=True)
-    assert res.returncode != 0 and str(out) in res.stderr and "exists" in res.stderr
-    res = subprocess.run([sys.executable, str(script), str(tiny_routers[0]), "-o", str(tmp_path / "n.safetensors")],
-                         capture_output=True, text=True)
-    assert res.returncode != 0 and "no bypass adapters" in res.stderr and str(tiny_routers[0]) in res.stderr
+    res = ship(src, "-o", out)
+    assert res.exit_code != 0 and str(out) in res.stderr and "exists" in res.stderr
+    res = ship(tiny_routers[0], "-o", tmp_path / "n.safetensors")
+    assert res.exit_code != 0 and "no bypass adapters" in res.stderr and str(tiny_routers[0]) in res.stderr
     # --blocks keeps only the named blocks' adapters (the others skip plainly); unknown blocks are refused
-    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--blocks", "1,3"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = ship(src, "-o", out, "--force", "--blocks", "1,3")
+    assert res.exit_code == 0, res.output
     assert sorted(load_router_file(out).bypasses) == [1, 3]
     # --rank keeps the first components of every adapter; a rank above the adapters' is refused
-    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--rank", "2"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = ship(src, "-o", out, "--force", "--rank", "2")
+    assert res.exit_code == 0, res.output
     back = load_router_file(out)
     assert back.bypass_rank == 2
     np.testing.assert_array_equal(back.bypasses[1][0], bypasses[1][0][:2].astype(np.float16))
     np.testing.assert_array_equal(back.bypasses[1][1], bypasses[1][1][:, :2].astype(np.float16))
-    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--rank", "999"],
-                         capture_output=True, text=True)
-    assert res.returncode != 0 and "--rank 999" in res.stderr
-    res = subprocess.run([sys.executable, str(script), str(src), "-o", str(out), "--force", "--blocks", "1,99"],
-                         capture_output=True, text=True)
-    assert res.returncode != 0 and "without an adapter" in res.stderr and "[99]" in res.stderr
+    res = ship(src, "-o", out, "--force", "--rank", "999")
+    assert res.exit_code != 0 and "--rank 999" in res.stderr
+    res = ship(src, "-o", out, "--force", "--blocks", "1,99")
+    assert res.exit_code != 0 and "without an adapter" in res.stderr and "[99]" in res.stderr

@@ -149,14 +149,17 @@ def test_bench_and_cli_with_decode_lora(lora_setup):
     assert out.exit_code != 0 and "decode LoRA adapter not found" in out.output and "nope.gguf" in out.output
 
 
-def test_ckpt_routers_writes_the_checkpoints_decode_lora(lora_setup, tiny_routers, tiny_gguf_model, tmp_path):
-    """scripts/ckpt_routers.py --lora-out (measuring a --lora-rank run mid-run) writes the checkpoint's LoRA as
-    the adapter the run writes at its end: same tensors as DecodeLora.save_gguf, same decoded tokens."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_routers_from_checkpoint_writes_the_checkpoints_decode_lora(lora_setup, tiny_routers, tiny_gguf_model,
+                                                                   tmp_path):
+    """first-gguf routers from-checkpoint --lora-out (measuring a --lora-rank run mid-run) writes the checkpoint's
+    LoRA as the adapter the run writes at its end: same tensors as DecodeLora.save_gguf, same decoded tokens."""
     import gguf
+    from click.testing import CliRunner
+
+    from first_gguf.cli import main
+
+    def from_checkpoint(*args):
+        return CliRunner().invoke(main, ["routers", "from-checkpoint", *map(str, args)])
 
     student, lora, _, m, _, d = lora_setup
     w = np.stack([tiny_routers[1][il] for il in range(N_LAYER)])
@@ -164,12 +167,10 @@ def test_ckpt_routers_writes_the_checkpoints_decode_lora(lora_setup, tiny_router
           "step": 7, "lora": lora.state_dict()}
     ckpt = tmp_path / "run.ckpt.pt"
     torch.save(st, ckpt)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ckpt_routers.py"
-    base = [sys.executable, str(script), str(ckpt), "--like", str(tiny_routers[0]), "-o", str(tmp_path / "r.safetensors")]
+    base = [ckpt, "--like", tiny_routers[0], "-o", tmp_path / "r.safetensors"]
     out = tmp_path / "run.lora.gguf"
-    res = subprocess.run(base + ["--lora-out", str(out), "--model", str(tiny_gguf_model.path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = from_checkpoint(*base, "--lora-out", out, "--model", tiny_gguf_model.path)
+    assert res.exit_code == 0, res.output
     want = {t.name: np.array(t.data) for t in gguf.GGUFReader(d / "tiny.lora.gguf").tensors}
     got = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
     assert sorted(got) == sorted(want) and len(got) == 2 * 7 * N_LAYER
@@ -182,22 +183,19 @@ def test_ckpt_routers_writes_the_checkpoints_decode_lora(lora_setup, tiny_router
     finally:
         ck.close()
     # refused before anything is written: no --model, a checkpoint without a LoRA, an existing output
-    res = subprocess.run(base[:-1] + [str(tmp_path / "r2.safetensors"), "--lora-out", str(tmp_path / "x.gguf")],
-                         capture_output=True, text=True)
-    assert res.returncode != 0 and "--lora-out needs --model" in res.stderr
+    res = from_checkpoint(*base[:-1], tmp_path / "r2.safetensors", "--lora-out", tmp_path / "x.gguf")
+    assert res.exit_code != 0 and "--lora-out needs --model" in res.stderr
     assert not (tmp_path / "r2.safetensors").exists()
-    res = subprocess.run(base[:-1] + [str(tmp_path / "r2.safetensors"), "--lora-out", str(tmp_path / "x.gguf"),
-                                      "--model", str(ckpt)], capture_output=True, text=True)
-    assert res.returncode != 0 and f"cannot read --model {ckpt}" in res.stderr
+    res = from_checkpoint(*base[:-1], tmp_path / "r2.safetensors", "--lora-out", tmp_path / "x.gguf",
+                          "--model", ckpt)
+    assert res.exit_code != 0 and f"cannot read --model {ckpt}" in res.stderr
     assert not (tmp_path / "r2.safetensors").exists() and not (tmp_path / "x.gguf").exists()
     del st["lora"]
     torch.save(st, tmp_path / "plain.ckpt.pt")
-    res = subprocess.run([sys.executable, str(script), str(tmp_path / "plain.ckpt.pt"), "--like", str(tiny_routers[0]),
-                          "-o", str(tmp_path / "r3.safetensors"), "--lora-out", str(tmp_path / "y.gguf"),
-                          "--model", str(tiny_gguf_model.path)], capture_output=True, text=True)
-    assert res.returncode != 0 and "plain.ckpt.pt has no decode-only LoRA" in res.stderr
-    res = subprocess.run(base + ["--force", "--lora-out", str(out), "--model", str(tiny_gguf_model.path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    res = subprocess.run(base + ["--force", "--lora-out", str(out)], capture_output=True, text=True)
-    assert res.returncode != 0
+    res = from_checkpoint(tmp_path / "plain.ckpt.pt", "--like", tiny_routers[0], "-o", tmp_path / "r3.safetensors",
+                          "--lora-out", tmp_path / "y.gguf", "--model", tiny_gguf_model.path)
+    assert res.exit_code != 0 and "plain.ckpt.pt has no decode-only LoRA" in res.stderr
+    res = from_checkpoint(*base, "--force", "--lora-out", out, "--model", tiny_gguf_model.path)
+    assert res.exit_code == 0, res.output
+    res = from_checkpoint(*base, "--force", "--lora-out", out)
+    assert res.exit_code != 0 and "--lora-out needs --model" in res.stderr

@@ -1,5 +1,6 @@
-"""The README and the pages under docs/: every relative link resolves to a file in the repository (and a
-`#anchor` to a heading of the linked page), and the README stays a page a user reads (<= 400 lines)."""
+"""The README, the pages under docs/ and research/README.md: every relative link resolves to a file in the
+repository (and a `#anchor` to a heading of the linked page), and the README stays a page a user reads
+(<= 400 lines)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "research" / "README.md"]
 README_MAX_LINES = 400
 
 _LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -53,8 +54,9 @@ def _links(page: Path) -> list[str]:
 
 
 def test_pages_found():
-    names = {p.name for p in PAGES}
-    assert "README.md" in names and len(PAGES) >= 2, names
+    assert all(p.is_file() for p in PAGES), [str(p) for p in PAGES if not p.is_file()]
+    names = {str(p.relative_to(ROOT)) for p in PAGES}
+    assert {"README.md", "research/README.md"} <= names and len(PAGES) >= 3, names
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -30,7 +30,7 @@ def test_solve_bypass_recovers_a_low_rank_map_and_is_the_best_of_its_rank():
     rrr = (up2 @ down2).T
     assert ((x @ rrr - dlt) ** 2).sum() <= ((x @ trunc - dlt) ** 2).sum() + 1e-6
     # the solutions are nested: the first 2 components of the rank-3 fit are the rank-2 fit (what
-    # scripts/ship_routers.py --rank relies on to ship a lower rank of a fitted file)
+    # first-gguf routers ship --rank relies on to ship a lower rank of a fitted file)
     assert np.allclose(up[:, :2] @ down[:2], up2 @ down2, atol=1e-5)
 
 

@@ -238,13 +238,13 @@ def test_compare_measures_pairs_prompts_with_the_first_folder(tmp_path):
 
 
 def test_oracle_sets_report_cross_fits_choices(tmp_path):
-    """scripts/oracle_sets.py --report: the best single set, the best set per source and the per-prompt oracle,
+    """research/oracle_sets.py --report: the best single set, the best set per source and the per-prompt oracle,
     each chosen on one sample and scored on the other; the prompt-dependent spread of a set's cost."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "oracle_sets", Path(__file__).resolve().parents[1] / "scripts" / "oracle_sets.py")
+        "oracle_sets", Path(__file__).resolve().parents[1] / "research" / "oracle_sets.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     # set A costs 0.5 everywhere; set B 0.3 on news, 0.9 on de; seed 1 = seed 0 + 0.1 (no noise in the choice)

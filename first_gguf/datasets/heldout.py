@@ -30,7 +30,7 @@ from .common import (BIGBENCH_HELDOUT_MEMBERS, HELDOUT_SOURCES, Example, bigbenc
 
 NEWS_MAX_CHARS = 2000
 
-# The 24 prompts of the project's first loop measure (scripts/side_by_side.py shows the first 8 in full) ...
+# The 24 prompts of the project's first loop measure (research/side_by_side.py shows the first 8 in full) ...
 EVERYDAY_PROMPTS = (
     "Explain why the sky is blue.",
     "Give me three tips for sleeping better.",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.ranking_file import check_ranking
 from .checkpoint import _checkpoint_state, _write_checkpoint, checkpoint_path, model_signature, restore_checkpoint
 from .config import TrainConfig, lr_factor, preflight, resolve_device
 from .data import Sequence_, onpolicy_prompt_pool, task_sampler, training_data
@@ -108,8 +109,8 @@ def train(cfg: TrainConfig, *, sequences: list[Sequence_] | None = None, progres
             for il, (down, up) in rf.bypasses.items():
                 bypass.down.data[il].copy_(torch.from_numpy(np.asarray(down, dtype=np.float32)))
                 bypass.up.data[il].copy_(torch.from_numpy(np.asarray(up, dtype=np.float32)))
-    if cfg.static_ranking and any(not 0 <= b < L for b in cfg.static_ranking):
-        raise ValueError(f"static ranking {cfg.static_ranking} names blocks outside 0..{L - 1}")
+    if cfg.static_ranking:
+        check_ranking({"ranking": cfg.static_ranking}, "static ranking (--static-ranking)", n_layer=L)
     if lora is not None:
         groups.append({"params": lora.parameters(), "lr": cfg.lora_lr})
     base_lrs = [g["lr"] for g in groups]  # the schedule scales these (a resumed optimizer holds scaled ones)
