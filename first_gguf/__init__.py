@@ -43,7 +43,7 @@ def load(model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_threads
         raise TypeError(f"model must be a path to a GGUF file or None; got {type(model).__name__}")
     if routers is not None and not isinstance(routers, (str, os.PathLike)):
         raise TypeError(f"routers must be a path to a first-gguf sidecar GGUF or None; got {type(routers).__name__}")
-    from .default_model import resolve
+    from .models import resolve
 
     model, routers = resolve(model, routers)
     return Model(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=verbose, decode_lora=decode_lora,

@@ -235,7 +235,7 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
 def info(model, as_json, routers):
     """Print architecture, block count and first-gguf data of MODEL (default: the embedded model), or of
     MODEL with the sidecar --routers."""
-    from .default_model import resolve
+    from .models import resolve
     from .gguf_info import read_info, read_with_sidecar
 
     try:
@@ -363,7 +363,7 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
     out = Path(output)
     _check_output(out, force)  # before minutes of computing
     if model is None:
-        from .default_model import base_gguf_path
+        from .models import base_gguf_path
 
         model = base_gguf_path()
     m = _load(model, 4096, threads, routers=routers, ctx_warning=False)
@@ -414,7 +414,7 @@ def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, 
     Bypasses: least squares on the runtime's block inputs and outputs over the full model's replies to
     calibration chat requests; ranking and routers: every candidate block's cost, skipped alone, on
     --n-cost of those replies (see first_gguf/fit.py)."""
-    from .default_model import resolve
+    from .models import resolve
     from .fit import FitConfig, run_fit
 
     cfg = FitConfig(n_prompts=n_prompts, n_cost=n_cost, max_tokens=max_tokens, temperature=temperature, rank=rank_,
@@ -641,7 +641,7 @@ def train_options(f):
 @train_options
 def train(config_file, **kw):
     """Train FiRST routers (and optionally LoRA) on a frozen model by distillation."""
-    from .default_model import resolve
+    from .models import resolve
     from .train import TrainConfig, train as do_train
     from .train.config import read_config_file, read_static_ranking, split_tasks
 
@@ -712,7 +712,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     # before loading the model, so a typo fails at once
     heldout = _parse_option("--heldout", parse_heldout, heldout)
     measures = _parse_option("--measures", parse_measures, measures)
-    from .default_model import MODELS
+    from .models import MODELS
 
     if model is not None and model not in MODELS and not os.path.isfile(model):
         raise _UserError(f"model not found: {model}; expected a GGUF file or one of the known models "

