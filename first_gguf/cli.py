@@ -243,51 +243,10 @@ def info(model, as_json, routers):
         inf = read_info(model) if routers is None else read_with_sidecar(model, routers)
     except ValueError as e:
         raise _UserError(str(e)) from None
-    d = {
-        "path": str(inf.path),
-        "routers_path": str(inf.routers_path) if inf.routers_path else None,
-        "sidecar": inf.sidecar,
-        "architecture": inf.architecture,
-        "name": inf.name,
-        "file_type": inf.file_type,
-        "n_layer": inf.n_layer,
-        "n_embd": inf.n_embd,
-        "layer_skip_supported": inf.supports_skip,
-        "router_blocks": inf.router_blocks,
-        "router_bias": inf.router_has_bias,
-        "router_source": inf.router_source,
-        "bypass_blocks": inf.bypass_blocks,
-        "bypass_rank": inf.bypass_rank,
-        "static_rankings": inf.static_rankings,
-        "static_ranking_sources": inf.static_sources,
-    }
     if as_json:
-        click.echo(json.dumps(d, indent=2))
-        return
-    click.echo(f"file           {d['path']}{'  (a first-gguf sidecar)' if inf.sidecar else ''}")
-    if inf.routers_path:
-        click.echo(f"sidecar        {inf.routers_path}")
-    click.echo(f"architecture   {inf.architecture}  ({inf.name or 'unnamed'}, {inf.file_type or '?'})")
-    click.echo(f"blocks         {inf.n_layer}   n_embd {inf.n_embd}")
-    click.echo(f"layer skipping {'supported' if inf.supports_skip else 'not supported by the patch'}")
-    if inf.router_blocks:
-        click.echo(f"routers        {len(inf.router_blocks)} blocks: {','.join(map(str, inf.router_blocks))}"
-                   f"{' (with bias)' if inf.router_has_bias else ''}")
+        click.echo(json.dumps(inf.to_dict(), indent=2))
     else:
-        click.echo("routers        none")
-    if inf.bypass_blocks:
-        click.echo(f"bypasses       {len(inf.bypass_blocks)} blocks, rank {inf.bypass_rank} "
-                   f"(a skipped block adds up @ down @ rmsnorm(h))")
-    else:
-        click.echo("bypasses       none (a skipped block passes its input through)")
-    if inf.static_rankings:
-        for i, (name, order) in enumerate(inf.static_rankings.items()):
-            src = inf.static_sources.get(name, {})
-            method = src.get("method", "")
-            click.echo(f"static ranking {name}{' (default)' if i == 0 else ''}: {','.join(map(str, order))}"
-                       f"{'  [' + method + ']' if method else ''}")
-    else:
-        click.echo("static ranking none")
+        click.echo("\n".join(inf.describe()))
 
 
 def _parse_budgets(text: str) -> list[float]:
@@ -770,45 +729,6 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, thr
     run(session)
 
 
-def _check_can_bind(host: str, port: int) -> None:
-    """Bind host:port once as uvicorn will (SO_REUSEADDR), so a port in use fails before the model loads."""
-    import errno
-    import socket
-
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise _UserError(f"cannot serve on {host}:{port}: {e.strerror}") from None
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            why = "the port is already in use" if e.errno == errno.EADDRINUSE else e.strerror
-            raise _UserError(f"cannot serve on {host}:{port}: {why}") from None
-
-
-def _echo_when_listening(host: str, port: int, text: str) -> None:
-    """Print ``text`` once a connection to host:port succeeds (the server has bound it), from a daemon thread."""
-    import socket
-    import threading
-    import time
-
-    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-
-    def watch():
-        while True:
-            try:
-                socket.create_connection((target, port), timeout=1).close()
-            except OSError:
-                time.sleep(0.05)
-            else:
-                click.echo(text, err=True)
-                return
-
-    threading.Thread(target=watch, name="first-gguf-announce", daemon=True).start()
-
-
 @main.command()
 @click.option("--model", type=click.Path(dir_okay=False), default=None)
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -821,11 +741,14 @@ def _echo_when_listening(host: str, port: int, text: str) -> None:
 @routers_option
 def serve(model, host, port, api_key, n_ctx, threads, decode_lora, routers):
     """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions) with skip_budget."""
-    from .server import serve as do_serve
+    from .server import announce_when_listening, check_can_bind, serve as do_serve
 
-    _check_can_bind(host, port)  # before the model loads: a port in use is a one-line error at once
+    try:
+        check_can_bind(host, port)  # before the model loads: a port in use is a one-line error at once
+    except OSError as e:
+        raise _UserError(str(e)) from None
     m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers)
-    _echo_when_listening(host, port, f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1")
+    announce_when_listening(host, port, f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1")
     do_serve(m, host=host, port=port, api_key=api_key)
 
 

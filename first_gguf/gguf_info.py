@@ -52,6 +52,53 @@ class GGUFInfo:
     def default_static_ranking(self) -> str | None:
         return next(iter(self.static_rankings), None)
 
+    def to_dict(self) -> dict:
+        """What ``first-gguf info --json`` prints."""
+        return {
+            "path": str(self.path),
+            "routers_path": str(self.routers_path) if self.routers_path else None,
+            "sidecar": self.sidecar,
+            "architecture": self.architecture,
+            "name": self.name,
+            "file_type": self.file_type,
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "layer_skip_supported": self.supports_skip,
+            "router_blocks": self.router_blocks,
+            "router_bias": self.router_has_bias,
+            "router_source": self.router_source,
+            "bypass_blocks": self.bypass_blocks,
+            "bypass_rank": self.bypass_rank,
+            "static_rankings": self.static_rankings,
+            "static_ranking_sources": self.static_sources,
+        }
+
+    def describe(self) -> list[str]:
+        """What ``first-gguf info`` prints, one line each."""
+        lines = [f"file           {self.path}{'  (a first-gguf sidecar)' if self.sidecar else ''}"]
+        if self.routers_path:
+            lines.append(f"sidecar        {self.routers_path}")
+        lines.append(f"architecture   {self.architecture}  ({self.name or 'unnamed'}, {self.file_type or '?'})")
+        lines.append(f"blocks         {self.n_layer}   n_embd {self.n_embd}")
+        lines.append(f"layer skipping {'supported' if self.supports_skip else 'not supported by the patch'}")
+        if self.router_blocks:
+            lines.append(f"routers        {len(self.router_blocks)} blocks: {','.join(map(str, self.router_blocks))}"
+                         f"{' (with bias)' if self.router_has_bias else ''}")
+        else:
+            lines.append("routers        none")
+        if self.bypass_blocks:
+            lines.append(f"bypasses       {len(self.bypass_blocks)} blocks, rank {self.bypass_rank} "
+                         f"(a skipped block adds up @ down @ rmsnorm(h))")
+        else:
+            lines.append("bypasses       none (a skipped block passes its input through)")
+        for i, (name, order) in enumerate(self.static_rankings.items()):
+            method = self.static_sources.get(name, {}).get("method", "")
+            lines.append(f"static ranking {name}{' (default)' if i == 0 else ''}: {','.join(map(str, order))}"
+                         f"{'  [' + method + ']' if method else ''}")
+        if not self.static_rankings:
+            lines.append("static ranking none")
+        return lines
+
 
 def _json_or_text(value):
     if value is None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import threading
 import time
 import uuid
@@ -522,6 +523,46 @@ def _advance(stream, seconds: float) -> Any:
 
 def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def check_can_bind(host: str, port: int) -> None:
+    """Bind host:port once as uvicorn will (SO_REUSEADDR), so a port in use fails before the model loads;
+    an OSError saying why otherwise."""
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = "the port is already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise OSError(f"cannot serve on {host}:{port}: {why}") from None
+
+
+def announce_when_listening(host: str, port: int, text: str) -> None:
+    """Print ``text`` once a connection to host:port succeeds (the server has bound it), from a daemon thread."""
+    import socket
+    import threading
+    import time
+
+    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+    def watch():
+        while True:
+            try:
+                socket.create_connection((target, port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+            else:
+                print(text, file=sys.stderr, flush=True)
+                return
+
+    threading.Thread(target=watch, name="first-gguf-announce", daemon=True).start()
 
 
 def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
