@@ -8,141 +8,9 @@ import sys
 
 import click
 
-from .sampling import CHAT_DEFAULTS, NUMERIC_OPTIONS, OPTION_HELP, RANGES, SamplingParams, check_value
-
-
-class _UserError(click.ClickException):
-    """One clear line, non-zero exit, no traceback."""
-
-
-def _load(model, n_ctx, threads, seed=0, decode_lora=None, routers=None, ctx_warning=True):
-    """The model, or a one-line error; the warning for an n_ctx above the training context as one 'Warning:'
-    line (``ctx_warning=False``: none, for commands whose context is not the user's choice)."""
-    import warnings
-
-    import first_gguf
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            m = first_gguf.load(model, n_ctx=n_ctx, n_threads=threads, seed=seed, decode_lora=decode_lora,
-                                routers=routers)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise _UserError(str(e)) from None
-    for w in caught:
-        if issubclass(w.category, UserWarning) and str(w.message).startswith("n_ctx "):
-            if ctx_warning:
-                click.echo(f"Warning: {w.message} (--n-ctx)", err=True)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return m
-
-
-MAX_THREADS = (os.cpu_count() or 1) * 4  # beyond this llama.cpp hangs or crashes
-
-
-def threads_option(default: int | None = None, help: str | None = None):
-    return click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=default,
-                        show_default=default is not None,
-                        help=f"{help or 'CPU threads'} (1 to {MAX_THREADS}: 4x the logical cores).")
-
-
-routers_option = click.option(
-    "--routers", type=click.Path(dir_okay=False), default=None,
-    help="first-gguf sidecar GGUF (routers, bypass adapters, static rankings) for the model, which stays "
-         "untouched (first-gguf attach --sidecar writes one; the default model brings its own).")
-
-decode_lora_option = click.option(
-    "--decode-lora", type=click.Path(dir_okay=False), default=None,
-    help="llama.cpp LoRA adapter GGUF applied only to tokens decoded with blocks skipped (first-gguf train "
-         "--lora-rank writes one); never to the prompt or at skip budget 0.")
-
-
-_GREEDY = SamplingParams()  # generate's defaults: greedy, every other sampler off (chat: CHAT_DEFAULTS)
-
-
-def sampling_options(defaults: dict):
-    """Model.generate()'s sampling keywords as options (llama.cpp's and llama-cpp-python's names, generated
-    from sampling.NUMERIC_OPTIONS, RANGES and OPTION_HELP); ``defaults`` overrides the greedy ones."""
-    opts = [click.option("--" + name.replace("_", "-"), type=int if RANGES[name][4] else float,
-                         default=defaults.get(name, getattr(_GREEDY, name)), show_default=True,
-                         help=OPTION_HELP[name]) for name in NUMERIC_OPTIONS]
-    opts += [
-        click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN=BIAS",
-                     help="Add BIAS in [-100, 100] to the logit of token id TOKEN (also llama.cpp's TOKEN+BIAS / "
-                          "TOKEN-BIAS); repeatable."),
-        click.option("--grammar", default=None, help="GBNF grammar (with a 'root' rule) the text must follow."),
-        click.option("--grammar-file", type=click.Path(dir_okay=False), default=None,
-                     help="File holding the GBNF grammar."),
-    ]
-
-    def decorate(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return decorate
-
-
-def _parse_logit_bias(items) -> dict[int, float] | None:
-    import re
-
-    out = {}
-    for item in items:
-        m = re.fullmatch(r"\s*(\d+)\s*(?:=\s*([-+]?\S+)|([-+]\S+))\s*", item)
-        try:
-            out[int(m.group(1))] = float(m.group(2) or m.group(3))
-        except (AttributeError, ValueError):
-            raise _UserError(f"--logit-bias must be TOKEN=BIAS (a token id and a number); got {item!r}") from None
-    return out or None
-
-
-def _sampling(kw: dict) -> dict:
-    """Pop the sampling options from a command's keyword arguments; checked, as Model's keywords, before any
-    model loads (messages name the option, its value and its range)."""
-    out = {name: kw.pop(name) for name in NUMERIC_OPTIONS}
-    for name, v in out.items():
-        try:
-            check_value(name, v)
-        except (TypeError, ValueError) as e:
-            raise _UserError(f"--{name.replace('_', '-')}: {e}") from None
-    out["logit_bias"] = _parse_logit_bias(kw.pop("logit_bias"))
-    grammar, grammar_file = kw.pop("grammar"), kw.pop("grammar_file")
-    if grammar is not None and grammar_file is not None:
-        raise _UserError("give --grammar or --grammar-file, not both")
-    if grammar_file is not None:
-        try:
-            grammar = open(grammar_file, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise _UserError(f"cannot read --grammar-file {grammar_file}: {getattr(e, 'strerror', None) or e}") \
-                from None
-    out["grammar"] = grammar
-    return out
-
-
-def _check_output(out, force: bool) -> None:
-    """An output file a command can write when it is done: not there (or --force), in a writable folder."""
-    from pathlib import Path
-
-    out = Path(out)
-    if out.is_dir():
-        raise _UserError(f"output {out} is a folder; expected a file path")
-    if out.exists() and not force:
-        raise _UserError(f"output file exists: {out}; pass --force to overwrite")
-    parent = out.parent
-    if not parent.is_dir():
-        raise _UserError(f"output folder does not exist: {parent} (for {out})")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise _UserError(f"output folder is not writable: {parent} (for {out})")
-
-
-def _fmt_summary(gen) -> str:
-    skipped = (f"skipped {len(gen.skipped_layers)} blocks ({gen.skip_strategy}"
-               f"{', bypass adapters' if gen.bypassed_layers else ''}{', decode LoRA' if gen.decode_lora else ''}): "
-               f"{','.join(map(str, gen.skipped_layers))}" if gen.skipped_layers else "skipped no blocks")
-    return (f"[first-gguf] {skipped} | "
-            f"prompt {gen.n_prompt_tokens} tok, prefill {gen.prefill_tokens_per_s:.1f} tok/s | "
-            f"{len(gen.tokens)} tok generated, decode {gen.decode_tokens_per_s:.1f} tok/s | {gen.finish_reason}"
-            + (f" | seed {gen.seed}" if gen.seed is not None else ""))
+from .cli_options import (UserError, check_output, decode_lora_option, fmt_summary, load_model, parse_budgets, parse_option,
+                          pop_sampling, routers_option, sampling_options, threads_option, train_options)
+from .sampling import CHAT_DEFAULTS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -186,22 +54,22 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
     prefill/decode tok/s) goes to stderr.
     """
     if logprobs is not None and not as_json:
-        raise _UserError(f"--logprobs {logprobs} needs --json (the log-probabilities are part of the JSON result)")
+        raise UserError(f"--logprobs {logprobs} needs --json (the log-probabilities are part of the JSON result)")
     if system is not None and not chat:
-        raise _UserError("--system needs --chat: a --raw prompt is completed as it is, with no system message "
+        raise UserError("--system needs --chat: a --raw prompt is completed as it is, with no system message "
                          "(put the text into PROMPT instead)")
     layers = None
     if skip_layers is not None:
         try:
             layers = [int(x) for x in skip_layers.split(",") if x.strip()]
         except ValueError:
-            raise _UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
-    sampling = _sampling(sampling)
+            raise UserError(f"--skip-layers must be comma-separated integers; got {skip_layers!r}") from None
+    sampling = pop_sampling(sampling)
     if seed == -1:  # llama.cpp's "random"
         from .sampling import random_seed
 
         seed = random_seed()
-    m = _load(model, n_ctx, threads, seed, decode_lora, routers)
+    m = load_model(model, n_ctx, threads, seed, decode_lora, routers)
     m.bypass = not no_bypass
     kw = dict(max_tokens=max_tokens, skip_strategy=skip_strategy, skip_layers=layers, seed=seed, logprobs=logprobs,
               **sampling)
@@ -219,13 +87,13 @@ def generate(prompt, model, skip_budget, skip_strategy, skip_layers, max_tokens,
                 sys.stdout.flush()
             gen = chunk.generation or gen
     except (ValueError, TypeError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     if as_json:
         click.echo(json.dumps(gen.to_dict(), indent=2))
     else:
         click.echo()
         sys.stdout.flush()
-        click.echo(_fmt_summary(gen), err=True)
+        click.echo(fmt_summary(gen), err=True)
 
 
 @main.command()
@@ -242,25 +110,11 @@ def info(model, as_json, routers):
         model, routers = resolve(model, routers)
         inf = read_info(model) if routers is None else read_with_sidecar(model, routers)
     except ValueError as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     if as_json:
         click.echo(json.dumps(inf.to_dict(), indent=2))
     else:
         click.echo("\n".join(inf.describe()))
-
-
-def _parse_budgets(text: str) -> list[float]:
-    """--budgets: comma-separated skip budgets, each in [0, 1)."""
-    try:
-        values = [float(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise _UserError(f"--budgets must be comma-separated numbers; got {text!r}") from None
-    if not values:
-        raise _UserError(f"--budgets must list at least one number; got {text!r}")
-    bad = [b for b in values if not 0 <= b < 1]
-    if bad:
-        raise _UserError(f"--budgets: {', '.join(f'{b:g}' for b in bad)} not in [0, 1); got {text!r}")
-    return values
 
 
 @main.command()
@@ -282,17 +136,17 @@ def bench(model, budgets, skip_strategy, repeats, gen_tokens, prompt_tokens, thr
     """Decode/prefill tok/s per skip budget, interleaved, medians and ratios from one run."""
     from .bench import format_table, run_bench
 
-    values = _parse_budgets(budgets)
+    values = parse_budgets(budgets)
     n_ctx = 4096
     if prompt_tokens + gen_tokens + 1 > n_ctx:
-        raise _UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} do not fit the bench's "
+        raise UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} do not fit the bench's "
                          f"context of {n_ctx} tokens; expected a sum below {n_ctx}")
-    m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers, ctx_warning=False)
+    m = load_model(model, n_ctx, threads, decode_lora=decode_lora, routers=routers, ctx_warning=False)
     try:
         result = run_bench(m, values, skip_strategy=skip_strategy, repeats=repeats, gen_tokens=gen_tokens,
                            prompt_tokens=prompt_tokens, progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -320,18 +174,18 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
     from .ranking import compute_static_ranking
 
     out = Path(output)
-    _check_output(out, force)  # before minutes of computing
+    check_output(out, force)  # before minutes of computing
     if model is None:
         from .models import base_gguf_path
 
         model = base_gguf_path()
-    m = _load(model, 4096, threads, routers=routers, ctx_warning=False)
+    m = load_model(model, 4096, threads, routers=routers, ctx_warning=False)
     try:
         result = compute_static_ranking(m, n_examples=n_examples, max_set=max_set, n_candidates=n_candidates, seed=seed,
                                         criterion=criterion, onpolicy_tokens=onpolicy_tokens,
                                         progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     text = json.dumps(result, indent=2) + "\n"
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -341,7 +195,7 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         click.echo(text, nl=False)
-        raise _UserError(f"cannot write {out}: {e.strerror or e}; the ranking was printed to stdout instead") \
+        raise UserError(f"cannot write {out}: {e.strerror or e}; the ranking was printed to stdout instead") \
             from None
     click.echo(f"wrote {out}: {result['ranking']}", err=True)
 
@@ -385,7 +239,7 @@ def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, 
             raise ValueError(f"model file not found: {path}")
         report = run_fit(path, work, output, cfg, force=force)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     click.echo(f"wrote {output}: ranking single_kl {report['ranking']}", err=True)
 
 
@@ -397,7 +251,7 @@ def _convert_errors(fn):
     try:
         return fn()
     except (GGUFEditError, RouterFileError, ValueError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 @main.command()
@@ -557,45 +411,6 @@ def routers_from_checkpoint(checkpoint, like, output, lora_out, model, force):
         click.echo(f"wrote {res.lora}: decode-only LoRA of rank {res.lora_rank}", err=True)
 
 
-def train_options(f):
-    """``first-gguf train``'s options, one per TrainConfig field, generated from the fields' metadata (name,
-    type, default, help: first_gguf/train/config.py), so the two cannot drift. Defaults are shown but not set
-    here: an option left out leaves the field to the --config file, then to TrainConfig's default."""
-    import dataclasses
-
-    from .train.config import TrainConfig
-
-    opts = []
-    for fd in dataclasses.fields(TrainConfig):
-        meta = dict(fd.metadata)
-        default = fd.default_factory() if fd.default_factory is not dataclasses.MISSING else fd.default
-        if meta.get("type") == "threads":
-            opts.append(threads_option(help=meta["help"]))
-            continue
-        decls = meta.get("flag", "--" + fd.name.replace("_", "-")).split("/")
-        kw = {"help": meta.get("help") or None, "default": None}
-        if "flag_value" in meta:
-            kw.update(flag_value=meta["flag_value"], default=None)
-        elif isinstance(default, bool):
-            kw.update(is_flag=True, default=None)
-        else:
-            typ = meta.get("type", type(default) if default is not None else str)
-            kw["type"] = (click.Path(dir_okay=False) if typ == "path" and fd.name != "model" else
-                          click.Path() if typ == "path" else click.Choice(meta["choices"]) if "choices" in meta
-                          else str if isinstance(default, list) else typ)
-            if meta.get("required"):
-                kw["help"] += " Required (here or in --config)."
-            elif default is not None:
-                kw["help"] = f"{kw['help'] or ''}  [default: {','.join(default) if isinstance(default, list) else default}]"
-        opts.append(click.option(*decls, fd.name, **kw))
-    opts.append(click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                             help="JSON file with any of these options as TrainConfig keys (recipes/ holds the "
-                                  "runs behind the shipped router files); command-line options win."))
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
 @main.command()
 @train_options
 def train(config_file, **kw):
@@ -619,15 +434,8 @@ def train(config_file, **kw):
         cfg = TrainConfig(**opts)
         summary = do_train(cfg)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     click.echo(f"wrote {cfg.output}: {json.dumps(summary)}", err=True)
-
-
-def _parse_option(option: str, parse, value):
-    try:
-        return parse(value)
-    except ValueError as e:
-        raise _UserError(f"{option}: {e}") from None
 
 
 @main.command(name="eval")
@@ -667,16 +475,16 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     from .evaluate import EvalConfig, evaluate, measures_table, parse_measures, summary_table
     from .datasets.heldout import parse_heldout
 
-    bs = _parse_budgets(budgets)
+    bs = parse_budgets(budgets)
     # before loading the model, so a typo fails at once
-    heldout = _parse_option("--heldout", parse_heldout, heldout)
-    measures = _parse_option("--measures", parse_measures, measures)
+    heldout = parse_option("--heldout", parse_heldout, heldout)
+    measures = parse_option("--measures", parse_measures, measures)
     from .models import MODELS
 
     if model is not None and model not in MODELS and not os.path.isfile(model):
-        raise _UserError(f"model not found: {model}; expected a GGUF file or one of the known models "
+        raise UserError(f"model not found: {model}; expected a GGUF file or one of the known models "
                          f"{', '.join(sorted(MODELS))}")
-    m = _load(model, 4096, threads, decode_lora=decode_lora, routers=routers, ctx_warning=False)
+    m = load_model(model, 4096, threads, decode_lora=decode_lora, routers=routers, ctx_warning=False)
     m.bypass = not no_bypass
     cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t.strip()], budgets=bs,
                      strategies=[s for s in strategies.split(",") if s.strip()], n_examples=n_examples,
@@ -686,7 +494,7 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
     try:
         res = evaluate(m, cfg, output, progress=lambda s: click.echo(s, err=True))
     except (ValueError, TypeError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     click.echo(summary_table(res))
     click.echo("")
     click.echo(measures_table(res))
@@ -715,17 +523,17 @@ def chat(model, skip_budget, skip_strategy, system, max_tokens, seed, n_ctx, thr
     Sampling defaults to llama.cpp's chat defaults; --temperature 0 is greedy."""
     from .chat import ChatSession, run
 
-    sampling = _sampling(sampling)
+    sampling = pop_sampling(sampling)
     if seed is None or seed == -1:  # a random session seed, shown at the start
         from .sampling import random_seed
 
         seed = random_seed()
-    m = _load(model, n_ctx, threads, seed=seed, decode_lora=decode_lora, routers=routers)
+    m = load_model(model, n_ctx, threads, seed=seed, decode_lora=decode_lora, routers=routers)
     try:
         session = ChatSession(m, skip_budget=skip_budget, skip_strategy=skip_strategy, system=system,
                               max_tokens=max_tokens, **sampling)
     except (ValueError, TypeError) as e:
-        raise _UserError(str(e)) from None
+        raise UserError(str(e)) from None
     run(session)
 
 
@@ -746,8 +554,8 @@ def serve(model, host, port, api_key, n_ctx, threads, decode_lora, routers):
     try:
         check_can_bind(host, port)  # before the model loads: a port in use is a one-line error at once
     except OSError as e:
-        raise _UserError(str(e)) from None
-    m = _load(model, n_ctx, threads, decode_lora=decode_lora, routers=routers)
+        raise UserError(str(e)) from None
+    m = load_model(model, n_ctx, threads, decode_lora=decode_lora, routers=routers)
     announce_when_listening(host, port, f"[first-gguf] serving {m.path.name} on http://{host}:{port}/v1")
     do_serve(m, host=host, port=port, api_key=api_key)
 

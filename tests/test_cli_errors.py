@@ -445,7 +445,7 @@ def test_rank_checks_its_output_before_loading_or_computing(tmp_path, monkeypatc
     def no_load(*a, **k):
         raise AssertionError("rank loaded the model before checking its output")
 
-    monkeypatch.setattr(cli, "_load", no_load)
+    monkeypatch.setattr(cli, "load_model", no_load)
     missing = tmp_path / "nonexistent-dir"
     res = _invoke("rank", "--model", tmp_path / "m.gguf", "-o", missing / "r.json", "--threads", 1)
     assert res.exit_code == 1, res.output
