@@ -40,6 +40,7 @@ import first_gguf  # noqa: E402
 from first_gguf import _lib  # noqa: E402
 from first_gguf._lib import llama_cpp  # noqa: E402
 from llama_batch import decode, make_ctx, set_mask  # noqa: E402
+from torch_reference import skipped_forward, skipped_logprobs, training_bypasses  # noqa: E402
 from first_gguf.cli import main  # noqa: E402
 
 TOL = 2e-3
@@ -229,42 +230,6 @@ def case(request, tmp_path_factory):
     c.close()
 
 
-# ------------------------------------------------------------------ torch references
-def _rmsnorm(h, eps):
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _torch_forward(c: Case, prompt, cont, skip=(), bypass=False):
-    """Log-probs of ``cont`` after ``prompt`` (prompt at full depth; the continuation's positions pass the
-    blocks in ``skip`` through, plus their bypass adapter with ``bypass``) and the hidden states."""
-    ids = torch.tensor([list(prompt) + list(cont)])
-    n = len(prompt)
-    hooks = []
-    for il, layer in enumerate(c.model.model.layers):
-        if il not in skip:
-            continue
-
-        def hook(mod, args, kwargs, out, il=il):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            o = (out[0] if isinstance(out, tuple) else out).clone()
-            h = h_in[:, n:]
-            if bypass:
-                down, up = (torch.tensor(a) for a in c.bypasses[il])
-                h = h + _rmsnorm(h, c.eps) @ down.T @ up.T
-            o[:, n:] = h
-            return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
-
-        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = c.model(ids, output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    ls = torch.log_softmax(out.logits[0].double(), -1)
-    return np.array([float(ls[n - 1 + i, t]) for i, t in enumerate(cont)]), out.hidden_states
-
-
 # ------------------------------------------------------------------ full depth and skipping
 def test_greedy_tokens_match_transformers(case):
     ids = list(PROMPT)
@@ -281,9 +246,9 @@ def test_greedy_tokens_match_transformers(case):
 def test_logprobs_match_transformers(case, skip):
     m, skip = case.m, case.blocks(skip)
     m.bypass = False
-    ref, _ = _torch_forward(case, PROMPT, CONT, skip)
+    ref = skipped_logprobs(case.model, PROMPT, CONT, skip=skip)
     ours = np.array(m.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
-    full, _ = _torch_forward(case, PROMPT, CONT)
+    full = skipped_logprobs(case.model, PROMPT, CONT)
     d = float(np.max(np.abs(ours - ref)))
     print(f"{case.name} skip {skip}: max |logprob diff| vs transformers = {d:.2e} (skipping moves them by "
           f"{float(np.max(np.abs(ref - full))):.2f})")
@@ -295,7 +260,7 @@ def test_logprobs_match_transformers(case, skip):
         try:
             for layer in case.model.model.layers:
                 layer.self_attn.sliding_window = None
-            unwindowed, _ = _torch_forward(case, PROMPT, CONT)
+            unwindowed = skipped_logprobs(case.model, PROMPT, CONT)
         finally:
             for layer, w in zip(case.model.model.layers, windows):
                 layer.self_attn.sliding_window = w
@@ -312,8 +277,8 @@ def test_bypass_logprobs_match_transformers(case, skip):
         ours = np.array(m.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
     finally:
         m.bypass = False
-    ref, _ = _torch_forward(case, PROMPT, CONT, skip, bypass=True)
-    plain, _ = _torch_forward(case, PROMPT, CONT, skip)
+    ref = skipped_logprobs(case.model, PROMPT, CONT, skip=skip, bypasses=case.bypasses)
+    plain = skipped_logprobs(case.model, PROMPT, CONT, skip=skip)
     d = float(np.max(np.abs(ours - ref)))
     print(f"{case.name} skip {skip} with bypasses: max |logprob diff| = {d:.2e} (the bypasses move them by "
           f"{float(np.max(np.abs(ref - plain))):.2f})")
@@ -358,7 +323,7 @@ def test_mixed_ubatch_equals_each_sequence_alone(case):
         print(f"{case.name} seq {seq}: max |logit diff| mixed ubatch vs alone = {d:.2e}")
         assert d < 1e-3
     # and the skipping sequence matches torch skipping the same blocks (a fresh context runs the bypasses)
-    ref, _ = _torch_forward(case, p0, e0 + [0], skip, bypass=True)
+    ref = skipped_logprobs(case.model, p0, e0 + [0], skip=skip, bypasses=case.bypasses)
     ours = _log_softmax(alone[0])[0]
     assert abs(ours - ref[-1]) < TOL
 
@@ -372,7 +337,7 @@ def _log_softmax(x):
 # ------------------------------------------------------------------ routers and block inputs
 def test_router_scores_match_numpy(case):
     m = case.m
-    _, hidden = _torch_forward(case, PROMPT, CONT)
+    _, hidden = skipped_forward(case.model, PROMPT, CONT)
     res = m.score_tokens(PROMPT, CONT)
     per_token = m.cached_router_scores()[: len(PROMPT)]
     assert per_token.shape == (len(PROMPT), case.n_layer)
@@ -388,7 +353,7 @@ def test_router_scores_match_numpy(case):
 def test_block_inputs_match_transformers(case):
     text = "Hello world, it's 2024!"
     tokens, inp = case.m.layer_inputs(text, list(range(case.n_layer)))
-    _, hidden = _torch_forward(case, tokens[:-1], tokens[-1:])
+    _, hidden = skipped_forward(case.model, tokens[:-1], tokens[-1:])
     for il in range(case.n_layer):
         ref = hidden[il][0].numpy()
         assert inp[il].shape == ref.shape
@@ -459,7 +424,7 @@ def test_continuation_after_skipped_turn_is_exact(case):
         print(f"{case.name}: continued vs fresh max |logprob diff| = {d:.2e}")
         assert d < 1e-4
         np.testing.assert_allclose(cont.router_scores, ref.router_scores, atol=1e-6)
-        full, _ = _torch_forward(case, prompt2, CONT)
+        full = skipped_logprobs(case.model, prompt2, CONT)
         assert float(np.max(np.abs(np.array(cont.logprobs) - full))) < TOL
 
         m.generate_tokens(list(PROMPT), 0.5, max_tokens=8)  # leave the cache as after a skipped turn again
@@ -552,15 +517,6 @@ def test_supported_architectures_come_from_the_c_side():
 
 
 # ------------------------------------------------------------------ training (first_gguf.train) per family
-def _torch_bypasses(c: Case):
-    from first_gguf.train import Bypasses
-
-    bp = Bypasses(c.n_layer, N_EMBD, RANK, c.eps)
-    bp.down.data = torch.tensor(np.stack([c.bypasses[il][0] for il in range(c.n_layer)]))
-    bp.up.data = torch.tensor(np.stack([c.bypasses[il][1] for il in range(c.n_layer)]))
-    return bp
-
-
 def _gated_logprobs(c: Case, model, prompt, cont, skip, bypass=None, lora=None):
     from first_gguf.train import gated_forward
     from first_gguf.train.forward import _head
@@ -589,7 +545,7 @@ def test_training_forward_and_routers_equal_runtime(case):
     from first_gguf.train import Routers, attn_normed, gated_forward
 
     m, skip = case.m, case.blocks((1, -1))
-    bp = _torch_bypasses(case)
+    bp = training_bypasses(case.bypasses, case.n_layer, case.eps)
     was = m.bypass
     try:
         for bypass in (None, bp):
@@ -625,7 +581,7 @@ def test_onpolicy_cached_passes_equal_the_training_forward(case):
     prompts, conts = [list(PROMPT), PROMPT[2:9]], [list(CONT), CONT[:5]]
     skips = [case.blocks((1,)), case.blocks((0, -1))]
     gates = torch.tensor([[0.0 if il in s else 1.0 for il in range(case.n_layer)] for s in skips])
-    bp = _torch_bypasses(case)
+    bp = training_bypasses(case.bypasses, case.n_layer, case.eps)
     # the masks built by first_gguf.train (f16_attention makes its own); float64, so that the two paths'
     # different summation orders stay far below what a wrong mask or rope table would change
     model.set_attn_implementation("sdpa")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 
 from conftest import N_EMBD, N_LAYER  # noqa: E402
+from torch_reference import skipped_logprobs, training_bypasses  # noqa: E402
 
 import first_gguf  # noqa: E402
 from first_gguf.cli import main  # noqa: E402
@@ -18,7 +19,7 @@ from first_gguf.convert.attach import attach, strip  # noqa: E402
 from first_gguf.convert.gguf_edit import GGUFEditError, rewrite_gguf  # noqa: E402
 from first_gguf.convert.router_file import RouterFile, RouterFileError, load_router_file, save_router_file  # noqa: E402
 from first_gguf.gguf_info import read_info  # noqa: E402
-from first_gguf.train import Bypasses, Sequence_, TrainConfig, gated_forward, train  # noqa: E402
+from first_gguf.train import Sequence_, TrainConfig, gated_forward, train  # noqa: E402
 
 PROMPT = [1, 17, 45, 99, 120, 33, 8, 76, 201, 150, 64, 12]
 CONT = [55, 90, 130, 7, 66, 181, 23, 140]
@@ -42,35 +43,17 @@ def bypass_model(request, tiny_gguf_model, bypasses, tmp_path_factory):
     m.close()
 
 
-def _torch_logprobs(model, skip, bp: Bypasses | None):
-    ids = torch.tensor([PROMPT + CONT])
-    gates = torch.tensor([[0.0 if il in skip else 1.0 for il in range(N_LAYER)]])
-    with torch.no_grad():
-        hid, _ = gated_forward(model, ids, torch.tensor([len(PROMPT)]), gates, bypass=bp)
-        ls = torch.log_softmax(model.get_output_embeddings()(hid[0]).double(), -1)
-    n = len(PROMPT)
-    return np.array([float(ls[n - 1 + i, t]) for i, t in enumerate(CONT)])
-
-
-def _torch_bypasses(bypasses, dtype):
-    bp = Bypasses(N_LAYER, N_EMBD, RANK, eps=1e-5)
-    cast = (lambda a: a.astype(np.float16).astype(np.float32)) if dtype == "f16" else (lambda a: a)
-    bp.down.data = torch.tensor(np.stack([cast(bypasses[il][0]) for il in range(N_LAYER)]))
-    bp.up.data = torch.tensor(np.stack([cast(bypasses[il][1]) for il in range(N_LAYER)]))
-    return bp
-
-
 @pytest.mark.parametrize("skip", [(1,), (0, 2), (3,), (1, 2, 3)])
 def test_bypass_forward_equals_runtime_decode(tiny, bypass_model, bypasses, skip):
-    """Teacher-forced log-probs of the runtime's masked decode with bypasses == the torch training forward
-    (f32 GGUF; llama.cpp keeps K/V in F16: measured 2e-3..5e-3 nats). Control: the same forward without
-    bypasses is 0.19..4.4 nats off, so the comparison can fail."""
+    """Teacher-forced log-probs of the runtime's masked decode with bypasses == the torch reference
+    (tests/torch_reference.py; f32 GGUF; llama.cpp keeps K/V in F16: measured 2e-3..5e-3 nats). Control: the
+    same forward without bypasses is 0.19..4.4 nats off, so the comparison can fail."""
     dtype, m = bypass_model
     _, model = tiny
-    ours = _torch_logprobs(model, skip, _torch_bypasses(bypasses, dtype))
+    ours = skipped_logprobs(model, PROMPT, CONT, skip=skip, bypasses=bypasses, bypass_dtype=dtype)
     rt = np.array(m.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
     assert float(np.max(np.abs(ours - rt))) < 1e-2
-    plain = _torch_logprobs(model, skip, None)
+    plain = skipped_logprobs(model, PROMPT, CONT, skip=skip)
     assert float(np.max(np.abs(plain - rt))) > 0.15
 
 
@@ -93,7 +76,7 @@ def test_greedy_decode_with_bypass_matches_torch(tiny, tiny_gguf_model, bypass_m
     torch greedy loop with the same bypasses, and differ from skipping without bypasses."""
     dtype, m = bypass_model
     _, model = tiny
-    bp = _torch_bypasses(bypasses, dtype)
+    bp = training_bypasses(bypasses, N_LAYER, 1e-5, dtype)
     prompt = m.tokenize("the value of", add_bos=True)
     ids = list(prompt)
     gates = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
@@ -236,7 +219,7 @@ def test_training_learns_bypasses(tiny, tmp_path):
     rf = load_router_file(cfg.output)
     assert rf.bypass_rank == RANK and sorted(rf.bypasses) == list(range(N_LAYER))
     assert max(float(np.abs(u).max()) for _, u in rf.bypasses.values()) > 0  # up moved away from zero
-    bp = _torch_bypasses(rf.bypasses, "f32")
+    bp = training_bypasses(rf.bypasses, N_LAYER, 1e-5)
 
     def kl(bypass):
         ids = torch.tensor([s.prompt + s.cont for s in seqs])

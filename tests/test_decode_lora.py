@@ -1,5 +1,6 @@
 """Decode-only LoRA (issue 7): the llama.cpp adapter is attached exactly while blocks are skipped, and the
-runtime's masked decode with it equals the torch training forward (DecodeLora active on continuation tokens)."""
+runtime's masked decode with it equals the torch reference (tests/torch_reference.py: the adapter on
+continuation tokens only) and, greedy, the training forward (DecodeLora active on continuation tokens)."""
 from __future__ import annotations
 
 import copy
@@ -10,10 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import N_EMBD, N_LAYER  # noqa: E402
+from torch_reference import skipped_logprobs, training_bypasses  # noqa: E402
 
 import first_gguf  # noqa: E402
 from first_gguf.convert.attach import attach  # noqa: E402
-from first_gguf.train import Bypasses, DecodeLora, gated_forward  # noqa: E402
+from first_gguf.train import DecodeLora, gated_forward  # noqa: E402
 
 PROMPT = [1, 17, 45, 99, 120, 33, 8, 76, 201, 150, 64, 12]
 CONT = [55, 90, 130, 7, 66, 181, 23, 140]
@@ -35,25 +37,11 @@ def lora_setup(tiny, tiny_gguf_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     lora.save_gguf(d / "tiny.lora.gguf", student)
     attach(tiny_gguf_model.path, d / "tiny.bypass.gguf", bypasses=bypasses, bypass_dtype="f32")
-    bp = Bypasses(N_LAYER, N_EMBD, 4, eps=1e-5)
-    bp.down.data = torch.tensor(np.stack([bypasses[il][0] for il in range(N_LAYER)]))
-    bp.up.data = torch.tensor(np.stack([bypasses[il][1] for il in range(N_LAYER)]))
     m = first_gguf.load(d / "tiny.bypass.gguf", n_ctx=1024, n_threads=2, decode_lora=d / "tiny.lora.gguf")
     plain = first_gguf.load(d / "tiny.bypass.gguf", n_ctx=1024, n_threads=2)
-    yield student, lora, bp, m, plain, d
+    yield student, lora, bypasses, m, plain, d
     m.close()
     plain.close()
-
-
-def _torch_logprobs(model, skip, lora, bp):
-    ids = torch.tensor([PROMPT + CONT])
-    n = len(PROMPT)
-    gates = torch.tensor([[0.0 if il in skip else 1.0 for il in range(N_LAYER)]])
-    cont = (torch.arange(ids.shape[1])[None, :] >= n)[..., None]
-    with torch.no_grad(), (lora.active(cont) if lora is not None else torch.no_grad()):
-        hid, _ = gated_forward(model, ids, torch.tensor([n]), gates, bypass=bp)
-        ls = torch.log_softmax(model.get_output_embeddings()(hid[0]).double(), -1)
-    return np.array([float(ls[n - 1 + i, t]) for i, t in enumerate(CONT)])
 
 
 @pytest.mark.parametrize("skip", [(1,), (0, 2), (1, 2, 3)])
@@ -61,11 +49,12 @@ def test_decode_lora_forward_equals_runtime_decode(lora_setup, skip):
     """Teacher-forced log-probs with skipped blocks, bypasses and the decode LoRA: runtime == torch within
     1e-2 nats (f32 GGUF; llama.cpp keeps K/V in F16). Control: torch without the LoRA is > 0.15 nats off, so
     the LoRA (q/k rope permutation included: the tiny model has 4 heads, 2 KV heads) is really applied."""
-    student, lora, bp, m, _, _ = lora_setup
+    student, lora, bypasses, m, _, _ = lora_setup
     rt = np.array(m.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
-    ours = _torch_logprobs(student, skip, lora, bp)
+    pairs = {k: (lora.a[k], lora.b[k]) for k in lora.a}  # the LoRA's weights; its hooks stay inactive
+    ours = skipped_logprobs(student, PROMPT, CONT, skip=skip, bypasses=bypasses, lora=pairs, lora_scale=lora.scale)
     assert float(np.max(np.abs(ours - rt))) < 1e-2
-    without = _torch_logprobs(student, skip, None, bp)
+    without = skipped_logprobs(student, PROMPT, CONT, skip=skip, bypasses=bypasses)
     assert float(np.max(np.abs(without - rt))) > 0.15
 
 
@@ -84,7 +73,8 @@ def test_full_depth_never_sees_the_decode_lora(lora_setup):
 
 
 def test_greedy_decode_with_decode_lora_matches_torch(lora_setup):
-    student, lora, bp, m, plain, _ = lora_setup
+    student, lora, bypasses, m, plain, _ = lora_setup
+    bp = training_bypasses(bypasses, N_LAYER, 1e-5)
     prompt = m.tokenize("the value of", add_bos=True)
     ids = list(prompt)
     gates = torch.tensor([[1.0, 0.0, 0.0, 1.0]])

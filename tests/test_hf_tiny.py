@@ -12,32 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import N_LAYER
+from torch_reference import skipped_forward, skipped_logprobs
 
 TOL = 5e-3
-
-
-def _torch_logprobs(model, prompt, cont, skip=()):
-    """Prompt at full depth; continuation positions pass the blocks in ``skip`` through."""
-    ids = torch.tensor([prompt + cont])
-    n = len(prompt)
-    hooks = []
-    for il, layer in enumerate(model.model.layers):
-        if il in skip:
-            def hook(mod, args, kwargs, out, n=n):
-                h_in = args[0] if args else kwargs["hidden_states"]
-                o = out[0] if isinstance(out, tuple) else out
-                o = o.clone()
-                o[:, n:] = h_in[:, n:]
-                return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
-            hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = model(ids, output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    ls = torch.log_softmax(out.logits[0].double(), -1)
-    return np.array([float(ls[n - 1 + i, t]) for i, t in enumerate(cont)]), out.hidden_states
 
 
 PROMPT = [1, 17, 45, 99, 120, 33, 8, 76, 201, 150, 64, 12]
@@ -47,9 +24,9 @@ CONT = [55, 90, 130, 7, 66, 181, 23, 140]
 @pytest.mark.parametrize("skip", [(), (1,), (1, 2), (3,)])
 def test_logprobs_match_transformers(tiny_gguf_model, tiny, skip):
     _, model = tiny
-    ref, _ = _torch_logprobs(model, PROMPT, CONT, skip)
+    ref = skipped_logprobs(model, PROMPT, CONT, skip=skip)
     ours = np.array(tiny_gguf_model.score_tokens(PROMPT, CONT, skip_layers=list(skip)).logprobs)
-    full, _ = _torch_logprobs(model, PROMPT, CONT)
+    full = skipped_logprobs(model, PROMPT, CONT)
     d = float(np.max(np.abs(ours - ref)))
     print(f"skip {skip}: max |logprob diff| vs transformers = {d:.2e} (skipping moves them by "
           f"{float(np.max(np.abs(ref - full))):.2f})")
@@ -61,7 +38,7 @@ def test_logprobs_match_transformers(tiny_gguf_model, tiny, skip):
 def test_router_scores_match_torch(tiny_gguf_model, tiny, tiny_routers):
     _, model = tiny
     _, w, b = tiny_routers
-    _, hidden = _torch_logprobs(model, PROMPT, CONT)
+    _, hidden = skipped_forward(model, PROMPT, CONT)
     res = tiny_gguf_model.score_tokens(PROMPT, CONT)
     for il in range(N_LAYER):
         x = model.model.layers[il].input_layernorm(hidden[il][0, : len(PROMPT)]).detach().numpy()
@@ -111,7 +88,7 @@ def test_convert_with_lora_merges_the_adapter(tiny, tmp_path):
     out = convert_hf(d, tmp_path / "merged.gguf", outtype="f32", lora=tmp_path / "lora")
     with first_gguf.load(out, n_ctx=256) as m:
         ours = np.array(m.score_tokens(PROMPT, CONT).logprobs)
-    ref, _ = _torch_logprobs(merged, PROMPT, CONT)
-    base, _ = _torch_logprobs(model, PROMPT, CONT)
+    ref = skipped_logprobs(merged, PROMPT, CONT)
+    base = skipped_logprobs(model, PROMPT, CONT)
     assert float(np.max(np.abs(ours - ref))) < TOL
     assert float(np.max(np.abs(ref - base))) > 20 * TOL  # the adapter really changed the model
