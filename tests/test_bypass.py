@@ -55,6 +55,15 @@ def test_bypass_forward_equals_runtime_decode(tiny, bypass_model, bypasses, skip
     assert float(np.max(np.abs(ours - rt))) < 1e-2
     plain = skipped_logprobs(model, PROMPT, CONT, skip=skip)
     assert float(np.max(np.abs(plain - rt))) > 0.15
+    # the training forward (first_gguf.train.gated_forward, what the adapters are trained through) == runtime
+    gates = torch.ones(1, N_LAYER)
+    gates[0, list(skip)] = 0.0
+    with torch.no_grad():
+        hid, _ = gated_forward(model, torch.tensor([PROMPT + CONT]), torch.tensor([len(PROMPT)]), gates,
+                               bypass=training_bypasses(bypasses, N_LAYER, 1e-5, dtype))
+        ls = torch.log_softmax(model.get_output_embeddings()(hid[0]).double(), -1)
+    trained = np.array([float(ls[len(PROMPT) - 1 + i, t]) for i, t in enumerate(CONT)])
+    assert float(np.max(np.abs(trained - rt))) < 1e-2
 
 
 def test_full_depth_is_untouched_by_bypasses(tiny_gguf_model, bypass_model):

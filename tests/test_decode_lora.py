@@ -56,6 +56,17 @@ def test_decode_lora_forward_equals_runtime_decode(lora_setup, skip):
     assert float(np.max(np.abs(ours - rt))) < 1e-2
     without = skipped_logprobs(student, PROMPT, CONT, skip=skip, bypasses=bypasses)
     assert float(np.max(np.abs(without - rt))) > 0.15
+    # the training forward with the LoRA's own hooks on the decoded positions == runtime
+    ids = torch.tensor([PROMPT + CONT])
+    gates = torch.ones(1, N_LAYER)
+    gates[0, list(skip)] = 0.0
+    cont = (torch.arange(ids.shape[1])[None, :] >= len(PROMPT))[..., None]
+    with torch.no_grad(), lora.active(cont):
+        hid, _ = gated_forward(student, ids, torch.tensor([len(PROMPT)]), gates,
+                               bypass=training_bypasses(bypasses, N_LAYER, 1e-5))
+        ls = torch.log_softmax(student.get_output_embeddings()(hid[0]).double(), -1)
+    trained = np.array([float(ls[len(PROMPT) - 1 + i, t]) for i, t in enumerate(CONT)])
+    assert float(np.max(np.abs(trained - rt))) < 1e-2
 
 
 def test_full_depth_never_sees_the_decode_lora(lora_setup):
