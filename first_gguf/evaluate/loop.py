@@ -15,7 +15,7 @@ import numpy as np
 
 from ..datasets.heldout import load_heldout, parse_heldout
 from ..datasets.tasks import Example, load_task, parse_tasks, split
-from ..models import _sha256
+from ..models import sha256_file
 from ..measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onpolicy_kl, pool_onpolicy,
                         pool_repetition)
 from ..model import Model
@@ -187,9 +187,9 @@ def _run_settings(model: Model, cfg: EvalConfig) -> dict:
     """What rows are measured with: resumed rows must share all of it."""
     sidecar = None if model.routers_path is None else Path(model.routers_path)
     # files by content too: shipping a router file rewrites it in place, under the same path
-    run = {"model": str(Path(model.path).resolve()), "model_sha256": _sha256(Path(model.path)),
+    run = {"model": str(Path(model.path).resolve()), "model_sha256": sha256_file(Path(model.path)),
            "routers": None if sidecar is None else str(sidecar.resolve()),
-           "routers_sha256": None if sidecar is None else _sha256(sidecar), "bypass": model.bypass,
+           "routers_sha256": None if sidecar is None else sha256_file(sidecar), "bypass": model.bypass,
            "decode_lora": None if model.decode_lora_path is None else str(model.decode_lora_path.resolve()),
            "gen_tokens": cfg.gen_tokens, "split": cfg.split, "measures": cfg.measures}
     if "static" in cfg.strategies:  # "static" is the file's first ranking: name it, a sidecar may lack greedy_nll

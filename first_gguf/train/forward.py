@@ -210,7 +210,7 @@ def eog_token_ids(model_path: str) -> set[int]:
     (the GPU machine), a GGUF's eos / eot / eom token ids from its metadata."""
     if str(model_path).endswith(".gguf"):
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401  (the runtime: absent on the GPU machine)
 
             from .. import load
         except ImportError:
@@ -224,8 +224,7 @@ def eog_token_ids(model_path: str) -> set[int]:
                     out.add(int(f.parts[f.data[0]][0]))
             return out
         with load(model_path, n_ctx=64) as m:
-            vocab = m._vocab
-            return {t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+            return m.eog_tokens()
     from transformers import AutoConfig, AutoTokenizer
 
     out = set()
