@@ -501,6 +501,31 @@ def eval_cmd(model, tasks, heldout, measures, budgets, strategies, n_examples, n
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="LABEL=FOLDER...")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Markdown file (default: stdout).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+def compare(runs, output, force):
+    """Side-by-side Markdown tables of several `first-gguf eval` results folders (e.g. two router files):
+    means per budget, strategy and group, and the per-prompt paired difference with the first folder.
+
+    Folders measured with other settings (measures, token counts, seed, split: their run.json) are refused."""
+    from .evaluate import compare_measures, parse_labelled
+
+    if output is not None:
+        check_output(output, force)
+    try:
+        text = compare_measures(dict(parse_labelled(s) for s in runs))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
 @click.option("--model", type=click.Path(dir_okay=False), default=None)
 @click.option("--skip-budget", type=float, default=0.0, show_default=True)
 @click.option("--skip-strategy", default="auto", show_default=True)

@@ -202,7 +202,7 @@ def _results_folder(path, rows, run):
 
 
 def test_compare_measures_side_by_side(tmp_path):
-    """compare_measures (scripts/compare_measures.py's tables): means per (budget, strategy) and group, one column
+    """compare_measures (first-gguf compare's tables): means per (budget, strategy) and group, one column
     per labelled folder, then per task/source with the distinct skip sets; folders measured otherwise refused."""
     def row(task, group, strategy, budget, kl, rep, skipped):
         return {"task": task, "group": group, "strategy": strategy, "budget": budget, "n": 2, "onpolicy_kl": kl + 1,

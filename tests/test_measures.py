@@ -206,11 +206,11 @@ def test_news_cut_falls_back_to_words():
 
 
 def test_compare_measures_pairs_prompts_with_the_first_folder(tmp_path):
-    """scripts/compare_measures.py: the paired on-policy table is the mean per-prompt difference with the first
+    """first-gguf compare: the paired on-policy table is the mean per-prompt difference with the first
     folder (exact per-state KL where both have it), its standard error and the count of lower prompts."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from click.testing import CliRunner
+
+    from first_gguf.cli import main
 
     rng = np.random.default_rng(3)
     base = {t: rng.uniform(0.2, 1.0, 6) for t in ("news", "de")}
@@ -223,18 +223,22 @@ def test_compare_measures_pairs_prompts_with_the_first_folder(tmp_path):
                  "onpolicy": {"per_prompt": list(v + 1.0), "per_prompt_exact": list(v)}} for t, v in vals.items()]
         (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (d / "run.json").write_text(json.dumps({"measures": ["onpolicy"], "seed": 0}))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_measures.py"
-    res = subprocess.run([sys.executable, str(script), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(main, ["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    assert res.exit_code == 0, res.output
     diff = np.concatenate([new[t] - base[t] for t in ("news", "de")])
     se = diff.std(ddof=1) / np.sqrt(len(diff))
     want = f"| 0.2 | router | held-out source | {diff.mean():+.3f} +- {se:.3f} (lower on {int((diff < 0).sum())}/12) |"
     assert want in res.stdout, res.stdout
+    out = tmp_path / "t.md"
+    res = CliRunner().invoke(main, ["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "-o", str(out)])
+    assert res.exit_code == 0 and want in out.read_text()
+    res = CliRunner().invoke(main, ["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "-o", str(out)])
+    assert res.exit_code == 1 and "exists" in res.output
     (tmp_path / "b" / "run.json").write_text(json.dumps({"measures": ["onpolicy"], "seed": 1}))
-    res = subprocess.run([sys.executable, str(script), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
-                         capture_output=True, text=True)
-    assert res.returncode != 0 and "other settings (seed)" in res.stderr
+    res = CliRunner().invoke(main, ["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    assert res.exit_code == 1 and "other settings (seed)" in res.output
+    res = CliRunner().invoke(main, ["compare", "nolabel"])
+    assert res.exit_code == 1 and "nolabel" in res.output and "Traceback" not in res.output
 
 
 def test_oracle_sets_report_cross_fits_choices(tmp_path):

@@ -1,7 +1,7 @@
 """What ``first-gguf eval`` writes and prints from its rows: the progress line of a row, ``results.json``,
 ``results.csv`` and the plots (``write_results``, ``plot``), the Markdown tables (``summary_table``,
 ``measures_table``), and the side-by-side table of several results folders (``compare_measures``, behind
-``scripts/compare_measures.py``). Rows belong to a group: ``IN_DISTRIBUTION`` or ``HELDOUT``.
+``first-gguf compare``). Rows belong to a group: ``IN_DISTRIBUTION`` or ``HELDOUT``.
 """
 from __future__ import annotations
 
