@@ -171,6 +171,11 @@ def attach_data(router_file=None, rankings: Iterable = ()) -> AttachData:
 
     if isinstance(rankings, (str, os.PathLike)):  # one file
         rankings = [rankings]
+    elif isinstance(rankings, Mapping):
+        if "ranking" not in rankings:
+            raise TypeError(f"rankings must be a list of ranking files or of mappings with a 'name' and a 'ranking'; "
+                            f"got a mapping with keys {sorted(rankings)[:5]} (a {{name: ranking}} dict is not taken)")
+        rankings = [rankings]  # one ranking
     data = AttachData()
     rf = None
     if router_file is not None:

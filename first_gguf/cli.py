@@ -252,6 +252,8 @@ def _convert_errors(fn):
         return fn()
     except (GGUFEditError, RouterFileError, ValueError) as e:
         raise UserError(str(e)) from None
+    except OSError as e:  # e.g. an output folder that is not there
+        raise UserError(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
 
 
 @main.command()
@@ -370,7 +372,7 @@ def routers_ship(src, output, blocks, rank_, force):
     """The shipped form of a router file: bypass adapters as float16, identity adapters (never trained) dropped.
 
     Dropping an adapter whose up matrix is zero is exact; routers, rankings, fingerprint and provenance are
-    copied unchanged (first_gguf/convert/ship.py)."""
+    copied unchanged (convert/ship.py)."""
     from .convert.ship import parse_blocks, ship_router_file
 
     def run():
@@ -400,6 +402,8 @@ def routers_from_checkpoint(checkpoint, like, output, lora_out, model, force):
     router strategy or a ranking of its own (attach --ranking). See first_gguf/train/from_checkpoint.py."""
     def run():
         try:
+            import torch  # noqa: F401  (checkpoints are torch files)
+
             from .train.from_checkpoint import router_file_from_checkpoint
         except ImportError as e:
             raise ValueError(f"routers from-checkpoint needs torch (pip install 'first-gguf[train]'): {e}") from None
@@ -430,10 +434,11 @@ def train(config_file, **kw):
         for key in ("model", "output"):
             if opts.get(key) is None:
                 raise ValueError(f"missing --{key} (or '{key}' in a --config file)")
+        TrainConfig(**opts).validate()  # the cheap checks (output exists, ...) before fetching a known model
         opts["model"] = str(resolve(opts["model"])[0])  # a known model's name: its cached GGUF (fetched once)
         cfg = TrainConfig(**opts)
         summary = do_train(cfg)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         raise UserError(str(e)) from None
     click.echo(f"wrote {cfg.output}: {json.dumps(summary)}", err=True)
 

@@ -361,7 +361,8 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
                         fingerprint=fingerprint, bypasses=bypasses)
         tmp_rf = work / f"bypass-r{cfg.rank}.safetensors"
         save_router_file(tmp_rf, rf, force=True)
-        costs_path = work / f"costs-r{cfg.rank}-{'_'.join(map(str, cands))}.npy"
+        # "-w": rows from one cache state (set_kl); a folder's older cold-row costs are not mixed in
+        costs_path = work / f"costs-r{cfg.rank}-{'_'.join(map(str, cands))}-w.npy"
         costs = list(np.load(costs_path)) if costs_path.exists() else []
         if len(costs) < cfg.n_cost:
             m.close()

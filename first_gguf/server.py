@@ -263,7 +263,7 @@ def request_options(body: dict, model, chat: bool) -> tuple[dict, str | None, st
             raise APIError(400, f"temperature must be in [0, {TEMPERATURE_MAX:g}]; got {temperature!r}",
                            param="temperature")
         opts["temperature"] = float(temperature)
-    for key in (*NUMERIC_OPTIONS[1:], "seed"):  # temperature: above
+    for key in [k for k in NUMERIC_OPTIONS if k != "temperature"] + ["seed"]:  # temperature: above
         if body.get(key) is not None:
             opts[key] = _checked(key, check_value, key, body[key])
     if body.get("logit_bias") is not None:

@@ -136,3 +136,14 @@ def test_the_base_is_checked_against_the_rankings_and_the_routers(base_gguf, tmp
         attach_data(rf).check_base(base_gguf)
     assert str(rf) in str(e.value) and "n_layer" in str(e.value)
     attach_data(rf).check_base(base_gguf, force=True)  # force: attach anyway
+
+
+def test_a_name_keyed_rankings_dict_is_refused():
+    """convert_hf / attach_data once took {name: ranking}; such a dict is refused by what it holds, not read
+    as file names."""
+    from first_gguf.convert.attach import attach_data
+
+    with pytest.raises(TypeError, match="keys \\['greedy'\\]"):
+        attach_data(None, {"greedy": {"ranking": [1, 0]}})
+    data = attach_data(None, {"name": "greedy", "ranking": [1, 0]})
+    assert list(data.rankings) == ["greedy"]

@@ -1,5 +1,5 @@
 """`first-gguf routers ship` and `first-gguf routers from-checkpoint`: router files for shipping and from a
-training checkpoint (first_gguf/convert/ship.py, first_gguf/train/from_checkpoint.py); bad input is one
+training checkpoint (convert/ship.py, first_gguf/train/from_checkpoint.py); bad input is one
 'Error:' line naming the file or the value."""
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ def test_ship_refuses_bad_files_by_name(trained, tmp_path):
     assert res.exit_code == 1 and f"output file exists: {tmp_path / 'o.safetensors'}" in _error_line(res.output)
     assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
     assert not list(tmp_path.glob("*.tmp*"))
+    res = _invoke("routers", "ship", src, "-o", tmp_path / "no-dir" / "o.safetensors")
+    assert res.exit_code == 1 and "no-dir" in _error_line(res.output)
 
 
 # ---------------------------------------------------------------- routers from-checkpoint

@@ -330,6 +330,7 @@ def test_the_sampling_vocabulary_is_defined_once():
 
     from click.testing import CliRunner
 
+    pytest.importorskip("fastapi")
     from first_gguf import bench, cli, server
     from first_gguf.model import Model
     from first_gguf.sampling import CHAT_DEFAULTS, NUMERIC_OPTIONS, SAMPLING_KEYWORDS, SamplingParams

@@ -67,6 +67,16 @@ def test_config_file_keys_and_command_line_precedence(captured, tmp_path):
         assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output, res.output
     res = CliRunner().invoke(cli.main, ["train", "--model", "no-such-model", "-o", "x.safetensors"])
     assert res.exit_code == 1 and "unknown model name 'no-such-model'" in res.output
+    (tmp_path / "there.safetensors").write_bytes(b"")  # checked before a known model would be fetched
+    n = len(captured)
+    res = CliRunner().invoke(cli.main, ["train", "--model", "qwen2.5-coder-1.5b", "-o", str(tmp_path / "there.safetensors")])
+    assert res.exit_code == 1 and "output file exists" in res.output and len(captured) == n
+
+
+def test_a_config_without_model_or_output_is_refused_by_name():
+    for kw, key in (({"output": "o.safetensors"}, "model"), ({"model": "m.gguf"}, "output")):
+        with pytest.raises(ValueError, match=f"{key} is required"):
+            TrainConfig(**kw).validate()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])

@@ -116,6 +116,10 @@ class TrainConfig:
         def bad(msg):
             raise ValueError(f"invalid training config: {msg}")
 
+        for key in ("model", "output"):
+            if not getattr(self, key):
+                bad(f"{key} is required (--{key} or '{key}' in a --config file)")
+
         if self.steps < 1:
             bad(f"steps must be >= 1; got {self.steps}")
         if self.onpolicy_batch < 0:
