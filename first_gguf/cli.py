@@ -434,9 +434,9 @@ def train(config_file, **kw):
         for key in ("model", "output"):
             if opts.get(key) is None:
                 raise ValueError(f"missing --{key} (or '{key}' in a --config file)")
-        TrainConfig(**opts).validate()  # the cheap checks (output exists, ...) before fetching a known model
-        opts["model"] = str(resolve(opts["model"])[0])  # a known model's name: its cached GGUF (fetched once)
         cfg = TrainConfig(**opts)
+        cfg.validate()  # the cheap checks (output exists, ...) before fetching a known model
+        cfg.model = str(resolve(cfg.model)[0])  # a known model's name: its cached GGUF (fetched once)
         summary = do_train(cfg)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         raise UserError(str(e)) from None

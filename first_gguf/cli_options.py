@@ -75,11 +75,14 @@ def sampling_options(defaults: dict):
                      help="File holding the GBNF grammar."),
     ]
 
-    def decorate(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return decorate
+    return lambda f: _stack(opts, f)
+
+
+def _stack(opts: list, f):
+    """``f`` decorated with ``opts`` in the order given (the first is listed first in --help)."""
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
 
 
 def parse_logit_bias(items) -> dict[int, float] | None:
@@ -165,6 +168,9 @@ def parse_option(option: str, parse, value):
         raise UserError(f"{option}: {e}") from None
 
 
+_PATH_TYPES = {"path": click.Path(dir_okay=False), "path_or_dir": click.Path()}
+
+
 def train_options(f):
     """``first-gguf train``'s options, one per TrainConfig field, generated from the fields' metadata (name,
     type, default, help: first_gguf/train/config.py), so the two cannot drift. Defaults are shown but not set
@@ -181,16 +187,15 @@ def train_options(f):
             opts.append(threads_option(help=meta["help"]))
             continue
         decls = meta.get("flag", "--" + fd.name.replace("_", "-")).split("/")
-        kw = {"help": meta.get("help") or None, "default": None}
+        kw = {"help": meta.get("help") or None, "default": None}  # None: left out (the config or the default)
         if "flag_value" in meta:
-            kw.update(flag_value=meta["flag_value"], default=None)
+            kw["flag_value"] = meta["flag_value"]
         elif isinstance(default, bool):
-            kw.update(is_flag=True, default=None)
+            kw["is_flag"] = True
         else:
             typ = meta.get("type", type(default) if default is not None else str)
-            kw["type"] = (click.Path(dir_okay=False) if typ == "path" and fd.name != "model" else
-                          click.Path() if typ == "path" else click.Choice(meta["choices"]) if "choices" in meta
-                          else str if isinstance(default, list) else typ)
+            kw["type"] = (click.Choice(meta["choices"]) if "choices" in meta else str if isinstance(default, list)
+                          else _PATH_TYPES.get(typ, typ))
             if meta.get("required"):
                 kw["help"] += " Required (here or in --config)."
             elif default is not None:
@@ -199,6 +204,4 @@ def train_options(f):
     opts.append(click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                              help="JSON file with any of these options as TrainConfig keys (recipes/ holds the "
                                   "runs behind the shipped router files); command-line options win."))
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _stack(opts, f)

@@ -33,7 +33,8 @@ def lr_factor(schedule: str, step: int, steps: int, final: float) -> float:
 def _opt(default=None, help: str = "", *, factory=None, **cli):
     """A TrainConfig field with what its command-line option needs (``first-gguf train``'s options are
     generated from these, first_gguf.cli.train_options): ``help``, and optionally ``flag`` (the option's
-    name when not --field-name), ``type`` (int/float/str/"path"; default: the default's type), ``choices``,
+    name when not --field-name), ``type`` (int/float/str, "path" (a file), "path_or_dir", "threads"; default:
+    the default's type), ``choices``,
     ``is_flag``, ``flag_value``, ``required`` (on the command line unless a --config file gives it)."""
     meta = {"help": help, **cli}
     if factory is not None:
@@ -48,7 +49,7 @@ class TrainConfig:
     runs behind the shipped router files)."""
 
     model: str = _opt(None, "GGUF file, Hugging Face checkpoint directory, or a known model's name "
-                            "(first-gguf info lists them).", type="path", required=True)
+                            "(first-gguf info lists them).", type="path_or_dir", required=True)
     output: str = _opt(None, "Router .safetensors file.", flag="-o/--output", type="path", required=True)
     tasks: list[str] = _opt(help="Comma-separated tasks (train splits).", factory=lambda: list(TASKS), flag="--data")
     steps: int = _opt(2000)
