@@ -217,21 +217,24 @@ def rank(model, output, n_examples, max_set, n_candidates, seed, criterion, onpo
               help="Bypass ridge penalty, relative to the mean input energy.")
 @click.option("--candidates", default="1-", show_default=True,
               help="Blocks that may be skipped: 'a-b,c' ('1-': every block but the first and the last).")
+@click.option("--sources", default="chat", show_default=True,
+              help="Calibration prompt sources, comma-separated: chat, translation, summarization, qa, mc, docs "
+                   "(the tasks' train splits), bigbench, linux; taken in turn.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @threads_option()
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
-def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, ridge, candidates, seed, threads,
-        force):
+def fit(model, output, work, n_prompts, n_cost, max_tokens, temperature, rank_, ridge, candidates, sources, seed,
+        threads, force):
     """Fit routers, bypass adapters and a static ranking in closed form, without training.
 
     Bypasses: least squares on the runtime's block inputs and outputs over the full model's replies to
-    calibration chat requests; ranking and routers: every candidate block's cost, skipped alone, on
+    calibration prompts (--sources); ranking and routers: every candidate block's cost, skipped alone, on
     --n-cost of those replies (see first_gguf/fit.py)."""
     from .models import resolve
     from .fit import FitConfig, run_fit
 
     cfg = FitConfig(n_prompts=n_prompts, n_cost=n_cost, max_tokens=max_tokens, temperature=temperature, rank=rank_,
-                    ridge=ridge, candidates=candidates, seed=seed, threads=threads)
+                    ridge=ridge, candidates=candidates, seed=seed, threads=threads, sources=sources)
     try:
         cfg.check()
         path, _ = resolve(model)

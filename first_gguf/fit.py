@@ -4,9 +4,11 @@ the runtime's own hidden states (``first-gguf fit``).
 Training a 1.5B model's adapters by distillation in torch costs hours a step on a 2-core CPU. This module
 fits everything from what the patched runtime itself computes, at quantized speed:
 
-1. **Calibration replies.** The full model replies (at full depth, sampled at ``temperature``) to chat
-   requests of the training sources (``broad.chat_prompts``; none on a subject of the held-out everyday
-   prompts, see datasets/heldout.py). Replies are what a skipped block's bypass sees in decoding.
+1. **Calibration replies.** The full model replies (at full depth, sampled at ``temperature``) to prompts
+   of the calibration ``sources`` (``CALIBRATION_SOURCES``; default the chat requests of
+   ``broad.chat_prompts``, none on a subject of the held-out everyday prompts, see datasets/heldout.py;
+   the training tasks' train splits and the broad prompts vary them: none is a held-out source), the
+   sources taken in turn. Replies are what a skipped block's bypass sees in decoding.
 2. **Bypasses by least squares** (ReplaceMe-style, arXiv 2505.02819, one linear map per block): over the
    reply positions, the runtime's block inputs h_i and outputs h_{i+1} give
    ``X = rmsnorm(h_i)`` (no weight, model eps; the bypass definition) and ``D = h_{i+1} - h_i``; the
@@ -56,6 +58,7 @@ class FitConfig:
     candidates: str = "1-"        # blocks that may be skipped ("1-": all but block 0 and the last)
     seed: int = 0
     threads: int | None = None
+    sources: str = "chat"         # calibration prompt sources, comma-separated (CALIBRATION_SOURCES)
 
     def check(self) -> None:
         def bad(msg):
@@ -72,6 +75,7 @@ class FitConfig:
             bad(f"rank must be in [1, 4096]; got {self.rank}")
         if not 0 < self.ridge < 1:
             bad(f"ridge must be in (0, 1); got {self.ridge}")
+        parse_sources(self.sources)
 
 
 def parse_blocks(spec: str, n_layer: int) -> list[int]:
@@ -253,12 +257,53 @@ def _log(msg: str) -> None:
     print(f"[first-gguf fit] {msg}", file=sys.stderr, flush=True)
 
 
-def _prompts(n: int, seed: int) -> list[str]:
-    from .datasets.broad import chat_prompts
+# Calibration prompt sources: the everyday chat requests (datasets.broad, kept apart from the held-out
+# ``everyday`` prompts), the train splits of the training tasks (datasets.tasks; their test splits and the
+# held-out sources stay unseen) and the broad on-policy prompts (BIG-bench inputs, manual-page questions).
+CALIBRATION_SOURCES = ("chat", "translation", "summarization", "qa", "mc", "docs", "bigbench", "linux")
 
-    rows = chat_prompts()
-    idx = np.random.default_rng(seed).permutation(len(rows))[:n]
-    return [rows[i]["prompt"] for i in idx]
+
+def parse_sources(spec: str) -> list[str]:
+    """A comma list of CALIBRATION_SOURCES, each named once."""
+    names = [x.strip() for x in str(spec).split(",") if x.strip()]
+    bad = [x for x in names if x not in CALIBRATION_SOURCES]
+    if bad or not names:
+        raise ValueError(f"calibration sources {spec!r}: expected a comma list of {', '.join(CALIBRATION_SOURCES)}"
+                         + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    if len(set(names)) != len(names):
+        raise ValueError(f"calibration sources {spec!r} name a source twice")
+    return names
+
+
+def _source_prompts(source: str) -> list[str]:
+    if source == "chat":
+        from .datasets.broad import chat_prompts
+        return [r["prompt"] for r in chat_prompts()]
+    if source in ("bigbench", "linux"):
+        from .datasets.broad import broad_prompts
+        return [r["prompt"] for r in broad_prompts((source,))]
+    from .datasets.tasks import load_task, split
+    return [ex.messages[-1]["content"] for ex in split(load_task(source), "train")]
+
+
+def _prompts(n: int, seed: int, sources: str = "chat") -> list[str]:
+    """n calibration prompts: each source's list shuffled with ``seed``, the sources taken in turn (the first
+    k prompts hold every source about k / len(sources) times, so the cost replies are a mix too)."""
+    names = parse_sources(sources)
+    lists = []
+    for name in names:
+        rows = _source_prompts(name)
+        lists.append([rows[i] for i in np.random.default_rng(seed).permutation(len(rows))])
+    out, pos = [], [0] * len(lists)
+    while len(out) < n:
+        live = [j for j in range(len(lists)) if pos[j] < len(lists[j])]
+        if not live:
+            raise ValueError(f"calibration sources {sources!r} hold {len(out)} prompts; {n} asked for")
+        for j in live:
+            if len(out) < n:
+                out.append(lists[j][pos[j]])
+                pos[j] += 1
+    return out
 
 
 def _norm_facts(path: str | os.PathLike, n_layer: int) -> tuple[float, list[np.ndarray]]:
@@ -299,10 +344,12 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     settings = {"fit_version": FIT_VERSION, "model": str(model_path), "n_prompts": cfg.n_prompts,
-                "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+                "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
+                "sources": ",".join(parse_sources(cfg.sources))}
     sfile = work / "settings.json"
     if sfile.exists():
         old = json.loads(sfile.read_text())
+        old.setdefault("sources", "chat")  # folders written before sources existed: chat requests
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{work} holds a fit with other settings {diff}; use another --work folder")
@@ -327,7 +374,7 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         feats_path = work / "router_inputs.npy"
         feats = list(np.load(feats_path)) if feats_path.exists() else []
         feats = feats[:len(replies)]
-        prompts = _prompts(cfg.n_prompts, cfg.seed)
+        prompts = _prompts(cfg.n_prompts, cfg.seed, cfg.sources)
         t0 = time.time()
         for i in range(len(replies), cfg.n_prompts):
             msgs = [{"role": "user", "content": prompts[i]}]
@@ -393,8 +440,8 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
               "routers": rep, "seconds_this_run": round(time.time() - t_start, 1)}
     static = {"single_kl": {
         "name": "single_kl", "ranking": ranking,
-        "method": "mean exact KL(skipped || full) over the full model's own replies to calibration chat "
-                  "requests, each block skipped alone with its fitted bypass (first-gguf fit)",
+        "method": "mean exact KL(skipped || full) over the full model's own replies to calibration prompts "
+                  f"({settings['sources']}), each block skipped alone with its fitted bypass (first-gguf fit)",
         "single_block_cost": {str(b): float(c) for b, c in zip(cands, mean_cost)},
         "n_prompts": cfg.n_cost}}
     rf = RouterFile(n_layer, d, {b: w[j] for j, b in enumerate(cands)},

@@ -83,6 +83,36 @@ def test_parse_blocks():
         parse_blocks("2,7", 6)
 
 
+def test_calibration_sources_are_checked_and_taken_in_turn(monkeypatch):
+    from first_gguf import fit
+
+    assert fit.parse_sources(" chat, qa ") == ["chat", "qa"]
+    with pytest.raises(ValueError, match=r"calibration sources 'chat,news'.*unknown: news"):
+        fit.parse_sources("chat,news")  # a held-out source is not a calibration source
+    with pytest.raises(ValueError, match=r"name a source twice"):
+        fit.parse_sources("qa,qa")
+    with pytest.raises(ValueError, match=r"sources 'x'"):
+        fit.FitConfig(sources="x").check()
+    fake = {"chat": [f"c{i}" for i in range(5)], "qa": [f"q{i}" for i in range(2)], "docs": [f"d{i}" for i in range(9)]}
+    monkeypatch.setattr(fit, "_source_prompts", lambda name: fake[name])
+    got = fit._prompts(8, 0, "chat,qa,docs")
+    assert [p[0] for p in got] == ["c", "q", "d", "c", "q", "d", "c", "d"]  # in turn; qa runs out after 2
+    assert len(set(got)) == 8 and set(got[:3]) <= set(sum(fake.values(), []))
+    assert fit._prompts(5, 0, "chat") == fit._prompts(5, 0, "chat")  # seeded
+    assert fit._prompts(5, 0, "chat") != fit._prompts(5, 1, "chat")
+    with pytest.raises(ValueError, match=r"hold 7 prompts; 9 asked for"):
+        fit._prompts(9, 0, "chat,qa")
+
+
+def test_chat_calibration_prompts_are_the_chat_source_in_seeded_order():
+    """sources='chat' (the default) gives the prompts fit took before sources existed: old work folders resume."""
+    from first_gguf.datasets.broad import chat_prompts
+    from first_gguf.fit import _prompts
+
+    rows = chat_prompts()
+    assert _prompts(6, 3) == [rows[i]["prompt"] for i in np.random.default_rng(3).permutation(len(rows))[:6]]
+
+
 def test_fit_on_the_default_model_end_to_end_and_resumes(tmp_path, base_gguf, monkeypatch):
     """The real model, a small fit: a router file with routers and bypasses for the candidates and the
     single_kl ranking; the sidecar attaches and the router and static strategies skip candidates only;
