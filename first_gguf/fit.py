@@ -261,6 +261,9 @@ def _log(msg: str) -> None:
 # ``everyday`` prompts), the train splits of the training tasks (datasets.tasks; their test splits and the
 # held-out sources stay unseen) and the broad on-policy prompts (BIG-bench inputs, manual-page questions).
 CALIBRATION_SOURCES = ("chat", "translation", "summarization", "qa", "mc", "docs", "bigbench", "linux")
+# prompts longer than this are left out: the capture evaluates prompt and reply in one batch of n_batch (512)
+# tokens, and 1,500 characters of English are about 350-400 tokens, leaving room for the template and reply
+MAX_PROMPT_CHARS = 1500
 
 
 def parse_sources(spec: str) -> list[str]:
@@ -287,12 +290,12 @@ def _source_prompts(source: str) -> list[str]:
 
 
 def _prompts(n: int, seed: int, sources: str = "chat") -> list[str]:
-    """n calibration prompts: each source's list shuffled with ``seed``, the sources taken in turn (the first
+    """n calibration prompts of at most MAX_PROMPT_CHARS characters: each source's list shuffled with ``seed``, the sources taken in turn (the first
     k prompts hold every source about k / len(sources) times, so the cost replies are a mix too)."""
     names = parse_sources(sources)
     lists = []
     for name in names:
-        rows = _source_prompts(name)
+        rows = [p for p in _source_prompts(name) if len(p) <= MAX_PROMPT_CHARS]
         lists.append([rows[i] for i in np.random.default_rng(seed).permutation(len(rows))])
     out, pos = [], [0] * len(lists)
     while len(out) < n:
@@ -379,6 +382,9 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         for i in range(len(replies), cfg.n_prompts):
             msgs = [{"role": "user", "content": prompts[i]}]
             ptoks, _ = m.prompt_tokens_for(msgs)
+            if len(ptoks) + cfg.max_tokens > m.n_batch:
+                raise ValueError(f"calibration prompt {i} has {len(ptoks)} tokens; with max_tokens {cfg.max_tokens} "
+                                 f"that is over the {m.n_batch} tokens one capture holds: {prompts[i][:80]!r}...")
             g = m.chat(msgs, 0.0, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed + i)
             reply = list(g.tokens)
             if len(reply) < 2:

@@ -93,7 +93,8 @@ def test_calibration_sources_are_checked_and_taken_in_turn(monkeypatch):
         fit.parse_sources("qa,qa")
     with pytest.raises(ValueError, match=r"sources 'x'"):
         fit.FitConfig(sources="x").check()
-    fake = {"chat": [f"c{i}" for i in range(5)], "qa": [f"q{i}" for i in range(2)], "docs": [f"d{i}" for i in range(9)]}
+    fake = {"chat": [f"c{i}" for i in range(5)], "qa": [f"q{i}" for i in range(2)] + ["q" * (fit.MAX_PROMPT_CHARS + 1)],
+            "docs": [f"d{i}" for i in range(9)]}
     monkeypatch.setattr(fit, "_source_prompts", lambda name: fake[name])
     got = fit._prompts(8, 0, "chat,qa,docs")
     assert [p[0] for p in got] == ["c", "q", "d", "c", "q", "d", "c", "d"]  # in turn; qa runs out after 2
