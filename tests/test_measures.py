@@ -198,6 +198,47 @@ def test_load_heldout_news_and_yesno_from_task_files(tmp_path, monkeypatch):
     assert yn.target.startswith("No. The density") and yn.task == "yesno"
 
 
+def test_bigbench_sdist_from_a_local_copy_or_a_clear_error(tmp_path, monkeypatch):
+    """The BIG-bench sdist: a local copy named by FIRST_GGUF_BIGBENCH_SDIST is sha256-checked and cached;
+    an index that does not list the file gives one error naming the file, its readers and the way out."""
+    import hashlib
+    import io
+    import urllib.request
+
+    from first_gguf.datasets import common
+
+    monkeypatch.setenv("FIRST_GGUF_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "bb.tar.gz"
+    copy.write_bytes(b"not really an sdist")
+    monkeypatch.setenv(common.BIGBENCH_ENV, str(copy))
+    with pytest.raises(common.DataUnavailableError, match=r"FIRST_GGUF_BIGBENCH_SDIST=.*bb\.tar\.gz has sha256 "):
+        common.bigbench_sdist()
+    assert not (tmp_path / "cache" / "data" / "sdist" / common.BIGBENCH_SDIST).exists()  # nothing half-written
+    monkeypatch.setenv(common.BIGBENCH_ENV, str(tmp_path / "missing.tar.gz"))
+    with pytest.raises(common.DataUnavailableError, match=r"missing\.tar\.gz: no such file"):
+        common.bigbench_sdist()
+    monkeypatch.setenv(common.BIGBENCH_ENV, str(copy))
+    monkeypatch.setattr(common, "BIGBENCH_SHA256", hashlib.sha256(copy.read_bytes()).hexdigest())
+    got = common.bigbench_sdist()
+    assert got == tmp_path / "cache" / "data" / "sdist" / common.BIGBENCH_SDIST
+    assert got.read_bytes() == copy.read_bytes()
+    assert sorted(p.name for p in got.parent.iterdir()) == [common.BIGBENCH_SDIST]
+
+    # the index lists only another version: the error names the file, what reads it and the alternatives
+    monkeypatch.delenv(common.BIGBENCH_ENV)
+    got.unlink()
+    listing = json.dumps({"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "x"}]}).encode()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda req, timeout=0: io.BytesIO(listing))
+    with pytest.raises(common.DataUnavailableError) as e:
+        common.bigbench_sdist()
+    msg = str(e.value)
+    assert msg.startswith("bigbench-1.0.0.tar.gz is not on the package index (only bigbench-0.0.1.tar.gz is)")
+    for part in ("summarization, qa and mc", "news and yesno", "Set FIRST_GGUF_BIGBENCH_SDIST", "translation and docs",
+                 "de and everyday"):
+        assert part in msg
+    assert isinstance(e.value, ValueError)  # every command reports ValueErrors as one line
+
+
 def test_news_cut_falls_back_to_words():
     one_line = " ".join(["word"] * 1000)
     cut = heldout._cut(one_line)

@@ -99,12 +99,60 @@ def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160)
     return out
 
 
+class DataUnavailableError(ValueError):
+    """Task data that cannot be fetched (e.g. a file gone from the package index): names the file, what
+    reads it and how to supply it. A ValueError, so every command reports it as one line."""
+
+
+# the names that read the BIG-bench sdist, for the message when it cannot be had
+_BIGBENCH_READERS = ("tasks summarization, qa and mc; held-out sources news and yesno; "
+                     "the bigbench prompt source (fit --sources, train --onpolicy-data broad, rank)")
+BIGBENCH_ENV = "FIRST_GGUF_BIGBENCH_SDIST"  # a local copy of the sdist, used instead of the download
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _bigbench_unavailable(why: str) -> DataUnavailableError:
+    return DataUnavailableError(
+        f"{BIGBENCH_SDIST} {why}. It is read by the {_BIGBENCH_READERS}. Set {BIGBENCH_ENV} to a local copy "
+        f"(sha256 {BIGBENCH_SHA256}), or use what needs no download: tasks translation and docs, held-out "
+        f"sources de and everyday, prompt sources chat and linux")
+
+
+def _copy_verified(src: Path, dest: Path, sha256: str) -> Path:
+    """Copy a user-supplied file into the cache after checking its sha256 (atomically: no half-written copy)."""
+    if not src.is_file():
+        raise DataUnavailableError(f"{BIGBENCH_ENV}={src}: no such file; expected {dest.name}")
+    got = _sha256_file(src)
+    if got != sha256:
+        raise DataUnavailableError(f"{BIGBENCH_ENV}={src} has sha256 {got}; expected {sha256} ({dest.name})")
+    with tempfile.NamedTemporaryFile(dir=dest.parent, suffix=".part", delete=False) as tmp:
+        try:
+            with open(src, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    tmp.write(chunk)
+            tmp.close()
+            os.replace(tmp.name, dest)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
+    return dest
+
+
 def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Path:
     """Fetch one sdist file from the package index pip uses, checking its sha256.
 
     ``pip download`` cannot be used for bigbench 1.0.0: pip rejects the sdist's
     metadata (a direct-URL dependency) even with --no-deps, before saving it.
+    Raises DataUnavailableError when the index does not list the file or cannot be reached.
     """
+    import urllib.error
     import urllib.request
 
     from pip._internal.models.index import PyPI  # the index pip itself is configured with by default
@@ -114,11 +162,15 @@ def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Pa
         return dest
     index = PyPI.simple_url.rstrip("/") + f"/{name}/"
     req = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        files = json.load(r)["files"]
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            files = json.load(r)["files"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        raise _bigbench_unavailable(f"could not be listed from the package index ({index}: {e})") from None
     entry = next((f for f in files if f["filename"] == filename), None)
     if entry is None:
-        raise RuntimeError(f"{filename} is not on the package index")
+        raise _bigbench_unavailable("is not on the package index (only "
+                                    f"{', '.join(f['filename'] for f in files) or 'nothing'} is)")
     print(f"[first-gguf] downloading {filename} ({entry.get('size', 0) / 1e6:.0f} MB, once)", file=sys.stderr)
     h = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=dest_dir, suffix=".part", delete=False) as tmp:
@@ -138,9 +190,16 @@ def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Pa
 
 
 def bigbench_sdist() -> Path:
-    """The verified bigbench sdist in the data cache (downloaded once)."""
+    """The verified bigbench sdist in the data cache: copied once from ``$FIRST_GGUF_BIGBENCH_SDIST`` when
+    that is set, else downloaded once. Raises DataUnavailableError when neither can be had."""
     sdist_dir = data_cache_dir() / "sdist"
     sdist_dir.mkdir(parents=True, exist_ok=True)
+    dest = sdist_dir / BIGBENCH_SDIST
+    if dest.exists():
+        return dest
+    local = os.environ.get(BIGBENCH_ENV)
+    if local:
+        return _copy_verified(Path(local).expanduser(), dest, BIGBENCH_SHA256)
     return _download_sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, sdist_dir)
 
 
