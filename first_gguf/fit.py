@@ -29,6 +29,10 @@ fits everything from what the patched runtime itself computes, at quantized spee
    of held-out on-policy KL at skip_budget 0.1); w, b are
    fitted on the prompt-mean input by ridge regression, lambda chosen by leave-prompts-out cross-validation
    on the rank correlation of held-out prompts' costs. A large lambda gives biases only: the static ranking.
+   The file stores ``ROUTER_LOGIT_SCALE * (w, b)``: the runtime averages sigmoids of per-token logits, and
+   for small logits ``mean_t sigmoid(a (w . x_t + b)) = 1/2 + a/4 (w . mean_t x_t + b) + O(a^3)``, the
+   ridge's own prediction on the prompt-mean input, so the runtime orders blocks as the fit predicts. Unscaled,
+   per-token logits of several units saturate the sigmoid and the mean of sigmoids reorders the blocks.
 
 Each stage is cached in the work folder (``--work``) and resumed: replies and moments are checkpointed
 every few prompts; an interrupted run continues where it stopped.
@@ -264,6 +268,10 @@ CALIBRATION_SOURCES = ("chat", "translation", "summarization", "qa", "mc", "docs
 # prompts longer than this are left out: the capture evaluates prompt and reply in one batch of n_batch (512)
 # tokens, and 1,500 characters of English are about 350-400 tokens, leaving room for the template and reply
 MAX_PROMPT_CHARS = 1500
+# the routers' logits are stored scaled by this (module docstring, stage 5): the runtime's mean of per-token
+# sigmoids is then linear in the prompt-mean input, the ridge's own prediction; 0.01 keeps per-token logits far
+# from saturation (a standardised cost of 100 is 1 logit unit) and score differences far above float32 rounding
+ROUTER_LOGIT_SCALE = 0.01
 
 
 def parse_sources(spec: str) -> list[str]:
@@ -450,8 +458,9 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
                   f"({settings['sources']}), each block skipped alone with its fitted bypass (first-gguf fit)",
         "single_block_cost": {str(b): float(c) for b, c in zip(cands, mean_cost)},
         "n_prompts": cfg.n_cost}}
-    rf = RouterFile(n_layer, d, {b: w[j] for j, b in enumerate(cands)},
-                    {b: float(bias[j]) for j, b in enumerate(cands)},
+    rep["logit_scale"] = ROUTER_LOGIT_SCALE
+    rf = RouterFile(n_layer, d, {b: (ROUTER_LOGIT_SCALE * w[j]).astype(np.float32) for j, b in enumerate(cands)},
+                    {b: float(ROUTER_LOGIT_SCALE * bias[j]) for j, b in enumerate(cands)},
                     fingerprint=fingerprint, static_rankings=static,
                     provenance={"method": "first-gguf fit (closed-form bypasses and ridge routers)",
                                 "command": " ".join(sys.argv), "report": report},

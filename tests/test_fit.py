@@ -169,6 +169,43 @@ def test_fit_on_the_default_model_end_to_end_and_resumes(tmp_path, base_gguf, mo
     assert res.exit_code != 0 and "nope.gguf" in res.output
 
 
+def test_scaled_router_logits_make_the_runtime_order_the_ridge_prediction(tmp_path, base_gguf):
+    """fit stores ROUTER_LOGIT_SCALE * (w, b): the runtime's mean of per-token sigmoids then orders blocks as
+    the linear prediction w . mean_t x_t + b on fit's prompt-mean input (numpy, from the runtime's own block
+    inputs), and equals 1/2 + a/4 of it; unscaled, the same routers' per-token logits span several units."""
+    import first_gguf
+    from first_gguf.convert.attach import write_sidecar
+    from first_gguf.fit import ROUTER_LOGIT_SCALE, _norm_facts
+
+    blocks = list(range(6, 18))
+    eps, norms = _norm_facts(base_gguf, 30)
+    m = first_gguf.load(base_gguf, n_ctx=512, n_threads=2)
+    try:
+        toks = m.prompt_tokens_for([{"role": "user", "content": "Translate to French: the file was not found."}])[0]
+        states = m.layer_inputs_tokens(toks, blocks)
+    finally:
+        m.close()
+    x = {b: rmsnorm(states[b], eps) * norms[b] for b in blocks}  # per-token router inputs [T, d]
+    rng = np.random.default_rng(7)
+    w = {b: rng.standard_normal(x[b].shape[1]) * 3.0 / np.linalg.norm(x[b], axis=1).mean() for b in blocks}
+    bias = {b: float(rng.standard_normal()) for b in blocks}
+    per_token = np.stack([x[b] @ w[b] + bias[b] for b in blocks], 1)
+    assert per_token.std(0).min() > 1.0  # unscaled: logits of several units, where the sigmoid saturates
+    pred = np.array([x[b].mean(0) @ w[b] + bias[b] for b in blocks])  # fit's prediction on the prompt mean
+    a = ROUTER_LOGIT_SCALE
+    side = tmp_path / "scaled.sidecar.gguf"
+    write_sidecar(base_gguf, side, routers={b: ((a * w[b]).astype(np.float32), a * bias[b]) for b in blocks})
+    m = first_gguf.load(base_gguf, routers=side, n_ctx=512, n_threads=2)
+    try:
+        g = m.generate_tokens(toks, 0.1, max_tokens=1)
+        got = m.prompt_router_scores(len(toks))[blocks]
+        assert g.skipped_layers == sorted(blocks[j] for j in np.argsort(pred)[:3])
+    finally:
+        m.close()
+    assert list(np.argsort(got)) == list(np.argsort(pred))
+    np.testing.assert_allclose(got, 0.5 + a / 4 * pred, atol=2e-3 * a * np.abs(pred).max() + 1e-5)
+
+
 def test_continuation_layer_inputs_are_what_decoding_sees(tmp_path, base_gguf):
     """Full depth: the rows of one full-depth pass over prompt + continuation. A skipped block passes its
     input on through its bypass: the next block's input is h + up @ down @ rmsnorm(h) (numpy), and the
