@@ -1,0 +1,141 @@
+"""Mixed-source calibration for Qwen2.5-Coder-1.5B (docs/results.md, "Tried: calibration prompts from several
+sources"): what a `first-gguf fit --sources ...` work folder says per source, and the two candidate router files
+built from it and measured with `first-gguf eval` (neither shipped).
+
+    .venv/bin/python research/qwen_mixed_sources.py analyze WORK --sources chat,translation,docs,linux
+    .venv/bin/python research/qwen_mixed_sources.py pool FIT.safetensors OUT.safetensors --pool 8
+    .venv/bin/python research/qwen_mixed_sources.py keep-shipped FIT.safetensors OUT.safetensors --drop 1 --add 6
+
+``analyze``: mean single-block cost per source, the summed single costs of the k cheapest blocks chosen by the
+pooled mean (static), by each source's own mean, per prompt (oracle), and by ridge routers cross-validated on
+random folds and leaving one source out (a proxy: set costs do not add up exactly).
+``pool``: the fit's first N blocks get bypasses (rank 16, float16) and router weights; every other block 1-26 a
+zero-weight router scoring after the pool (the router strategy never skips a block without its bypass first).
+``keep-shipped``: the shipped chat-fit bypasses with block --drop left out of the ranking and the fit's bypass of
+block --add as the 8th; routers from the fit on that pool. The source of calibration reply i is
+sources[i % len(sources)] (fit takes the sources in turn).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+from first_gguf.convert.router_file import load_router_file, save_router_file
+from first_gguf.convert.ship import ship_router_file
+from first_gguf.fit import ROUTER_LOGIT_SCALE as A, fit_routers
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "first_gguf", "assets", "qwen2.5-coder-1.5b.routers.safetensors")
+
+
+def ridge_pred(f, costs, tr, te, cols, lam):
+    pred = np.zeros((len(te), len(cols)))
+    for j, c in enumerate(cols):
+        x, z = f[:, c].astype(np.float64), costs[:, c]
+        xm, tm = x[tr].mean(0), z[tr].mean()
+        if lam is None:
+            pred[:, j] = tm
+            continue
+        xc = x[tr] - xm
+        alpha = np.linalg.solve(xc @ xc.T + lam * np.eye(len(tr)), z[tr] - tm)
+        pred[:, j] = (x[te] - xm) @ (xc.T @ alpha) + tm
+    return pred
+
+
+def analyze(work: str, sources: list[str], cands: list[int]) -> None:
+    costs = np.load(sorted(glob.glob(f"{work}/costs-r*-w.npy"))[0])
+    p_n = len(costs)
+    f = np.load(f"{work}/router_inputs.npy")[:p_n][:, cands]
+    src = np.array([sources[i % len(sources)] for i in range(p_n)])
+    print(f"{p_n} prompts, blocks {cands}")
+    print("source      " + " ".join(f"{b:6d}" for b in cands))
+    for s in sources + ["all"]:
+        m = costs[src == s].mean(0) if s != "all" else costs.mean(0)
+        print(f"{s:11s} " + " ".join(f"{v:6.3f}" for v in m) + "  cheapest: " + str([cands[j] for j in np.argsort(m)[:8]]))
+    allm = costs.mean(0)
+    for k in (2, 5, 8):
+        st = np.argsort(allm)[:k]
+        per = "; ".join(f"{s} static {costs[src == s][:, st].sum(1).mean():.3f} own {costs[src == s][:, np.argsort(costs[src == s].mean(0))[:k]].sum(1).mean():.3f}"
+                        for s in sources)
+        print(f"k={k} static {[cands[j] for j in st]}: {per}; per-prompt oracle {np.sort(costs, 1)[:, :k].sum(1).mean():.3f} "
+              f"vs static {costs[:, st].sum(1).mean():.3f}")
+    _, _, rep = fit_routers(f, costs)
+    print(f"fit's router CV: biases only {rep['bias_only_spearman']:.3f}, lambda {rep['lambda']}: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in rep["lambda_spearman"].items()))
+    for pool_n in (8, 17):
+        cols = list(np.argsort(allm)[:pool_n])
+        print(f"pool {pool_n} {[cands[j] for j in cols]}: summed single costs of the k chosen (k = 2 / 5)")
+        fo = np.random.default_rng(0).permutation(p_n) % 4
+        for mode, splits in (("random folds", [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)]),
+                             ("leave one source out", [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources])):
+            parts = []
+            for lam in (None, 10, 100, 1000):
+                got = {k: [] for k in (2, 5)}
+                for tr, te in splits:
+                    pred = ridge_pred(f, costs, tr, te, cols, lam)
+                    for k in (2, 5):
+                        ch = np.argsort(pred, 1)[:, :k]
+                        got[k] += [costs[te[i], [cols[c] for c in ch[i]]].sum() for i in range(len(te))]
+                parts.append(f"{'biases' if lam is None else f'lambda {lam}'} {np.mean(got[2]):.4f} / {np.mean(got[5]):.4f}")
+            print(f"  {mode}: " + " | ".join(parts))
+
+
+def _write(rf, out: str, pool: list[int], ranking: list[int], weights: dict, biases: dict, bypasses: dict, note: str):
+    n_embd = rf.n_embd
+    top = max(biases[b] for b in pool)
+    w, b_ = {b: weights[b] for b in pool}, {b: biases[b] for b in pool}
+    for i, b in enumerate([b for b in ranking if b not in pool and 1 <= b <= 26]):
+        w[b], b_[b] = np.zeros(n_embd, np.float32), float(top + A * (10.0 + i))  # after every pool block
+    st = dict(rf.static_rankings["single_kl"], ranking=ranking, method=note)
+    new = dataclasses.replace(rf, weights=w, biases=b_, static_rankings={"single_kl": st}, bypasses=bypasses,
+                              provenance={"method": note, "pool": pool})
+    full = out + ".full.safetensors"
+    save_router_file(full, new, force=True)
+    res = ship_router_file(full, out, blocks=set(pool), rank=16, force=True)
+    os.unlink(full)
+    print(f"wrote {out} ({os.path.getsize(out):,} bytes): pool {pool}, ranking {ranking}, adapters {res.kept}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("analyze")
+    a.add_argument("work")
+    a.add_argument("--sources", required=True)
+    a.add_argument("--candidates", default="1-17")
+    p = sub.add_parser("pool")
+    p.add_argument("fit")
+    p.add_argument("out")
+    p.add_argument("--pool", type=int, default=8)
+    k = sub.add_parser("keep-shipped")
+    k.add_argument("fit")
+    k.add_argument("out")
+    k.add_argument("--drop", type=int, default=1)
+    k.add_argument("--add", type=int, default=6)
+    args = ap.parse_args()
+    if args.cmd == "analyze":
+        lo, hi = map(int, args.candidates.split("-"))
+        analyze(args.work, args.sources.split(","), list(range(lo, hi + 1)))
+        return
+    fit = load_router_file(args.fit)
+    shipped = load_router_file(SHIPPED)
+    old_rank = shipped.static_rankings["single_kl"]["ranking"]
+    order = [b for b in fit.static_rankings["single_kl"]["ranking"] if b in fit.weights]
+    if args.cmd == "pool":
+        pool = order[:args.pool]
+        byp = {b: fit.bypasses[b] for b in pool}
+        note = f"mixed-source fit: its first {args.pool} blocks with bypasses and router weights"
+    else:
+        pool = [b for b in old_rank if b in shipped.bypasses and b != args.drop] + [args.add]
+        byp = {b: shipped.bypasses[b] for b in pool if b != args.add} | {args.add: fit.bypasses[args.add]}
+        note = (f"shipped chat-fit order and bypasses without block {args.drop}, block {args.add} (mixed-source fit's "
+                "bypass) 8th; mixed-source fit's routers on the pool")
+    ranking = pool + [b for b in order if b not in pool] + [b for b in old_rank if b not in pool and b not in order]
+    _write(fit, args.out, pool, ranking, fit.weights, fit.biases, byp, note)
+
+
+if __name__ == "__main__":
+    main()
