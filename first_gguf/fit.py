@@ -444,6 +444,7 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
         ranking += [b for b in range(n_layer) if b not in ranking]
         feats_a = np.stack(feats)[:cfg.n_cost][:, cands]
         w, bias, rep = fit_routers(feats_a, costs_a, seed=cfg.seed)
+        rep["logit_scale"] = ROUTER_LOGIT_SCALE  # what the file stores: ROUTER_LOGIT_SCALE * (w, b)
         _log(f"routers: lambda {rep['lambda']}, held-out Spearman {rep['lambda_spearman']}, "
              f"biases only {rep['bias_only_spearman']:.3f}")
     finally:
@@ -458,7 +459,6 @@ def run_fit(model_path: str | os.PathLike, work: str | os.PathLike, out: str | o
                   f"({settings['sources']}), each block skipped alone with its fitted bypass (first-gguf fit)",
         "single_block_cost": {str(b): float(c) for b, c in zip(cands, mean_cost)},
         "n_prompts": cfg.n_cost}}
-    rep["logit_scale"] = ROUTER_LOGIT_SCALE
     rf = RouterFile(n_layer, d, {b: (ROUTER_LOGIT_SCALE * w[j]).astype(np.float32) for j, b in enumerate(cands)},
                     {b: float(ROUTER_LOGIT_SCALE * bias[j]) for j, b in enumerate(cands)},
                     fingerprint=fingerprint, static_rankings=static,

@@ -5,6 +5,8 @@ built from it and measured with `first-gguf eval` (neither shipped).
     .venv/bin/python research/qwen_mixed_sources.py analyze WORK --sources chat,translation,docs,linux
     .venv/bin/python research/qwen_mixed_sources.py pool FIT.safetensors OUT.safetensors --pool 8
     .venv/bin/python research/qwen_mixed_sources.py keep-shipped FIT.safetensors OUT.safetensors --drop 1 --add 6
+    .venv/bin/python research/qwen_mixed_sources.py costs SIDECAR.gguf WORK COSTS.npy --blocks 1,9,10,11,12,13,14,15
+    .venv/bin/python research/qwen_mixed_sources.py shipped-routers WORK COSTS.npy OUT.safetensors --blocks 1,9,...
 
 ``analyze``: mean single-block cost per source, the summed single costs of the k cheapest blocks chosen by the
 pooled mean (static), by each source's own mean, per prompt (oracle), and by ridge routers cross-validated on
@@ -12,7 +14,10 @@ random folds and leaving one source out (a proxy: set costs do not add up exactl
 ``pool``: the fit's first N blocks get bypasses (rank 16, float16) and router weights; every other block 1-26 a
 zero-weight router scoring after the pool (the router strategy never skips a block without its bypass first).
 ``keep-shipped``: the shipped chat-fit bypasses with block --drop left out of the ranking and the fit's bypass of
-block --add as the 8th; routers from the fit on that pool. The source of calibration reply i is
+block --add as the 8th; routers from the fit on that pool. ``costs``: each of --blocks skipped alone on the work
+folder's first --n cost replies with a sidecar's bypasses (``fit.set_kl``; resumable). ``shipped-routers``: the
+shipped file with ridge routers fitted (``fit.fit_routers``) on those costs for --blocks, every other block's
+router zero-weight after them; bypasses and static ranking unchanged. The source of calibration reply i is
 sources[i % len(sources)] (fit takes the sources in turn).
 """
 from __future__ import annotations
@@ -99,6 +104,65 @@ def _write(rf, out: str, pool: list[int], ranking: list[int], weights: dict, bia
     print(f"wrote {out} ({os.path.getsize(out):,} bytes): pool {pool}, ranking {ranking}, adapters {res.kept}")
 
 
+def costs_with(sidecar: str, work: str, out: str, blocks: list[int], n: int, threads: int) -> None:
+    import json
+    import time
+
+    import first_gguf
+    from first_gguf.fit import set_kl
+    from first_gguf.models import resolve
+
+    replies = [json.loads(x) for x in open(f"{work}/replies.jsonl")][:n]
+    rows = list(np.load(out)) if os.path.exists(out) else []
+    m = first_gguf.load(str(resolve("qwen2.5-coder-1.5b")[0]), routers=sidecar, n_ctx=2048, n_threads=threads)
+    t0 = time.time()
+    try:
+        for i in range(len(rows), len(replies)):
+            rows.append(np.array(set_kl(m, replies[i], [[b] for b in blocks])))
+            np.save(out + ".part.npy", np.stack(rows))
+            os.replace(out + ".part.npy", out)
+            print(f"{i + 1}/{len(replies)} ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        m.close()
+
+
+def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sources: list[str]) -> None:
+    costs = np.load(costs_path)
+    f = np.load(f"{work}/router_inputs.npy")[:len(costs)][:, blocks]
+    w, bias, rep = fit_routers(f, costs)
+    print(f"router CV: biases only {rep['bias_only_spearman']:.3f}, lambda {rep['lambda']}: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in rep["lambda_spearman"].items()))
+    src = np.array([sources[i % len(sources)] for i in range(len(costs))])
+    cols = list(range(len(blocks)))
+    fo = np.random.default_rng(0).permutation(len(costs)) % 4
+    for mode, splits in (("random folds", [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)]),
+                         ("leave one source out", [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources])):
+        parts = []
+        for lam in (None, 10, 100, 1000):
+            got = {k: [] for k in (2, 5)}
+            for tr, te in splits:
+                pred = ridge_pred(f, costs, tr, te, cols, lam)
+                for k in (2, 5):
+                    ch = np.argsort(pred, 1)[:, :k]
+                    got[k] += [costs[te[i], ch[i]].sum() for i in range(len(te))]
+            parts.append(f"{'biases' if lam is None else f'lambda {lam}'} {np.mean(got[2]):.4f} / {np.mean(got[5]):.4f}")
+        print(f"  {mode} (summed single costs of the 2 / 5 chosen): " + " | ".join(parts))
+    for s in sources:
+        print(f"  {s}: mean cost " + " ".join(f"{b}:{v:.3f}" for b, v in zip(blocks, costs[src == s].mean(0))))
+    shipped = load_router_file(SHIPPED)
+    ranking = shipped.static_rankings["single_kl"]["ranking"]
+    weights = {b: (A * w[j]).astype(np.float32) for j, b in enumerate(blocks)}
+    biases = {b: float(A * bias[j]) for j, b in enumerate(blocks)}
+    top = max(biases.values())
+    for i, b in enumerate([b for b in ranking if b not in blocks and b in shipped.weights]):
+        weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), float(top + A * (10.0 + i))
+    prov = dict(shipped.provenance, routers={"method": "ridge routers (fit.fit_routers) on per-prompt costs measured "
+                                                      "with the shipped bypasses", "blocks": blocks, "cv": rep})
+    new = dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov)
+    save_router_file(out, new, force=True)
+    print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -115,7 +179,27 @@ def main() -> None:
     k.add_argument("out")
     k.add_argument("--drop", type=int, default=1)
     k.add_argument("--add", type=int, default=6)
+    c = sub.add_parser("costs")
+    c.add_argument("sidecar")
+    c.add_argument("work")
+    c.add_argument("out")
+    c.add_argument("--blocks", required=True)
+    c.add_argument("--n", type=int, default=64)
+    c.add_argument("--threads", type=int, default=2)
+    r = sub.add_parser("shipped-routers")
+    r.add_argument("work")
+    r.add_argument("costs")
+    r.add_argument("out")
+    r.add_argument("--blocks", required=True)
+    r.add_argument("--sources", default="chat,translation,docs,linux")
     args = ap.parse_args()
+    if args.cmd == "costs":
+        costs_with(args.sidecar, args.work, args.out, [int(b) for b in args.blocks.split(",")], args.n, args.threads)
+        return
+    if args.cmd == "shipped-routers":
+        shipped_routers(args.work, args.costs, args.out, [int(b) for b in args.blocks.split(",")],
+                        args.sources.split(","))
+        return
     if args.cmd == "analyze":
         lo, hi = map(int, args.candidates.split("-"))
         analyze(args.work, args.sources.split(","), list(range(lo, hi + 1)))

@@ -181,7 +181,8 @@ def _download_sdist(name: str, filename: str, sha256: str, dest_dir: Path) -> Pa
                     tmp.write(chunk)
             tmp.close()
             if h.hexdigest() != sha256:
-                raise RuntimeError(f"{filename} has sha256 {h.hexdigest()}; expected {sha256}")
+                raise DataUnavailableError(f"{filename} from {entry['url']} has sha256 {h.hexdigest()}; "
+                                           f"expected {sha256}; nothing was kept")
             os.replace(tmp.name, dest)
         finally:
             if os.path.exists(tmp.name):
