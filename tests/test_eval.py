@@ -158,6 +158,17 @@ def test_eval_measures_heldout_and_resume(tiny1, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=what):
             ev.evaluate(tiny1, ev.EvalConfig(**{**cfg.__dict__, **kw}), tmp_path)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
+    # every row records its prompts' ids; a task whose files give other prompts here is refused, not mixed in
+    want = [e.uid for e in ev.split(_examples("qa"), "test", seed=0)[:2]]
+    assert all(r["uids"] == want for r in res["rows"] if r["task"] == "qa")
+    assert all(len(r["uids"]) == 3 for r in res["rows"] if r["task"] == "everyday")
+    cfg2 = ev.EvalConfig(**{**cfg.__dict__, "budgets": [0, 0.5, 0.25]})  # new rows to measure
+    monkeypatch.setattr(ev.loop, "load_task", lambda t: [Example(e.task, e.messages, e.target, "other" + e.uid)
+                                                         for e in _examples(t)])
+    with pytest.raises(ValueError, match=r"'qa' was measured there on other prompts \(1 of 1 differ; the prompts "
+                                         r"come from files on this machine"):
+        ev.evaluate(tiny1, cfg2, tmp_path)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == n_lines
 
 
 def test_eval_cli_heldout_only(tiny1, tmp_path):
@@ -227,6 +238,15 @@ def test_compare_measures_side_by_side(tmp_path):
         ev.parse_labelled("folder")
     with pytest.raises(ValueError, match=r"results\.jsonl: not found"):
         ev.compare_measures({"one": a, "none": tmp_path / "none"})
+    # rows measured on other prompts (their examples' ids) are refused; rows without ids are not checked
+    ids = lambda r, u: {**r, "uids": u}  # noqa: E731
+    d = _results_folder(tmp_path / "d", [ids(row("qa", "in-distribution", "router", 0.2, 0.25, 0.1, [[1, 2]]), ["a", "b"])],
+                        run)
+    e = _results_folder(tmp_path / "e", [ids(row("qa", "in-distribution", "router", 0.2, 0.5, 0.1, [[1, 2]]), ["a", "c"])],
+                        run)
+    with pytest.raises(ValueError, match=r"^e: 'qa' was measured on other prompts than d's \(1 of 2 differ"):
+        ev.compare_measures({"d": d, "e": e})
+    assert "| 0.2 | router | qa | 0.250 | 0.750 |" in ev.compare_measures({"d": d, "two": b})
     c = _results_folder(tmp_path / "c", [], {**run, "seed": 1, "split": "dev"})
     with pytest.raises(ValueError, match=r"^three: measured with other settings \(seed, split\); compare like"):
         ev.compare_measures({"one": a, "three": c})

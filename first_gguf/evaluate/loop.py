@@ -148,10 +148,12 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
         enc = _encode(model, _examples(task, group, cfg), cfg)
         if not enc:
             raise ValueError(f"{group} {task!r} has no examples that fit the context")
+        uids = [ex.uid for ex, *_ in enc]
+        _check_same_prompts(out, task, uids, [r for k, r in done.items() if k[0] == task])
         # the full model's reference: NLL, greedy output, its own repetition
         key_full = (task, "full", 0.0)
         if key_full not in done:
-            done[key_full] = _run(model, task, group, enc, None, 0.0, cfg, None)
+            done[key_full] = {**_run(model, task, group, enc, None, 0.0, cfg, None), "uids": uids}
             _append(done_path, done[key_full])
             progress(f"eval {task:13s} {'full':15s} budget 0    {_fmt_row(done[key_full])}")
         full = done[key_full]
@@ -163,7 +165,7 @@ def evaluate(model: Model, cfg: EvalConfig, out_dir: str | Path, *,
                 if key in done:
                     continue
                 runs = [_run(model, task, group, enc, s, b, cfg, full) for s in _strategy_runs(strategy, cfg)]
-                r = _merge(runs, strategy)
+                r = {**_merge(runs, strategy), "uids": uids}
                 done[key] = r
                 _append(done_path, r)
                 progress(f"eval {task:13s} {strategy:15s} budget {b:<4g} {_fmt_row(r)}")
@@ -216,6 +218,19 @@ def _check_resume(out: Path, run: dict) -> None:
             raise ValueError(f"{out} holds results of another run ({what}); use another --output folder")
         run = {**{k: before[k] for k in _INFO_ONLY if k in before}, **run}
     run_path.write_text(json.dumps(run, indent=1) + "\n")
+
+
+def _check_same_prompts(out: Path, task: str, uids: list[str], rows: list[dict]) -> None:
+    """Refuse to add rows of ``task`` to a folder whose rows of it were measured on other prompts. The prompts
+    come from files on the measuring machine (de and translation from the Debian catalogues installed, which
+    depend on the packages there), so the same command can draw other prompts on another machine. Each row
+    records its examples' ids (``uids``); rows written before that are not checked."""
+    for r in rows:
+        if "uids" in r and r["uids"] != uids:
+            n = sum(a != b for a, b in zip(r["uids"], uids)) + abs(len(r["uids"]) - len(uids))
+            raise ValueError(f"{out}: {task!r} was measured there on other prompts ({n} of {len(r['uids'])} differ; "
+                             "the prompts come from files on this machine, e.g. the Debian catalogues installed); "
+                             "use another --output folder")
 
 
 # recorded, not compared: they follow from the model and sidecar files, which are compared by content (a

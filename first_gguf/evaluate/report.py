@@ -292,6 +292,24 @@ def _paired(runs: dict, labels: list[str], keys) -> list[str]:
     return lines
 
 
+def _check_same_prompts(runs: dict, labels: list[str]) -> None:
+    """Refuse folders whose rows of one task or source were measured on other prompts than the first folder's
+    (rows record their examples' ids as ``uids``; held-out de and the translation task read the Debian
+    catalogues installed, so two machines can draw other prompts). Rows without ids (older folders) are not
+    checked."""
+    def uids(lab):
+        return {r["task"]: r["uids"] for r in runs[lab]["rows"] if "uids" in r}
+
+    ref = uids(labels[0])
+    for lab in labels[1:]:
+        for task, u in uids(lab).items():
+            if task in ref and ref[task] != u:
+                n = sum(a != b for a, b in zip(ref[task], u)) + abs(len(ref[task]) - len(u))
+                raise ValueError(f"{lab}: {task!r} was measured on other prompts than {labels[0]}'s ({n} of "
+                                 f"{len(ref[task])} differ; the prompts come from files on the measuring machine, "
+                                 "e.g. the Debian catalogues installed); compare like with like")
+
+
 def compare_measures(folders: Mapping[str, str | Path]) -> str:
     """Side-by-side Markdown tables of `first-gguf eval --measures ...` results folders, one per label.
 
@@ -303,8 +321,8 @@ def compare_measures(folders: Mapping[str, str | Path]) -> str:
     settings): mean per-prompt difference +- its standard error, and on how many prompts it is lower (the
     exact per-state KL where both folders have it, else the sampled-token one).
 
-    Raises ValueError for a folder without results.jsonl and for folders measured with other settings
-    (``COMPARE_KEYS`` of run.json) than the first."""
+    Raises ValueError for a folder without results.jsonl, for folders measured with other settings
+    (``COMPARE_KEYS`` of run.json) than the first, and for rows measured on other prompts than the first's."""
     if not folders:
         raise ValueError("no results folders given; expected LABEL=RESULTS_FOLDER")
     runs = {label: load_results(folder) for label, folder in folders.items()}
@@ -314,6 +332,7 @@ def compare_measures(folders: Mapping[str, str | Path]) -> str:
         if diff:
             raise ValueError(f"{label}: measured with other settings ({', '.join(diff)}); compare like with like")
     labels = list(runs)
+    _check_same_prompts(runs, labels)
     lines = ["| budget | strategy | group | " + " | ".join(f"{m}: {lab}" for _, m in _COMPARE_COLUMNS for lab in labels)
              + " |", "|---|---|---|" + "---|" * (len(_COMPARE_COLUMNS) * len(labels))]
     keys = sorted({(r["budget"], r["strategy"]) for x in runs.values() for r in x["rows"]},
