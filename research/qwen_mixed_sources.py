@@ -7,6 +7,10 @@ built from it and measured with `first-gguf eval` (neither shipped).
     .venv/bin/python research/qwen_mixed_sources.py keep-shipped FIT.safetensors OUT.safetensors --drop 1 --add 6
     .venv/bin/python research/qwen_mixed_sources.py costs SIDECAR.gguf WORK COSTS.npy --blocks 1,9,10,11,12,13,14,15
     .venv/bin/python research/qwen_mixed_sources.py shipped-routers WORK COSTS.npy OUT.safetensors --blocks 1,9,...
+    .venv/bin/python research/qwen_mixed_sources.py costs SIDECAR.gguf WORK SETS.npy --n 96 \
+        --sets "1,12,13,14,15;9,10,12,13,14"
+    .venv/bin/python research/qwen_mixed_sources.py two-set-routers WORK SETS.npy OUT.safetensors \
+        --a 1,12,13,14,15 --b 9,10,12,13,14
 
 ``analyze``: mean single-block cost per source, the summed single costs of the k cheapest blocks chosen by the
 pooled mean (static), by each source's own mean, per prompt (oracle), and by ridge routers cross-validated on
@@ -104,7 +108,7 @@ def _write(rf, out: str, pool: list[int], ranking: list[int], weights: dict, bia
     print(f"wrote {out} ({os.path.getsize(out):,} bytes): pool {pool}, ranking {ranking}, adapters {res.kept}")
 
 
-def costs_with(sidecar: str, work: str, out: str, blocks: list[int], n: int, threads: int) -> None:
+def costs_with(sidecar: str, work: str, out: str, sets: list[list[int]], n: int, threads: int) -> None:
     import json
     import time
 
@@ -118,7 +122,7 @@ def costs_with(sidecar: str, work: str, out: str, blocks: list[int], n: int, thr
     t0 = time.time()
     try:
         for i in range(len(rows), len(replies)):
-            rows.append(np.array(set_kl(m, replies[i], [[b] for b in blocks])))
+            rows.append(np.array(set_kl(m, replies[i], sets)))
             np.save(out + ".part.npy", np.stack(rows))
             os.replace(out + ".part.npy", out)
             print(f"{i + 1}/{len(replies)} ({time.time() - t0:.0f} s)", flush=True)
@@ -163,6 +167,67 @@ def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sou
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
+def _ridge(x: np.ndarray, t: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+    xm, tm = x.mean(0), t.mean()
+    xc = x - xm
+    w = xc.T @ np.linalg.solve(xc @ xc.T + lam * np.eye(len(t)), t - tm)
+    return w, float(tm - xm @ w)
+
+
+def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_b: list[int],
+                    sources: list[str]) -> None:
+    """Routers that choose, per prompt, between two skip sets of one size, through the runtime's per-block
+    routers: the blocks both sets hold score lowest always (13, 14 first: the shipped 0.1 set), each block
+    only in A scores by d(x), each block only in B by -d(x), d = ridge prediction of cost(A) - cost(B) from
+    that block's own prompt-mean router input (lambda by 4-fold cross-validation of the chosen set's cost),
+    every other block after them in the shipped order. So skip_budget 0.1 and 0.3 skip the shipped sets and
+    0.2 skips A or B. Bypasses and static ranking are the shipped file's."""
+    costs = np.load(costs_path)
+    n = len(costs)
+    feats = np.load(f"{work}/router_inputs.npy")[:n]
+    src = np.array([sources[i % len(sources)] for i in range(n)])
+    d = costs[:, 0] - costs[:, 1]
+    for s in sources:
+        sel = src == s
+        print(f"{s:11s} A {costs[sel, 0].mean():.3f}  B {costs[sel, 1].mean():.3f}  B cheaper on {(d[sel] > 0).sum()}/{sel.sum()}")
+    print(f"all: A {costs[:, 0].mean():.3f}  B {costs[:, 1].mean():.3f}  per-prompt best {np.minimum(costs[:, 0], costs[:, 1]).mean():.3f}")
+    only = [b for b in set_a if b not in set_b] + [b for b in set_b if b not in set_a]
+    common = [b for b in set_a if b in set_b]
+    fo = np.random.default_rng(0).permutation(n) % 4
+    best = None
+    for lam in (1, 10, 100, 1000, 1e4):
+        got = {}
+        for mode, splits in (("random folds", [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)]),
+                             ("leave one source out", [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources])):
+            chosen = np.zeros(n)
+            for tr, te in splits:
+                w, c = _ridge(feats[tr][:, only[0]].astype(np.float64), d[tr], lam)
+                chosen[te] = np.where(feats[te][:, only[0]] @ w + c > 0, costs[te, 1], costs[te, 0])
+            got[mode] = chosen.mean()
+        print(f"lambda {lam:g}: chosen set's cost, random folds {got['random folds']:.4f}, "
+              f"leave one source out {got['leave one source out']:.4f}")
+        if best is None or got["random folds"] < best[0]:
+            best = (got["random folds"], lam)
+    lam = best[1]
+    shipped = load_router_file(SHIPPED)
+    ranking = shipped.static_rankings["single_kl"]["ranking"]
+    weights, biases = {}, {}
+    for i, b in enumerate(sorted(common, key=lambda b: ranking.index(b))):
+        weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), A * (-10.0 + 0.1 * i)
+    for b in only:
+        w, c = _ridge(feats[:, b].astype(np.float64), d, lam)
+        sign = 1.0 if b in set_a else -1.0  # an A-only block scores low when A is predicted cheaper (d < 0)
+        weights[b], biases[b] = (A * sign * w).astype(np.float32), float(A * sign * c)
+    for i, b in enumerate([b for b in ranking if b not in weights and b in shipped.weights]):
+        weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), float(A * (10.0 + i))
+    prov = dict(shipped.provenance, routers={
+        "method": "two-set routing (research/qwen_mixed_sources.py two-set-routers): ridge on cost(A) - cost(B), "
+                  "teacher-forced KL of each set on the mixed-source fit's calibration replies, shipped bypasses",
+        "A": set_a, "B": set_b, "lambda": lam, "n_prompts": n, "sources": sources})
+    save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
+    print(f"lambda {lam:g}; wrote {out} ({os.path.getsize(out):,} bytes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -183,7 +248,8 @@ def main() -> None:
     c.add_argument("sidecar")
     c.add_argument("work")
     c.add_argument("out")
-    c.add_argument("--blocks", required=True)
+    c.add_argument("--blocks", default=None, help="each block skipped alone")
+    c.add_argument("--sets", default=None, help="each set skipped as a whole: 1,12,13;9,10,12")
     c.add_argument("--n", type=int, default=64)
     c.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("shipped-routers")
@@ -192,9 +258,24 @@ def main() -> None:
     r.add_argument("out")
     r.add_argument("--blocks", required=True)
     r.add_argument("--sources", default="chat,translation,docs,linux")
+    t = sub.add_parser("two-set-routers")
+    t.add_argument("work")
+    t.add_argument("costs", help="costs --sets A;B output: per-prompt cost of set A and of set B")
+    t.add_argument("out")
+    t.add_argument("--a", required=True, help="set A (the shipped 0.2 set)")
+    t.add_argument("--b", required=True, help="set B, same size")
+    t.add_argument("--sources", default="chat,translation,docs,linux")
     args = ap.parse_args()
     if args.cmd == "costs":
-        costs_with(args.sidecar, args.work, args.out, [int(b) for b in args.blocks.split(",")], args.n, args.threads)
+        if (args.blocks is None) == (args.sets is None):
+            ap.error("costs: give --blocks or --sets")
+        sets = ([[int(b)] for b in args.blocks.split(",")] if args.blocks else
+                [[int(b) for b in x.split(",")] for x in args.sets.split(";")])
+        costs_with(args.sidecar, args.work, args.out, sets, args.n, args.threads)
+        return
+    if args.cmd == "two-set-routers":
+        two_set_routers(args.work, args.costs, args.out, [int(b) for b in args.a.split(",")],
+                        [int(b) for b in args.b.split(",")], args.sources.split(","))
         return
     if args.cmd == "shipped-routers":
         shipped_routers(args.work, args.costs, args.out, [int(b) for b in args.blocks.split(",")],
