@@ -179,7 +179,9 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
     """Routers that choose, per prompt, between two skip sets of one size, through the runtime's per-block
     routers: the blocks both sets hold score lowest always (13, 14 first: the shipped 0.1 set), each block
     only in A scores by d(x), each block only in B by -d(x), d = ridge prediction of cost(A) - cost(B) from
-    that block's own prompt-mean router input (lambda by 4-fold cross-validation of the chosen set's cost),
+    that block's own prompt-mean router input, B only when d > tau. lambda and tau minimise the chosen set's
+    cost over 4 random folds among those whose cost leaving one whole source out is no worse than always A
+    (a new kind of prompt must not lose),
     every other block after them in the shipped order. So skip_budget 0.1 and 0.3 skip the shipped sets and
     0.2 skips A or B. Bypasses and static ranking are the shipped file's."""
     costs = np.load(costs_path)
@@ -194,21 +196,30 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
     only = [b for b in set_a if b not in set_b] + [b for b in set_b if b not in set_a]
     common = [b for b in set_a if b in set_b]
     fo = np.random.default_rng(0).permutation(n) % 4
+    splits = {"random folds": [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)],
+              "leave one source out": [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources]}
+    all_a = float(costs[:, 0].mean())
     best = None
-    for lam in (1, 10, 100, 1000, 1e4):
-        got = {}
-        for mode, splits in (("random folds", [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)]),
-                             ("leave one source out", [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources])):
-            chosen = np.zeros(n)
-            for tr, te in splits:
-                w, c = _ridge(feats[tr][:, only[0]].astype(np.float64), d[tr], lam)
-                chosen[te] = np.where(feats[te][:, only[0]] @ w + c > 0, costs[te, 1], costs[te, 0])
-            got[mode] = chosen.mean()
-        print(f"lambda {lam:g}: chosen set's cost, random folds {got['random folds']:.4f}, "
-              f"leave one source out {got['leave one source out']:.4f}")
-        if best is None or got["random folds"] < best[0]:
-            best = (got["random folds"], lam)
-    lam = best[1]
+    for lam in (1, 10, 100, 1000):
+        for tau in (0.0, 0.05, 0.1, 0.15, 0.2):
+            got, to_b = {}, {}
+            for mode, sp in splits.items():
+                chosen, routed = np.zeros(n), np.zeros(n, bool)
+                for tr, te in sp:
+                    w, c = _ridge(feats[tr][:, only[0]].astype(np.float64), d[tr], lam)
+                    routed[te] = feats[te][:, only[0]] @ w + c > tau
+                    chosen[te] = np.where(routed[te], costs[te, 1], costs[te, 0])
+                got[mode], to_b[mode] = float(chosen.mean()), {s: int(routed[src == s].sum()) for s in sources}
+            print(f"lambda {lam:g} tau {tau:.2f}: chosen set's cost, random folds {got['random folds']:.4f} "
+                  f"(to B {to_b['random folds']}), leave one source out {got['leave one source out']:.4f} "
+                  f"(to B {to_b['leave one source out']})")
+            # a new source must not lose: its leave-one-source-out cost no worse than always A (+0.001)
+            if got["leave one source out"] <= all_a + 1e-3 and (best is None or got["random folds"] < best[0]):
+                best = (got["random folds"], lam, tau)
+    if best is None or best[0] >= all_a:
+        raise SystemExit(f"no lambda / tau routes better than always skipping A ({all_a:.4f}) without losing on a "
+                         "left-out source")
+    _, lam, tau = best
     shipped = load_router_file(SHIPPED)
     ranking = shipped.static_rankings["single_kl"]["ranking"]
     weights, biases = {}, {}
@@ -216,16 +227,16 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
         weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), A * (-10.0 + 0.1 * i)
     for b in only:
         w, c = _ridge(feats[:, b].astype(np.float64), d, lam)
-        sign = 1.0 if b in set_a else -1.0  # an A-only block scores low when A is predicted cheaper (d < 0)
-        weights[b], biases[b] = (A * sign * w).astype(np.float32), float(A * sign * c)
+        sign = 1.0 if b in set_a else -1.0  # an A-only block scores low when A is predicted cheaper (d < tau)
+        weights[b], biases[b] = (A * sign * w).astype(np.float32), float(A * sign * (c - tau))
     for i, b in enumerate([b for b in ranking if b not in weights and b in shipped.weights]):
         weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), float(A * (10.0 + i))
     prov = dict(shipped.provenance, routers={
         "method": "two-set routing (research/qwen_mixed_sources.py two-set-routers): ridge on cost(A) - cost(B), "
                   "teacher-forced KL of each set on the mixed-source fit's calibration replies, shipped bypasses",
-        "A": set_a, "B": set_b, "lambda": lam, "n_prompts": n, "sources": sources})
+        "A": set_a, "B": set_b, "lambda": lam, "tau": tau, "n_prompts": n, "sources": sources})
     save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
-    print(f"lambda {lam:g}; wrote {out} ({os.path.getsize(out):,} bytes)")
+    print(f"lambda {lam:g}, tau {tau:g}; wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
 def main() -> None:
