@@ -40,18 +40,43 @@ from first_gguf.fit import ROUTER_LOGIT_SCALE as A, fit_routers
 SHIPPED = os.path.join(os.path.dirname(__file__), "..", "first_gguf", "assets", "qwen2.5-coder-1.5b.routers.safetensors")
 
 
-def ridge_pred(f, costs, tr, te, cols, lam):
-    pred = np.zeros((len(te), len(cols)))
-    for j, c in enumerate(cols):
-        x, z = f[:, c].astype(np.float64), costs[:, c]
-        xm, tm = x[tr].mean(0), z[tr].mean()
-        if lam is None:
-            pred[:, j] = tm
-            continue
-        xc = x[tr] - xm
-        alpha = np.linalg.solve(xc @ xc.T + lam * np.eye(len(tr)), z[tr] - tm)
-        pred[:, j] = (x[te] - xm) @ (xc.T @ alpha) + tm
-    return pred
+def _ridge(x: np.ndarray, t: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+    """Ridge regression of t on the rows of x (dual form: fewer prompts than dimensions): (w, c), t ~ x @ w + c."""
+    xm, tm = x.mean(0), t.mean()
+    xc = x - xm
+    w = xc.T @ np.linalg.solve(xc @ xc.T + lam * np.eye(len(t)), t - tm)
+    return w, float(tm - xm @ w)
+
+
+def _splits(n: int, src: np.ndarray, sources: list[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(train, test) prompt indices: 4 seeded random folds, and each source left out in turn."""
+    fo = np.random.default_rng(0).permutation(n) % 4
+    return {"random folds": [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)],
+            "leave one source out": [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources]}
+
+
+def _k_chosen_report(f, costs, src, sources, cols) -> list[str]:
+    """Per split kind: the summed single costs of the k = 2 / 5 blocks of ``cols`` a ridge router (or the
+    training prompts' mean costs: "biases") predicts cheapest on each held-out prompt."""
+    lines = []
+    for mode, splits in _splits(len(costs), src, sources).items():
+        parts = []
+        for lam in (None, 10, 100, 1000):
+            got = {k: [] for k in (2, 5)}
+            for tr, te in splits:
+                pred = np.zeros((len(te), len(cols)))
+                for j, c in enumerate(cols):
+                    if lam is None:
+                        pred[:, j] = costs[tr, c].mean()
+                    else:
+                        w, b = _ridge(f[tr, c].astype(np.float64), costs[tr, c], lam)
+                        pred[:, j] = f[te, c] @ w + b
+                for k in (2, 5):
+                    ch = np.argsort(pred, 1)[:, :k]
+                    got[k] += [costs[te[i], [cols[c] for c in ch[i]]].sum() for i in range(len(te))]
+            parts.append(f"{'biases' if lam is None else f'lambda {lam}'} {np.mean(got[2]):.4f} / {np.mean(got[5]):.4f}")
+        lines.append(f"  {mode} (summed single costs of the 2 / 5 chosen): " + " | ".join(parts))
+    return lines
 
 
 def analyze(work: str, sources: list[str], cands: list[int]) -> None:
@@ -76,20 +101,8 @@ def analyze(work: str, sources: list[str], cands: list[int]) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in rep["lambda_spearman"].items()))
     for pool_n in (8, 17):
         cols = list(np.argsort(allm)[:pool_n])
-        print(f"pool {pool_n} {[cands[j] for j in cols]}: summed single costs of the k chosen (k = 2 / 5)")
-        fo = np.random.default_rng(0).permutation(p_n) % 4
-        for mode, splits in (("random folds", [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)]),
-                             ("leave one source out", [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources])):
-            parts = []
-            for lam in (None, 10, 100, 1000):
-                got = {k: [] for k in (2, 5)}
-                for tr, te in splits:
-                    pred = ridge_pred(f, costs, tr, te, cols, lam)
-                    for k in (2, 5):
-                        ch = np.argsort(pred, 1)[:, :k]
-                        got[k] += [costs[te[i], [cols[c] for c in ch[i]]].sum() for i in range(len(te))]
-                parts.append(f"{'biases' if lam is None else f'lambda {lam}'} {np.mean(got[2]):.4f} / {np.mean(got[5]):.4f}")
-            print(f"  {mode}: " + " | ".join(parts))
+        print(f"pool {pool_n} {[cands[j] for j in cols]}:")
+        print("\n".join(_k_chosen_report(f, costs, src, sources, cols)))
 
 
 def _write(rf, out: str, pool: list[int], ranking: list[int], weights: dict, biases: dict, bypasses: dict, note: str):
@@ -137,20 +150,7 @@ def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sou
     print(f"router CV: biases only {rep['bias_only_spearman']:.3f}, lambda {rep['lambda']}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in rep["lambda_spearman"].items()))
     src = np.array([sources[i % len(sources)] for i in range(len(costs))])
-    cols = list(range(len(blocks)))
-    fo = np.random.default_rng(0).permutation(len(costs)) % 4
-    for mode, splits in (("random folds", [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)]),
-                         ("leave one source out", [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources])):
-        parts = []
-        for lam in (None, 10, 100, 1000):
-            got = {k: [] for k in (2, 5)}
-            for tr, te in splits:
-                pred = ridge_pred(f, costs, tr, te, cols, lam)
-                for k in (2, 5):
-                    ch = np.argsort(pred, 1)[:, :k]
-                    got[k] += [costs[te[i], ch[i]].sum() for i in range(len(te))]
-            parts.append(f"{'biases' if lam is None else f'lambda {lam}'} {np.mean(got[2]):.4f} / {np.mean(got[5]):.4f}")
-        print(f"  {mode} (summed single costs of the 2 / 5 chosen): " + " | ".join(parts))
+    print("\n".join(_k_chosen_report(f, costs, src, sources, list(range(len(blocks))))))
     for s in sources:
         print(f"  {s}: mean cost " + " ".join(f"{b}:{v:.3f}" for b, v in zip(blocks, costs[src == s].mean(0))))
     shipped = load_router_file(SHIPPED)
@@ -165,13 +165,6 @@ def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sou
     new = dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov)
     save_router_file(out, new, force=True)
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
-
-
-def _ridge(x: np.ndarray, t: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
-    xm, tm = x.mean(0), t.mean()
-    xc = x - xm
-    w = xc.T @ np.linalg.solve(xc @ xc.T + lam * np.eye(len(t)), t - tm)
-    return w, float(tm - xm @ w)
 
 
 def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_b: list[int],
@@ -195,9 +188,7 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
     print(f"all: A {costs[:, 0].mean():.3f}  B {costs[:, 1].mean():.3f}  per-prompt best {np.minimum(costs[:, 0], costs[:, 1]).mean():.3f}")
     only = [b for b in set_a if b not in set_b] + [b for b in set_b if b not in set_a]
     common = [b for b in set_a if b in set_b]
-    fo = np.random.default_rng(0).permutation(n) % 4
-    splits = {"random folds": [(np.where(fo != k)[0], np.where(fo == k)[0]) for k in range(4)],
-              "leave one source out": [(np.where(src != s)[0], np.where(src == s)[0]) for s in sources]}
+    splits = _splits(n, src, sources)
     all_a = float(costs[:, 0].mean())
     best = None
     for lam in (1, 10, 100, 1000):
