@@ -298,8 +298,9 @@ def _source_prompts(source: str) -> list[str]:
 
 
 def _prompts(n: int, seed: int, sources: str = "chat") -> list[str]:
-    """n calibration prompts of at most MAX_PROMPT_CHARS characters: each source's list shuffled with ``seed``, the sources taken in turn (the first
-    k prompts hold every source about k / len(sources) times, so the cost replies are a mix too)."""
+    """n calibration prompts of at most MAX_PROMPT_CHARS characters: each source's list shuffled with ``seed``,
+    the sources taken in turn (the first k prompts hold every source about k / len(sources) times, so the cost
+    replies are a mix too)."""
     names = parse_sources(sources)
     lists = []
     for name in names:

@@ -110,14 +110,6 @@ _BIGBENCH_READERS = ("tasks summarization, qa and mc; held-out sources news and 
 BIGBENCH_ENV = "FIRST_GGUF_BIGBENCH_SDIST"  # a local copy of the sdist, used instead of the download
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _bigbench_unavailable(why: str) -> DataUnavailableError:
     return DataUnavailableError(
         f"{BIGBENCH_SDIST} {why}. It is read by the {_BIGBENCH_READERS}. Set {BIGBENCH_ENV} to a local copy "
@@ -127,21 +119,18 @@ def _bigbench_unavailable(why: str) -> DataUnavailableError:
 
 def _copy_verified(src: Path, dest: Path, sha256: str) -> Path:
     """Copy a user-supplied file into the cache after checking its sha256 (atomically: no half-written copy)."""
+    import shutil
+
+    from ..convert.gguf_edit import atomic_output
+    from ..models import sha256_file
+
     if not src.is_file():
         raise DataUnavailableError(f"{BIGBENCH_ENV}={src}: no such file; expected {dest.name}")
-    got = _sha256_file(src)
+    got = sha256_file(src)
     if got != sha256:
         raise DataUnavailableError(f"{BIGBENCH_ENV}={src} has sha256 {got}; expected {sha256} ({dest.name})")
-    with tempfile.NamedTemporaryFile(dir=dest.parent, suffix=".part", delete=False) as tmp:
-        try:
-            with open(src, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    tmp.write(chunk)
-            tmp.close()
-            os.replace(tmp.name, dest)
-        finally:
-            if os.path.exists(tmp.name):
-                os.unlink(tmp.name)
+    with atomic_output(dest) as tmp:
+        shutil.copyfile(src, tmp)
     return dest
 
 

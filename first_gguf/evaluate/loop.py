@@ -20,7 +20,7 @@ from ..measures import (OnPolicyKL, Repetition, complete, greedy_repetition, onp
                         pool_repetition)
 from ..model import Model
 from .metrics import task_metrics
-from .report import HELDOUT, IN_DISTRIBUTION, _fmt_row, write_results
+from .report import HELDOUT, IN_DISTRIBUTION, _fmt_row, n_prompts_differ, write_results
 
 MEASURES = ("nll", "onpolicy", "repetition")
 
@@ -227,7 +227,7 @@ def _check_same_prompts(out: Path, task: str, uids: list[str], rows: list[dict])
     records its examples' ids (``uids``); rows written before that are not checked."""
     for r in rows:
         if "uids" in r and r["uids"] != uids:
-            n = sum(a != b for a, b in zip(r["uids"], uids)) + abs(len(r["uids"]) - len(uids))
+            n = n_prompts_differ(r["uids"], uids)
             raise ValueError(f"{out}: {task!r} was measured there on other prompts ({n} of {len(r['uids'])} differ; "
                              "the prompts come from files on this machine, e.g. the Debian catalogues installed); "
                              "use another --output folder")

@@ -292,6 +292,11 @@ def _paired(runs: dict, labels: list[str], keys) -> list[str]:
     return lines
 
 
+def n_prompts_differ(a: list[str], b: list[str]) -> int:
+    """How many positions of two rows' example-id lists (``uids``) differ, a length difference included."""
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+
+
 def _check_same_prompts(runs: dict, labels: list[str]) -> None:
     """Refuse folders whose rows of one task or source were measured on other prompts than the first folder's
     (rows record their examples' ids as ``uids``; held-out de and the translation task read the Debian
@@ -304,7 +309,7 @@ def _check_same_prompts(runs: dict, labels: list[str]) -> None:
     for lab in labels[1:]:
         for task, u in uids(lab).items():
             if task in ref and ref[task] != u:
-                n = sum(a != b for a, b in zip(ref[task], u)) + abs(len(ref[task]) - len(u))
+                n = n_prompts_differ(ref[task], u)
                 raise ValueError(f"{lab}: {task!r} was measured on other prompts than {labels[0]}'s ({n} of "
                                  f"{len(ref[task])} differ; the prompts come from files on the measuring machine, "
                                  "e.g. the Debian catalogues installed); compare like with like")
