@@ -171,6 +171,51 @@ def test_load_heldout_everyday_and_de():
     assert heldout.parse_heldout("") == [] and heldout.parse_heldout(" news , de") == ["news", "de"]
 
 
+def _write_mo(path, messages: dict[str, str]) -> None:
+    """A GNU .mo catalogue (little-endian, no hash table) of ``messages``, as msgfmt writes it."""
+    import struct
+
+    keys = sorted(messages)
+    ids, strs = b"", b""
+    id_entries, str_entries = [], []
+    for k in keys:
+        id_entries.append((len(k.encode()), len(ids)))
+        ids += k.encode() + b"\0"
+        str_entries.append((len(messages[k].encode()), len(strs)))
+        strs += messages[k].encode() + b"\0"
+    n = len(keys)
+    ids_at = 28 + 16 * n
+    strs_at = ids_at + len(ids)
+    head = struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0)
+    table = b"".join(struct.pack("<2I", ln, ids_at + off) for ln, off in id_entries)
+    table += b"".join(struct.pack("<2I", ln, strs_at + off) for ln, off in str_entries)
+    path.write_bytes(head + table + ids + strs)
+
+
+def test_heldout_de_reads_only_its_pinned_catalogues(tmp_path, monkeypatch):
+    """Installing a package that brings another German catalogue must not change the de prompts; a pinned
+    catalogue that is missing is reported, since the prompts then differ from other machines'."""
+    from first_gguf.datasets import common
+
+    where = tmp_path / "de" / "LC_MESSAGES"
+    where.mkdir(parents=True)
+    pinned = heldout.DE_DOMAINS[:2]
+    _write_mo(where / f"{pinned[0]}.mo", {"The file could not be opened.": "Die Datei konnte nicht geoeffnet werden."})
+    _write_mo(where / f"{pinned[1]}.mo", {"Press any key to continue.": "Eine Taste druecken."})
+    monkeypatch.setattr(common, "LOCALE_DIR", tmp_path)
+    with pytest.warns(UserWarning, match=f"{len(heldout.DE_DOMAINS) - 2} of its {len(heldout.DE_DOMAINS)} pinned"):
+        before = heldout.load_heldout("de")
+    assert sorted(e.target for e in before) == ["Die Datei konnte nicht geoeffnet werden.", "Eine Taste druecken."]
+    assert "gtk30" not in heldout.DE_DOMAINS  # chromium's install brings it: the catalogue that moved the set
+    _write_mo(where / "gtk30.mo", {"Open the selected file now.": "Die Datei jetzt oeffnen.",
+                                   "The file could not be opened.": "Konnte nicht geoeffnet werden."})
+    with pytest.warns(UserWarning):
+        after = heldout.load_heldout("de")
+    assert after == before  # the unpinned catalogue neither adds a prompt nor changes a target
+    every = common.catalogue_examples("de", "German", "de")  # no pin: every installed catalogue
+    assert len(every) == 3 and {e.uid for e in before} < {e.uid for e in every}
+
+
 def test_load_heldout_news_and_yesno_from_task_files(tmp_path, monkeypatch):
     article = "\n".join(f"Sentence number {i} of a long article about the town council." for i in range(60))
     files = {

@@ -74,14 +74,22 @@ def user_message(text: str) -> tuple:
     return ({"role": "user", "content": text},)
 
 
-def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160) -> list[Example]:
+LOCALE_DIR = Path("/usr/share/locale")  # the Debian gettext catalogues the translation data comes from
+
+
+def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160,
+                       domains: tuple[str, ...] | None = None) -> list[Example]:
     """English -> ``name`` software messages from the Debian gettext catalogues of ``lang``
-    (``/usr/share/locale/<lang>/LC_MESSAGES/*.mo``), one example per distinct English message."""
-    d = Path(f"/usr/share/locale/{lang}/LC_MESSAGES")
+    (``/usr/share/locale/<lang>/LC_MESSAGES/*.mo``), one example per distinct English message.
+    ``domains``: read only the catalogues of these names (``gtk30`` for ``gtk30.mo``), so that installing
+    another package does not change the set; None reads every installed catalogue."""
+    d = LOCALE_DIR / lang / "LC_MESSAGES"
     if not d.is_dir():
         return []
     out, seen = [], set()
     for mo in sorted(d.glob("*.mo")):
+        if domains is not None and mo.stem not in domains:
+            continue
         try:
             with open(mo, "rb") as f:
                 cat = gettext.GNUTranslations(f)._catalog
