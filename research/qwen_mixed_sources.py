@@ -167,27 +167,16 @@ def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sou
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
-def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_b: list[int],
-                    sources: list[str]) -> None:
-    """Routers that choose, per prompt, between two skip sets of one size, through the runtime's per-block
-    routers: the blocks both sets hold score lowest always (13, 14 first: the shipped 0.1 set), each block
-    only in A scores by d(x), each block only in B by -d(x), d = ridge prediction of cost(A) - cost(B) from
-    that block's own prompt-mean router input, B only when d > tau. lambda and tau minimise the chosen set's
-    cost over 4 random folds among those whose cost leaving one whole source out is no worse than always A
-    (a new kind of prompt must not lose),
-    every other block after them in the shipped order. So skip_budget 0.1 and 0.3 skip the shipped sets and
-    0.2 skips A or B. Bypasses and static ranking are the shipped file's."""
-    costs = np.load(costs_path)
+def _two_set_rule(costs: np.ndarray, feats: np.ndarray, src: np.ndarray, sources: list[str], block: int):
+    """(lambda, tau) of the two-set rule: B when the ridge prediction of cost(A) - cost(B) from ``block``'s prompt-
+    mean router input exceeds tau. The lowest cost over 4 random folds among the (lambda, tau) whose cost with a
+    whole source left out is no worse than always A (a new kind of prompt must not lose)."""
     n = len(costs)
-    feats = np.load(f"{work}/router_inputs.npy")[:n]
-    src = np.array([sources[i % len(sources)] for i in range(n)])
     d = costs[:, 0] - costs[:, 1]
     for s in sources:
         sel = src == s
         print(f"{s:11s} A {costs[sel, 0].mean():.3f}  B {costs[sel, 1].mean():.3f}  B cheaper on {(d[sel] > 0).sum()}/{sel.sum()}")
     print(f"all: A {costs[:, 0].mean():.3f}  B {costs[:, 1].mean():.3f}  per-prompt best {np.minimum(costs[:, 0], costs[:, 1]).mean():.3f}")
-    only = [b for b in set_a if b not in set_b] + [b for b in set_b if b not in set_a]
-    common = [b for b in set_a if b in set_b]
     splits = _splits(n, src, sources)
     all_a = float(costs[:, 0].mean())
     best = None
@@ -197,8 +186,8 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
             for mode, sp in splits.items():
                 chosen, routed = np.zeros(n), np.zeros(n, bool)
                 for tr, te in sp:
-                    w, c = _ridge(feats[tr][:, only[0]].astype(np.float64), d[tr], lam)
-                    routed[te] = feats[te][:, only[0]] @ w + c > tau
+                    w, c = _ridge(feats[tr][:, block].astype(np.float64), d[tr], lam)
+                    routed[te] = feats[te][:, block] @ w + c > tau
                     chosen[te] = np.where(routed[te], costs[te, 1], costs[te, 0])
                 got[mode], to_b[mode] = float(chosen.mean()), {s: int(routed[src == s].sum()) for s in sources}
             print(f"lambda {lam:g} tau {tau:.2f}: chosen set's cost, random folds {got['random folds']:.4f} "
@@ -210,7 +199,28 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
     if best is None or best[0] >= all_a:
         raise SystemExit(f"no lambda / tau routes better than always skipping A ({all_a:.4f}) without losing on a "
                          "left-out source")
-    _, lam, tau = best
+    return best[1], best[2]
+
+
+def _calibration(work: str, costs_path: str, sources: list[str]):
+    costs = np.load(costs_path)
+    n = len(costs)
+    return costs, np.load(f"{work}/router_inputs.npy")[:n], np.array([sources[i % len(sources)] for i in range(n)])
+
+
+def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_b: list[int],
+                    sources: list[str]) -> None:
+    """Routers that choose, per prompt, between two skip sets of one size, through the runtime's per-block
+    routers: the blocks both sets hold score lowest always (13, 14 first: the shipped 0.1 set), each block
+    only in A scores by d(x), each block only in B by -d(x), d = ridge prediction of cost(A) - cost(B) from
+    that block's own prompt-mean router input, B only when d > tau (``_two_set_rule``),
+    every other block after them in the shipped order. So skip_budget 0.1 and 0.3 skip the shipped sets and
+    0.2 skips A or B. Bypasses and static ranking are the shipped file's."""
+    costs, feats, src = _calibration(work, costs_path, sources)
+    d = costs[:, 0] - costs[:, 1]
+    only = [b for b in set_a if b not in set_b] + [b for b in set_b if b not in set_a]
+    common = [b for b in set_a if b in set_b]
+    lam, tau = _two_set_rule(costs, feats, src, sources, only[0])
     shipped = load_router_file(SHIPPED)
     ranking = shipped.static_rankings["single_kl"]["ranking"]
     weights, biases = {}, {}
@@ -225,9 +235,77 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
     prov = dict(shipped.provenance, routers={
         "method": "two-set routing (research/qwen_mixed_sources.py two-set-routers): ridge on cost(A) - cost(B), "
                   "teacher-forced KL of each set on the mixed-source fit's calibration replies, shipped bypasses",
-        "A": set_a, "B": set_b, "lambda": lam, "tau": tau, "n_prompts": n, "sources": sources})
+        "A": set_a, "B": set_b, "lambda": lam, "tau": tau, "n_prompts": len(costs), "sources": sources})
     save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
     print(f"lambda {lam:g}, tau {tau:g}; wrote {out} ({os.path.getsize(out):,} bytes)")
+
+
+# chain routers: scores in units of ROUTER_LOGIT_SCALE, as lines in z = d(x) - tau (d: predicted cost(A) - cost(B))
+CHAIN_FLOOR = -10.0       # the common block both 0.1 sets hold: lowest always
+CHAIN_COMMON = -0.3       # the other common blocks (+0.05 each): below the A-only blocks while K z > -0.3
+CHAIN_K = 0.2             # slope of the A-only blocks (+) and of the B-only blocks outside the pair (-)
+CHAIN_STEEP = 6.0         # slope of the pair's B-only block: below the common blocks once z > 0.3 / 6 = 0.05
+CHAIN_REST = 20.0         # every other block (+1 each), above the steep block while z > -20 / 6
+
+
+def chain_routers(work: str, costs_path: str, pair_costs_path: str, pair_sets: list[list[int]], out: str,
+                  set_a: list[int], set_b: list[int], sources: list[str]) -> None:
+    """Two-set routing (``two_set_routers``) extended to skip_budget 0.1: prompts routed to B skip a pair of B's
+    blocks at 0.1 instead of A's pair, when the calibration says so. The pair candidates (``pair_sets``, their
+    costs from ``costs --sets`` on the same replies; the first is A's 0.1 pair) must hold A's first block and one
+    B-only block, which is how the runtime's per-block scores can order them: the pair's B-only block falls
+    below A's second block once z = d(x) - tau > CHAIN_COMMON / CHAIN_STEEP, while its crossing with the A-only
+    blocks stays at z = 0, so 0.2 routes as two-set routing does and 0.3 skips the shipped set. The pair is the
+    one with the lowest random-fold cost on the prompts routed to B, if its leave-one-source-out cost over all
+    prompts is no worse than A's pair (+0.001); otherwise the file keeps A's pair."""
+    costs, feats, src = _calibration(work, costs_path, sources)
+    pair_costs = np.load(pair_costs_path)
+    if len(pair_costs) != len(costs) or pair_costs.shape[1] != len(pair_sets):
+        raise SystemExit(f"{pair_costs_path}: {pair_costs.shape}; expected ({len(costs)}, {len(pair_sets)})")
+    d = costs[:, 0] - costs[:, 1]
+    only_a = [b for b in set_a if b not in set_b]
+    only_b = [b for b in set_b if b not in set_a]
+    lam, tau = _two_set_rule(costs, feats, src, sources, only_a[0])
+    first = pair_sets[0]
+    ok = [j for j, p in enumerate(pair_sets) if j > 0 and first[0] in p and len(set(p) & set(only_b)) == 1]
+    best = (float("inf"), 0)
+    for mode, sp in _splits(len(costs), src, sources).items():
+        routed = np.zeros(len(costs), bool)
+        for tr, te in sp:
+            w, c = _ridge(feats[tr][:, only_a[0]].astype(np.float64), d[tr], lam)
+            routed[te] = feats[te][:, only_a[0]] @ w + c > tau
+        for j in [0] + ok:
+            chosen = np.where(routed, pair_costs[:, j], pair_costs[:, 0])
+            print(f"{mode}: pair {pair_sets[j]} on the {routed.sum()} prompts routed to B {pair_costs[routed, j].mean():.4f}, "
+                  f"0.1 cost over all prompts {chosen.mean():.4f}")
+            if mode == "random folds" and pair_costs[routed, j].mean() < best[0]:
+                best = (float(pair_costs[routed, j].mean()), j)
+            if mode == "leave one source out" and j == best[1] and chosen.mean() > pair_costs[:, 0].mean() + 1e-3:
+                best = (best[0], 0)
+    pair = pair_sets[best[1]]
+    steep = [b for b in pair if b in only_b]
+    shipped = load_router_file(SHIPPED)
+    ranking = shipped.static_rankings["single_kl"]["ranking"]
+    common = sorted([b for b in set_a if b in set_b], key=lambda b: ranking.index(b))
+    weights, biases = {}, {}
+    zero = np.zeros(shipped.n_embd, np.float32)
+    weights[common[0]], biases[common[0]] = zero, A * CHAIN_FLOOR
+    for i, b in enumerate(common[1:]):
+        weights[b], biases[b] = zero, A * (CHAIN_COMMON + 0.05 * i)
+    for b in only_a + only_b:
+        w, c = _ridge(feats[:, b].astype(np.float64), d, lam)
+        slope = CHAIN_K if b in only_a else -(CHAIN_STEEP if b in steep else CHAIN_K)
+        weights[b], biases[b] = (A * slope * w).astype(np.float32), float(A * slope * (c - tau))
+    for i, b in enumerate([b for b in ranking if b not in weights and b in shipped.weights]):
+        weights[b], biases[b] = zero, float(A * (CHAIN_REST + i))
+    prov = dict(shipped.provenance, routers={
+        "method": "chain routing (research/qwen_mixed_sources.py chain-routers): two-set routing at 0.2 (ridge on "
+                  "cost(A) - cost(B)), and at 0.1 the prompts routed to B skip the pair, teacher-forced KL of each "
+                  "set on the mixed-source fit's calibration replies, shipped bypasses",
+        "A": set_a, "B": set_b, "pair_A": first, "pair_B": pair, "lambda": lam, "tau": tau,
+        "n_prompts": len(costs), "sources": sources})
+    save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
+    print(f"lambda {lam:g}, tau {tau:g}, 0.1 pair for B {pair}; wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
 def main() -> None:
@@ -267,7 +345,21 @@ def main() -> None:
     t.add_argument("--a", required=True, help="set A (the shipped 0.2 set)")
     t.add_argument("--b", required=True, help="set B, same size")
     t.add_argument("--sources", default="chat,translation,docs,linux")
+    ch = sub.add_parser("chain-routers")
+    ch.add_argument("work")
+    ch.add_argument("costs", help="costs --sets A;B output")
+    ch.add_argument("pair_costs", help="costs --sets output for --pairs, on the same replies")
+    ch.add_argument("out")
+    ch.add_argument("--a", required=True)
+    ch.add_argument("--b", required=True)
+    ch.add_argument("--pairs", required=True, help="the 0.1 pairs costed, A's first: 13,14;9,13;...")
+    ch.add_argument("--sources", default="chat,translation,docs,linux")
     args = ap.parse_args()
+    if args.cmd == "chain-routers":
+        chain_routers(args.work, args.costs, args.pair_costs, [[int(b) for b in x.split(",")] for x in args.pairs.split(";")],
+                      args.out, [int(b) for b in args.a.split(",")], [int(b) for b in args.b.split(",")],
+                      args.sources.split(","))
+        return
     if args.cmd == "costs":
         if (args.blocks is None) == (args.sets is None):
             ap.error("costs: give --blocks or --sets")
