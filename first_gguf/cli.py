@@ -451,7 +451,7 @@ def train(config_file, **kw):
 @click.option("--tasks", default="summarization,qa,mc,translation", show_default=True,
               help="In-distribution tasks (their test split); empty with --heldout for held-out sources only.")
 @click.option("--heldout", default="", show_default=True,
-              help="Held-out sources evaluated next to the tasks: news, de, yesno, everyday (no training set "
+              help="Held-out sources evaluated next to the tasks: news, de, yesno, everyday, coding (no training set "
                    "draws from them).")
 @click.option("--measures", default="nll", show_default=True,
               help="nll (teacher-forced extra NLL, greedy agreement, task metric), onpolicy (KL on the skipped "

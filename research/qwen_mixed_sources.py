@@ -22,7 +22,8 @@ block --add as the 8th; routers from the fit on that pool. ``costs``: each of --
 folder's first --n cost replies with a sidecar's bypasses (``fit.set_kl``; resumable). ``shipped-routers``: the
 shipped file with ridge routers fitted (``fit.fit_routers``) on those costs for --blocks, every other block's
 router zero-weight after them; bypasses and static ranking unchanged. The source of calibration reply i is
-sources[i % len(sources)] (fit takes the sources in turn).
+sources[i % len(sources)] (fit takes the sources in turn). ``two-set-routers`` / ``chain-routers``: see their
+docstrings. ``routing``: the sets the runtime skips per held-out prompt with each sidecar.
 """
 from __future__ import annotations
 
@@ -308,6 +309,42 @@ def chain_routers(work: str, costs_path: str, pair_costs_path: str, pair_sets: l
     print(f"lambda {lam:g}, tau {tau:g}, 0.1 pair for B {pair}; wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
+def routing(sidecars: list[str], n: int, out: str, threads: int) -> None:
+    """The blocks the runtime skips at 0.1 / 0.2 / 0.3 on each of the first ``n`` held-out de and everyday prompts
+    (prefill and one token), per sidecar: how a router file routes, checked on the runtime itself."""
+    import json
+    from collections import Counter
+
+    import first_gguf
+    from first_gguf.datasets.heldout import load_heldout
+    from first_gguf.models import resolve
+
+    prompts = [(s, e.messages) for s in ("de", "everyday") for e in load_heldout(s, n)]
+    got = {}
+    for sc in sidecars:
+        m = first_gguf.load(str(resolve("qwen2.5-coder-1.5b")[0]), routers=sc, n_ctx=2048, n_threads=threads)
+        try:
+            rows = []
+            for src, msgs in prompts:
+                toks = m.prompt_tokens_for(msgs)[0]
+                rows.append([src] + [m.generate_tokens(toks, b, max_tokens=1).skipped_layers for b in (0.1, 0.2, 0.3)])
+        finally:
+            m.close()
+        got[sc] = rows
+    with open(out, "w") as f:
+        json.dump(got, f)
+    for sc, rows in got.items():
+        print(sc)
+        for i, budget in enumerate((0.1, 0.2, 0.3), 1):
+            for src in ("de", "everyday"):
+                sets = Counter(str(r[i]) for r in rows if r[0] == src).most_common()
+                print(f"  {budget:g} {src}: " + ", ".join(f"{k} x{v}" for k, v in sets))
+    first = got[sidecars[0]]
+    for sc in sidecars[1:]:
+        print(f"sets that differ from {sidecars[0]} in {sc}: " + ", ".join(
+            f"{b:g}: {sum(x[i] != y[i] for x, y in zip(first, got[sc]))}" for i, b in enumerate((0.1, 0.2, 0.3), 1)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -354,7 +391,15 @@ def main() -> None:
     ch.add_argument("--b", required=True)
     ch.add_argument("--pairs", required=True, help="the 0.1 pairs costed, A's first: 13,14;9,13;...")
     ch.add_argument("--sources", default="chat,translation,docs,linux")
+    ro = sub.add_parser("routing")
+    ro.add_argument("sidecars", nargs="+")
+    ro.add_argument("--n", type=int, default=24)
+    ro.add_argument("-o", "--output", required=True)
+    ro.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.cmd == "routing":
+        routing(args.sidecars, args.n, args.output, args.threads)
+        return
     if args.cmd == "chain-routers":
         chain_routers(args.work, args.costs, args.pair_costs, [[int(b) for b in x.split(",")] for x in args.pairs.split(";")],
                       args.out, [int(b) for b in args.a.split(",")], [int(b) for b in args.b.split(",")],

@@ -157,6 +157,11 @@ def test_load_heldout_everyday_and_de():
     assert all(e.task == "everyday" and e.target == "" for e in ex)
     assert heldout.load_heldout("everyday", 5) == ex[:5] == heldout.load_heldout("everyday")[:5]
     assert {e.messages[0]["content"] for e in ex} == set(heldout.EVERYDAY_PROMPTS)
+    code = heldout.load_heldout("coding")
+    assert len(code) == len(set(heldout.CODING_PROMPTS)) == 40 and all(e.task == "coding" and e.target == "" for e in code)
+    assert {e.messages[0]["content"] for e in code} == set(heldout.CODING_PROMPTS)
+    assert not set(heldout.CODING_PROMPTS) & set(heldout.EVERYDAY_PROMPTS) and len({e.uid for e in code + ex}) == 80
+    assert is_reserved("coding") and is_reserved("coding-train") and not is_reserved("decode")
     de = heldout.load_heldout("de", 20)
     if not de:
         pytest.skip("no German catalogues on this machine")

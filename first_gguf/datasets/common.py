@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Held-out-by-source prompt sets (first_gguf/datasets/heldout.py), decided before any training that measures on them:
-# news (BIG-bench gem/xsum), de (German catalogues), yesno (BIG-bench strategyqa), everyday (chat prompts).
-HELDOUT_SOURCES = ("news", "de", "yesno", "everyday")
+# news (BIG-bench gem/xsum), de (German catalogues), yesno (BIG-bench strategyqa), everyday (chat prompts),
+# coding (programming requests).
+HELDOUT_SOURCES = ("news", "de", "yesno", "everyday", "coding")
 RESERVED = ("xsum", "strategyqa")    # reserved wherever they occur in a task name
 RESERVED_WORDS = HELDOUT_SOURCES     # reserved as a whole word of a task name ("de": German)
 
@@ -51,7 +52,7 @@ def is_reserved(task: str) -> bool:
     """Whether ``task`` names data kept for external evaluation (never trained or tuned on).
 
     ``xsum`` / ``strategyqa`` anywhere in the name; the held-out source names (``de``: German,
-    ``news``, ``yesno``, ``everyday``) only as a whole word ("de", "translation-de", "en_de"), so
+    ``news``, ``yesno``, ``everyday``, ``coding``) only as a whole word ("de", "translation-de", "en_de"), so
     names like "self-student" or "decode" are not caught."""
     t = task.lower()
     return any(r in t for r in RESERVED) or any(w in RESERVED_WORDS for w in re.split(r"[^a-z0-9]+", t))

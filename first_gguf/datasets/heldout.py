@@ -17,6 +17,9 @@ project draws from these sources, and ``tasks.load_task`` / ``parse_tasks`` /
 - ``everyday``: everyday chat requests (advice, how-to, explanations, short
   creative requests) with no reference (target ""): measured by what the model
   generates (on-policy KL, repetition), not by a reference likelihood.
+- ``coding``: 40 programming requests (write a function, explain a concept, fix an
+  error; Python, SQL, shell, JavaScript and others), no reference, measured like
+  ``everyday``. Added in session 16, for the coder model.
 
 Each source's examples come in a fixed order (sorted by id, shuffled with seed 0),
 so the first N are the same subset on every machine.
@@ -97,6 +100,52 @@ EVERYDAY_PROMPTS = (
     "Why do we need to drink water every day?",
 )
 
+# Programming requests, the kind a user of a coder model types (session 16; no reference: measured on what the
+# model generates). Written for this source only: no training set or calibration source of the project draws
+# from it (the nearest is the docs task, which summarises Python docstrings, not requests for code).
+CODING_PROMPTS = (
+    "Write a Python function that checks whether a string is a palindrome.",
+    "How do I reverse a list in Python?",
+    "Write a SQL query that returns the ten most recent orders from a table called orders.",
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a bash one-liner that counts the lines of every .txt file in a folder.",
+    "What does the `git rebase` command do?",
+    "Write a JavaScript function that removes duplicates from an array.",
+    "How do I read a CSV file with pandas and print its first five rows?",
+    "Explain what a race condition is, with a short example.",
+    "Write a Python class for a stack with push, pop and peek methods.",
+    "What is the time complexity of binary search, and why?",
+    "How can I measure how long a piece of Python code takes to run?",
+    "Write a regular expression that matches an email address, and explain it.",
+    "What is the difference between `==` and `is` in Python?",
+    "Write a C function that returns the length of a string without using strlen.",
+    "How do I make an HTTP GET request in Python?",
+    "Explain recursion using the factorial function as an example.",
+    "Write a Python script that renames every .jpeg file in a folder to .jpg.",
+    "What is a closure in JavaScript?",
+    "How do I undo the last commit in git but keep the changes?",
+    "Write a function in Go that sums the numbers in a slice.",
+    "What is the difference between a process and a thread?",
+    "Write a Python generator that yields the Fibonacci numbers.",
+    "How do I sort a dictionary by its values in Python?",
+    "Explain what Big O notation means to a beginner.",
+    "Write a Dockerfile for a small Flask application.",
+    "Why does my Python code raise 'IndexError: list index out of range'?",
+    "Write a unit test with pytest for a function add(a, b).",
+    "What is the difference between an inner join and a left join in SQL?",
+    "Write a Rust function that returns the largest number in a vector.",
+    "How do I create a virtual environment in Python?",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "What is a REST API?",
+    "Write a shell script that backs up a folder into a dated tar.gz archive.",
+    "Explain the difference between TCP and UDP.",
+    "How do I handle exceptions in Java?",
+    "Write a Python decorator that prints how long a function took.",
+    "What does the `async` keyword do in Python?",
+    "Write a function that checks whether a number is prime, in any language you like.",
+    "How do I convert a string to an integer in JavaScript?",
+)
+
 
 def _cut(text: str, n: int = NEWS_MAX_CHARS) -> str:
     """``text`` cut to at most ``n`` characters: at the last line break (a sentence in these articles)
@@ -130,8 +179,8 @@ def _yesno() -> list[Example]:
             for question, answer, uid in _bigbench_pairs("yesno")]
 
 
-def _everyday() -> list[Example]:
-    return [Example("everyday", user_message(p), "", example_uid("everyday", p)) for p in EVERYDAY_PROMPTS]
+def _prompts_only(source: str, prompts: tuple[str, ...]) -> list[Example]:
+    return [Example(source, user_message(p), "", example_uid(source, p)) for p in prompts]
 
 
 def _warn_missing_catalogues(lang: str, domains: tuple[str, ...]) -> None:
@@ -168,8 +217,10 @@ def load_heldout(source: str, n: int | None = None) -> list[Example]:
     elif source == "de":
         ex = catalogue_examples("de", "German", "de", domains=DE_DOMAINS)
         _warn_missing_catalogues("de", DE_DOMAINS)
+    elif source == "coding":
+        ex = _prompts_only("coding", CODING_PROMPTS)
     else:
-        ex = _everyday()
+        ex = _prompts_only("everyday", EVERYDAY_PROMPTS)
     if not ex:
         raise ValueError(f"no data found for held-out source {source!r}")
     ex.sort(key=lambda e: e.uid)
@@ -177,4 +228,4 @@ def load_heldout(source: str, n: int | None = None) -> list[Example]:
     return ex[:n]
 
 
-__all__ = ["DE_DOMAINS", "HELDOUT_SOURCES", "EVERYDAY_PROMPTS", "load_heldout", "parse_heldout"]
+__all__ = ["CODING_PROMPTS", "DE_DOMAINS", "HELDOUT_SOURCES", "EVERYDAY_PROMPTS", "load_heldout", "parse_heldout"]
