@@ -253,12 +253,15 @@ def chain_routers(work: str, costs_path: str, pair_costs_path: str, pair_sets: l
                   set_a: list[int], set_b: list[int], sources: list[str]) -> None:
     """Two-set routing (``two_set_routers``) extended to skip_budget 0.1: prompts routed to B skip a pair of B's
     blocks at 0.1 instead of A's pair, when the calibration says so. The pair candidates (``pair_sets``, their
-    costs from ``costs --sets`` on the same replies; the first is A's 0.1 pair) must hold A's first block and one
-    B-only block, which is how the runtime's per-block scores can order them: the pair's B-only block falls
-    below A's second block once z = d(x) - tau > CHAIN_COMMON / CHAIN_STEEP, while its crossing with the A-only
-    blocks stays at z = 0, so 0.2 routes as two-set routing does and 0.3 skips the shipped set. The pair is the
-    one with the lowest random-fold cost on the prompts routed to B, if its leave-one-source-out cost over all
-    prompts is no worse than A's pair (+0.001); otherwise the file keeps A's pair."""
+    costs from ``costs --sets`` on the same replies; the first is A's 0.1 pair, the two common blocks first in the
+    shipped ranking) must hold A's first block and one B-only block, which is how the runtime's per-block scores
+    can order them: the pair's B-only block falls below A's second block once z = d(x) - tau > -CHAIN_COMMON /
+    CHAIN_STEEP = 0.05, while its crossing with the A-only blocks stays at z = 0, so 0.2 routes as two-set
+    routing does (up to each block predicting z from its own input) and 0.3 skips the shipped set. Below
+    z = CHAIN_COMMON / CHAIN_K = -1.5 an A-only block would fall below A's second block at 0.1; the calibration's
+    d reaches -0.42, so only a ridge extrapolation gets there (``routing`` checks the runtime's sets). The pair:
+    among the candidates whose 0.1 cost over all prompts, a whole source left out, is no worse than A's pair
+    (+0.001), the one with the lowest random-fold cost on the prompts routed to B (z > 0; A's pair included)."""
     costs, feats, src = _calibration(work, costs_path, sources)
     pair_costs = np.load(pair_costs_path)
     if len(pair_costs) != len(costs) or pair_costs.shape[1] != len(pair_sets):
@@ -266,28 +269,33 @@ def chain_routers(work: str, costs_path: str, pair_costs_path: str, pair_sets: l
     d = costs[:, 0] - costs[:, 1]
     only_a = [b for b in set_a if b not in set_b]
     only_b = [b for b in set_b if b not in set_a]
+    shipped = load_router_file(SHIPPED)
+    ranking = shipped.static_rankings["single_kl"]["ranking"]
+    common = sorted([b for b in set_a if b in set_b], key=lambda b: ranking.index(b))
+    if sorted(pair_sets[0]) != sorted(common[:2]):
+        raise SystemExit(f"--pairs: the first pair must be A's 0.1 pair, the common blocks first in the shipped ranking "
+                         f"{sorted(common[:2])}; got {pair_sets[0]}")
     lam, tau = _two_set_rule(costs, feats, src, sources, only_a[0])
-    first = pair_sets[0]
-    ok = [j for j, p in enumerate(pair_sets) if j > 0 and first[0] in p and len(set(p) & set(only_b)) == 1]
-    best = (float("inf"), 0)
+    ok = [j for j, p in enumerate(pair_sets)
+          if j == 0 or (len(p) == 2 and common[0] in p and len(set(p) & set(only_b)) == 1)]
+    skipped = [pair_sets[j] for j in range(len(pair_sets)) if j not in ok]
+    if skipped:
+        print(f"not a pair this construction can order (A's first block {common[0]} and one B-only block): {skipped}")
+    cost = {}
     for mode, sp in _splits(len(costs), src, sources).items():
         routed = np.zeros(len(costs), bool)
         for tr, te in sp:
             w, c = _ridge(feats[tr][:, only_a[0]].astype(np.float64), d[tr], lam)
             routed[te] = feats[te][:, only_a[0]] @ w + c > tau
-        for j in [0] + ok:
-            chosen = np.where(routed, pair_costs[:, j], pair_costs[:, 0])
-            print(f"{mode}: pair {pair_sets[j]} on the {routed.sum()} prompts routed to B {pair_costs[routed, j].mean():.4f}, "
-                  f"0.1 cost over all prompts {chosen.mean():.4f}")
-            if mode == "random folds" and pair_costs[routed, j].mean() < best[0]:
-                best = (float(pair_costs[routed, j].mean()), j)
-            if mode == "leave one source out" and j == best[1] and chosen.mean() > pair_costs[:, 0].mean() + 1e-3:
-                best = (best[0], 0)
-    pair = pair_sets[best[1]]
+        for j in ok:
+            on_b, overall = pair_costs[routed, j].mean(), np.where(routed, pair_costs[:, j], pair_costs[:, 0]).mean()
+            cost[mode, j] = on_b if mode == "random folds" else overall
+            print(f"{mode}: pair {pair_sets[j]} on the {routed.sum()} prompts routed to B {on_b:.4f}, "
+                  f"0.1 cost over all prompts {overall:.4f}")
+    base = cost["leave one source out", 0]
+    eligible = [j for j in ok if cost["leave one source out", j] <= base + 1e-3]
+    pair = pair_sets[min(eligible, key=lambda j: cost["random folds", j])]
     steep = [b for b in pair if b in only_b]
-    shipped = load_router_file(SHIPPED)
-    ranking = shipped.static_rankings["single_kl"]["ranking"]
-    common = sorted([b for b in set_a if b in set_b], key=lambda b: ranking.index(b))
     weights, biases = {}, {}
     zero = np.zeros(shipped.n_embd, np.float32)
     weights[common[0]], biases[common[0]] = zero, A * CHAIN_FLOOR
@@ -303,7 +311,7 @@ def chain_routers(work: str, costs_path: str, pair_costs_path: str, pair_sets: l
         "method": "chain routing (research/qwen_mixed_sources.py chain-routers): two-set routing at 0.2 (ridge on "
                   "cost(A) - cost(B)), and at 0.1 the prompts routed to B skip the pair, teacher-forced KL of each "
                   "set on the mixed-source fit's calibration replies, shipped bypasses",
-        "A": set_a, "B": set_b, "pair_A": first, "pair_B": pair, "lambda": lam, "tau": tau,
+        "A": set_a, "B": set_b, "pair_A": pair_sets[0], "pair_B": pair, "lambda": lam, "tau": tau,
         "n_prompts": len(costs), "sources": sources})
     save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
     print(f"lambda {lam:g}, tau {tau:g}, 0.1 pair for B {pair}; wrote {out} ({os.path.getsize(out):,} bytes)")

@@ -284,7 +284,7 @@ def test_bigbench_sdist_from_a_local_copy_or_a_clear_error(tmp_path, monkeypatch
     msg = str(e.value)
     assert msg.startswith("bigbench-1.0.0.tar.gz is not on the package index (only bigbench-0.0.1.tar.gz is)")
     for part in ("summarization, qa and mc", "news and yesno", "Set FIRST_GGUF_BIGBENCH_SDIST", "translation and docs",
-                 "de and everyday"):
+                 "de, everyday and coding"):
         assert part in msg
     assert isinstance(e.value, ValueError)  # every command reports ValueErrors as one line
 

@@ -123,7 +123,7 @@ def _bigbench_unavailable(why: str) -> DataUnavailableError:
     return DataUnavailableError(
         f"{BIGBENCH_SDIST} {why}. It is read by the {_BIGBENCH_READERS}. Set {BIGBENCH_ENV} to a local copy "
         f"(sha256 {BIGBENCH_SHA256}), or use what needs no download: tasks translation and docs, held-out "
-        f"sources de and everyday, prompt sources chat and linux")
+        f"sources de, everyday and coding, prompt sources chat and linux")
 
 
 def _copy_verified(src: Path, dest: Path, sha256: str) -> Path:

@@ -18,7 +18,7 @@ project draws from these sources, and ``tasks.load_task`` / ``parse_tasks`` /
   creative requests) with no reference (target ""): measured by what the model
   generates (on-policy KL, repetition), not by a reference likelihood.
 - ``coding``: 40 programming requests (write a function, explain a concept, fix an
-  error; Python, SQL, shell, JavaScript and others), no reference, measured like
+  error; Python, SQL, JavaScript and others), no reference, measured like
   ``everyday``. Added in session 16, for the coder model.
 
 Each source's examples come in a fixed order (sorted by id, shuffled with seed 0),
@@ -101,15 +101,16 @@ EVERYDAY_PROMPTS = (
 )
 
 # Programming requests, the kind a user of a coder model types (session 16; no reference: measured on what the
-# model generates). Written for this source only: no training set or calibration source of the project draws
-# from it (the nearest is the docs task, which summarises Python docstrings, not requests for code).
+# model generates). Written for this source only. Nearest sources of the project: the docs task summarises
+# Python docstrings; the linux calibration source asks what commands do (git, tar, curl man pages), so no prompt
+# here asks about a command-line tool; the chat source has "programming" among its topics; bigbench has code tasks.
 CODING_PROMPTS = (
     "Write a Python function that checks whether a string is a palindrome.",
     "How do I reverse a list in Python?",
     "Write a SQL query that returns the ten most recent orders from a table called orders.",
     "Explain the difference between a list and a tuple in Python.",
-    "Write a bash one-liner that counts the lines of every .txt file in a folder.",
-    "What does the `git rebase` command do?",
+    "Write a Python list comprehension that squares the even numbers of a list.",
+    "What is the difference between a shallow copy and a deep copy in Python?",
     "Write a JavaScript function that removes duplicates from an array.",
     "How do I read a CSV file with pandas and print its first five rows?",
     "Explain what a race condition is, with a short example.",
@@ -123,7 +124,7 @@ CODING_PROMPTS = (
     "Explain recursion using the factorial function as an example.",
     "Write a Python script that renames every .jpeg file in a folder to .jpg.",
     "What is a closure in JavaScript?",
-    "How do I undo the last commit in git but keep the changes?",
+    "Write a Python function that flattens a nested list.",
     "Write a function in Go that sums the numbers in a slice.",
     "What is the difference between a process and a thread?",
     "Write a Python generator that yields the Fibonacci numbers.",
@@ -137,7 +138,7 @@ CODING_PROMPTS = (
     "How do I create a virtual environment in Python?",
     "Write a Python function that merges two sorted lists into one sorted list.",
     "What is a REST API?",
-    "Write a shell script that backs up a folder into a dated tar.gz archive.",
+    "Write a Python function that validates a date string in the format YYYY-MM-DD.",
     "Explain the difference between TCP and UDP.",
     "How do I handle exceptions in Java?",
     "Write a Python decorator that prints how long a function took.",

@@ -17,7 +17,7 @@ no dataset text is stored in this repository:
 
 Reserved for external evaluation and refused here: BIG-bench ``gem/xsum``,
 ``strategyqa``, the German (``de``) catalogues and the held-out source names of
-``first_gguf.datasets.heldout`` (``news``, ``de``, ``yesno``, ``everyday``), which only
+``first_gguf.datasets.heldout`` (``news``, ``de``, ``yesno``, ``everyday``, ``coding``), which only
 ``first-gguf eval --heldout`` loads.
 
 Splits are deterministic: each task's examples are shuffled with a fixed seed

@@ -8,7 +8,7 @@ same runtime, the measures asked for (``EvalConfig.measures``):
 - extra NLL: mean negative log-likelihood per token of the reference
   continuation minus the full model's (teacher-forced, Model.score_tokens: prompt
   at full depth, continuation decoded with the blocks skipped); None for a
-  source without references (``everyday``);
+  source without references (``everyday``, ``coding``);
 - agreement: fraction of greedy tokens equal to the full model's greedy output
   (position by position, over ``gen_tokens``);
 - the task metric on the greedy output: ROUGE-L (summarization, docs, news), chrF
