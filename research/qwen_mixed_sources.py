@@ -144,6 +144,18 @@ def costs_with(sidecar: str, work: str, out: str, sets: list[list[int]], n: int,
         m.close()
 
 
+def _save_on_shipped(shipped, out: str, weights: dict, biases: dict, rest: tuple[float, float], routers: dict) -> None:
+    """The shipped file with these routers: every other router block of it scores after them in the shipped order
+    (zero weight, bias rest[0] + A * (rest[1] + i)); bypasses and static ranking unchanged, ``routers`` recorded in
+    the provenance."""
+    ranking = shipped.static_rankings["single_kl"]["ranking"]
+    base, offset = rest
+    for i, b in enumerate([b for b in ranking if b not in weights and b in shipped.weights]):
+        weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), float(base + A * (offset + i))
+    prov = dict(shipped.provenance, routers=routers)
+    save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
+
+
 def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sources: list[str]) -> None:
     costs = np.load(costs_path)
     f = np.load(f"{work}/router_inputs.npy")[:len(costs)][:, blocks]
@@ -154,17 +166,11 @@ def shipped_routers(work: str, costs_path: str, out: str, blocks: list[int], sou
     print("\n".join(_k_chosen_report(f, costs, src, sources, list(range(len(blocks))))))
     for s in sources:
         print(f"  {s}: mean cost " + " ".join(f"{b}:{v:.3f}" for b, v in zip(blocks, costs[src == s].mean(0))))
-    shipped = load_router_file(SHIPPED)
-    ranking = shipped.static_rankings["single_kl"]["ranking"]
     weights = {b: (A * w[j]).astype(np.float32) for j, b in enumerate(blocks)}
     biases = {b: float(A * bias[j]) for j, b in enumerate(blocks)}
-    top = max(biases.values())
-    for i, b in enumerate([b for b in ranking if b not in blocks and b in shipped.weights]):
-        weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), float(top + A * (10.0 + i))
-    prov = dict(shipped.provenance, routers={"method": "ridge routers (fit.fit_routers) on per-prompt costs measured "
-                                                      "with the shipped bypasses", "blocks": blocks, "cv": rep})
-    new = dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov)
-    save_router_file(out, new, force=True)
+    _save_on_shipped(load_router_file(SHIPPED), out, weights, biases, (max(biases.values()), 10.0),
+                     {"method": "ridge routers (fit.fit_routers) on per-prompt costs measured with the shipped "
+                                "bypasses", "blocks": blocks, "cv": rep})
     print(f"wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
@@ -231,13 +237,10 @@ def two_set_routers(work: str, costs_path: str, out: str, set_a: list[int], set_
         w, c = _ridge(feats[:, b].astype(np.float64), d, lam)
         sign = 1.0 if b in set_a else -1.0  # an A-only block scores low when A is predicted cheaper (d < tau)
         weights[b], biases[b] = (A * sign * w).astype(np.float32), float(A * sign * (c - tau))
-    for i, b in enumerate([b for b in ranking if b not in weights and b in shipped.weights]):
-        weights[b], biases[b] = np.zeros(shipped.n_embd, np.float32), float(A * (10.0 + i))
-    prov = dict(shipped.provenance, routers={
+    _save_on_shipped(shipped, out, weights, biases, (0.0, 10.0), {
         "method": "two-set routing (research/qwen_mixed_sources.py two-set-routers): ridge on cost(A) - cost(B), "
                   "teacher-forced KL of each set on the mixed-source fit's calibration replies, shipped bypasses",
         "A": set_a, "B": set_b, "lambda": lam, "tau": tau, "n_prompts": len(costs), "sources": sources})
-    save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
     print(f"lambda {lam:g}, tau {tau:g}; wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
@@ -305,15 +308,12 @@ def chain_routers(work: str, costs_path: str, pair_costs_path: str, pair_sets: l
         w, c = _ridge(feats[:, b].astype(np.float64), d, lam)
         slope = CHAIN_K if b in only_a else -(CHAIN_STEEP if b in steep else CHAIN_K)
         weights[b], biases[b] = (A * slope * w).astype(np.float32), float(A * slope * (c - tau))
-    for i, b in enumerate([b for b in ranking if b not in weights and b in shipped.weights]):
-        weights[b], biases[b] = zero, float(A * (CHAIN_REST + i))
-    prov = dict(shipped.provenance, routers={
+    _save_on_shipped(shipped, out, weights, biases, (0.0, CHAIN_REST), {
         "method": "chain routing (research/qwen_mixed_sources.py chain-routers): two-set routing at 0.2 (ridge on "
                   "cost(A) - cost(B)), and at 0.1 the prompts routed to B skip the pair, teacher-forced KL of each "
                   "set on the mixed-source fit's calibration replies, shipped bypasses",
         "A": set_a, "B": set_b, "pair_A": pair_sets[0], "pair_B": pair, "lambda": lam, "tau": tau,
         "n_prompts": len(costs), "sources": sources})
-    save_router_file(out, dataclasses.replace(shipped, weights=weights, biases=biases, provenance=prov), force=True)
     print(f"lambda {lam:g}, tau {tau:g}, 0.1 pair for B {pair}; wrote {out} ({os.path.getsize(out):,} bytes)")
 
 
@@ -351,6 +351,16 @@ def routing(sidecars: list[str], n: int, out: str, threads: int) -> None:
     for sc in sidecars[1:]:
         print(f"sets that differ from {sidecars[0]} in {sc}: " + ", ".join(
             f"{b:g}: {sum(x[i] != y[i] for x, y in zip(first, got[sc]))}" for i, b in enumerate((0.1, 0.2, 0.3), 1)))
+
+
+def _blocks(text: str) -> list[int]:
+    """Block indices from "1,12,13" (in the order given)."""
+    return [int(b) for b in text.split(",")]
+
+
+def _sets(text: str) -> list[list[int]]:
+    """Block sets from "1,12,13;9,10,12"."""
+    return [_blocks(x) for x in text.split(";")]
 
 
 def main() -> None:
@@ -409,23 +419,20 @@ def main() -> None:
         routing(args.sidecars, args.n, args.output, args.threads)
         return
     if args.cmd == "chain-routers":
-        chain_routers(args.work, args.costs, args.pair_costs, [[int(b) for b in x.split(",")] for x in args.pairs.split(";")],
-                      args.out, [int(b) for b in args.a.split(",")], [int(b) for b in args.b.split(",")],
-                      args.sources.split(","))
+        chain_routers(args.work, args.costs, args.pair_costs, _sets(args.pairs), args.out, _blocks(args.a),
+                      _blocks(args.b), args.sources.split(","))
         return
     if args.cmd == "costs":
         if (args.blocks is None) == (args.sets is None):
             ap.error("costs: give --blocks or --sets")
-        sets = ([[int(b)] for b in args.blocks.split(",")] if args.blocks else
-                [[int(b) for b in x.split(",")] for x in args.sets.split(";")])
+        sets = [[b] for b in _blocks(args.blocks)] if args.blocks else _sets(args.sets)
         costs_with(args.sidecar, args.work, args.out, sets, args.n, args.threads)
         return
     if args.cmd == "two-set-routers":
-        two_set_routers(args.work, args.costs, args.out, [int(b) for b in args.a.split(",")],
-                        [int(b) for b in args.b.split(",")], args.sources.split(","))
+        two_set_routers(args.work, args.costs, args.out, _blocks(args.a), _blocks(args.b), args.sources.split(","))
         return
     if args.cmd == "shipped-routers":
-        shipped_routers(args.work, args.costs, args.out, [int(b) for b in args.blocks.split(",")],
+        shipped_routers(args.work, args.costs, args.out, _blocks(args.blocks),
                         args.sources.split(","))
         return
     if args.cmd == "analyze":
