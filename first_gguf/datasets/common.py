@@ -13,6 +13,7 @@ import re
 import sys
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,12 +84,13 @@ def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160,
     """English -> ``name`` software messages from the Debian gettext catalogues of ``lang``
     (``/usr/share/locale/<lang>/LC_MESSAGES/*.mo``), one example per distinct English message.
     ``domains``: read only the catalogues of these names (``gtk30`` for ``gtk30.mo``), so that installing
-    another package does not change the set; None reads every installed catalogue."""
+    another package does not change the set; None reads every installed catalogue. A named catalogue that is not
+    installed is reported (a warning naming it), since the set then differs from other machines'. One that is
+    installed but unreadable is skipped silently, as every catalogue is: that is the same on every machine with
+    the package (the de pin's ``net-tools.mo`` has Latin-1 bytes that Python's gettext rejects)."""
     d = LOCALE_DIR / lang / "LC_MESSAGES"
-    if not d.is_dir():
-        return []
     out, seen = [], set()
-    for mo in sorted(d.glob("*.mo")):
+    for mo in sorted(d.glob("*.mo")) if d.is_dir() else []:
         if domains is not None and mo.stem not in domains:
             continue
         try:
@@ -105,6 +107,11 @@ def catalogue_examples(lang: str, name: str, task: str, *, max_chars: int = 160,
                 continue
             seen.add(src)
             out.append(Example(task, user_message(f"Translate to {name}:\n{src}"), dst, example_uid(lang, src)))
+    missing = [x for x in domains or () if not (d / f"{x}.mo").is_file()]
+    if missing:
+        warnings.warn(f"{task!r}: {len(missing)} of its {len(domains)} pinned catalogues are not installed "
+                      f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} under {d}), so its prompts "
+                      "differ from other machines'; rows compare only with rows on the same prompt ids", stacklevel=3)
     return out
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 
-from . import common
 from .common import (BIGBENCH_HELDOUT_MEMBERS, HELDOUT_SOURCES, Example, bigbench_file, catalogue_examples,
                      example_uid, user_message)
 
@@ -40,7 +38,7 @@ NEWS_MAX_CHARS = 2000
 # before ``./test.sh`` installs chromium (which brings 8 more: gtk30, libsecret, popt, ...). Reading every
 # installed catalogue made the de prompts depend on the machine's packages (the first 8 differed after that
 # install); pinned, every machine with these packages draws the same prompts. A catalogue missing here is
-# reported when the source is loaded, since its prompts then differ.
+# reported when the source is loaded (catalogue_examples), since its prompts then differ.
 DE_DOMAINS = (
     'Linux-PAM', 'PackageKit', 'adduser', 'appstream', 'apt', 'at-spi2-core', 'avahi', 'bash', 'coreutils',
     'diffutils', 'dpkg-dev', 'dpkg', 'elfutils', 'findutils', 'gdk-pixbuf', 'gettext-runtime', 'gettext-tools',
@@ -184,16 +182,6 @@ def _prompts_only(source: str, prompts: tuple[str, ...]) -> list[Example]:
     return [Example(source, user_message(p), "", example_uid(source, p)) for p in prompts]
 
 
-def _warn_missing_catalogues(lang: str, domains: tuple[str, ...]) -> None:
-    where = common.LOCALE_DIR / lang / "LC_MESSAGES"
-    missing = [d for d in domains if not (where / f"{d}.mo").is_file()]
-    if missing:
-        warnings.warn(f"held-out source {lang!r}: {len(missing)} of its {len(domains)} pinned catalogues are not "
-                      f"installed ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} under "
-                      f"{where}), so its prompts differ from other machines'; rows "
-                      "compare only with rows on the same prompt ids", stacklevel=3)
-
-
 def parse_heldout(spec: str | list[str]) -> list[str]:
     """Held-out source names from "news,de" or a list (empty: none); unknown names raise ValueError."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
@@ -217,7 +205,6 @@ def load_heldout(source: str, n: int | None = None) -> list[Example]:
         ex = _yesno()
     elif source == "de":
         ex = catalogue_examples("de", "German", "de", domains=DE_DOMAINS)
-        _warn_missing_catalogues("de", DE_DOMAINS)
     elif source == "coding":
         ex = _prompts_only("coding", CODING_PROMPTS)
     else:
